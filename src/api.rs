@@ -1,0 +1,464 @@
+//! The HTTP API: the seed endpoints (byte-compatible with the original KloudMeter), the
+//! versioned `/api/v1` endpoints, health and metrics. Handlers validate, then call the
+//! NATS layer; no aggregation happens here.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::event::{parse_events, BodyKind};
+use crate::fold::Reading;
+use crate::keys::{self, ReadingKey};
+use crate::meter::{parse_meter_json, MeterDef};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// Largest request body accepted (CONTRACT §3).
+pub const BODY_LIMIT: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    store: OnceLock<Store>,
+    registry: Registry,
+    metrics: Metrics,
+    cfg: Config,
+    inflight: Semaphore,
+}
+
+impl AppState {
+    pub fn new(cfg: Config, registry: Registry, metrics: Metrics) -> Self {
+        let inflight = Semaphore::new(cfg.max_inflight_events);
+        AppState(Arc::new(Inner { store: OnceLock::new(), registry, metrics, cfg, inflight }))
+    }
+    /// Called once NATS is connected and set up; until then the API answers 503.
+    pub fn set_store(&self, store: Store) {
+        let _ = self.0.store.set(store);
+    }
+    fn store(&self) -> Result<&Store, ApiError> {
+        self.0.store.get().ok_or_else(|| ApiError::unavailable("NATS is not connected yet"))
+    }
+}
+
+/// An error answer: `{"status":"error","message":"<field>: <what is wrong>"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "request failed");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("storage unavailable: {e}"))
+    }
+}
+
+impl From<crate::error::FieldError> for ApiError {
+    fn from(e: crate::error::FieldError) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(json!({"status": "error", "message": self.message}))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn ok_status(code: StatusCode) -> Response {
+    (code, Json(json!({"status": "ok"}))).into_response()
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body: larger than {BODY_LIMIT} bytes"))
+        } else {
+            ApiError::new(r.status(), format!("body: {}", r.body_text()))
+        }
+    })
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/register-event", post(register_event))
+        .route("/api/create-meter", post(create_meter))
+        .route("/api/meters", get(list_meters))
+        .route("/api/meter", get(get_meter_seed).delete(delete_meter_seed))
+        .route("/api/meter/", get(get_meter_seed).delete(delete_meter_seed))
+        .route("/api/readings", get(list_readings))
+        .route("/api/reading", get(get_reading_seed))
+        .route("/api/reading/", get(get_reading_seed))
+        .route("/api/v1/events", post(post_events))
+        .route("/api/v1/meters", get(list_meters).post(create_meter_v1))
+        .route("/api/v1/meters/{id}", get(get_meter_v1).put(put_meter_v1).delete(delete_meter_v1))
+        .route(
+            "/api/v1/meters/{namespace}/{name}",
+            get(get_meter_v1_ns).put(put_meter_v1_ns).delete(delete_meter_v1_ns),
+        )
+        .route("/api/v1/readings", get(readings_v1))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(|| async { ok_status(StatusCode::OK) }))
+        .route("/healthy", get(|| async { ok_status(StatusCode::OK) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("path: no such endpoint") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(30),
+        ))
+        .with_state(state)
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, b) in expected.iter().enumerate() {
+        diff |= usize::from(b ^ given.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(expected) = state.0.cfg.api_token.as_deref() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !token_matches(given.as_bytes(), expected.as_bytes()) {
+            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "authorization: a valid bearer token is required")
+                .into_response();
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let nats = state.0.store.get().is_some_and(Store::connected);
+    let meters = state.0.registry.is_synced();
+    let code = if nats && meters { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({"nats": nats, "metersSynced": meters}))).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.0.metrics.render(),
+    )
+        .into_response()
+}
+
+// ---- events ----
+
+async fn ingest(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<usize> {
+    let m = &state.0.metrics;
+    let body = body_or_error(body).inspect_err(|_| { m.events_rejected.inc(); })?;
+    let kind = BodyKind::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
+    let events = parse_events(&body, kind, true, Utc::now()).inspect_err(|_| { m.events_rejected.inc(); })?;
+    let n = events.len();
+    let store = state.store()?;
+    let permits = u32::try_from(n.min(state.0.cfg.max_inflight_events)).unwrap_or(u32::MAX);
+    let _permit = state.0.inflight.try_acquire_many(permits).map_err(|_| {
+        m.events_rejected.inc_by(n as u64);
+        ApiError::unavailable("ingestion is at capacity; retry shortly")
+    })?;
+    crate::ingest::publish(store, &events).await.map_err(|e| {
+        m.events_rejected.inc_by(n as u64);
+        ApiError::unavailable(e)
+    })?;
+    m.events_accepted.inc_by(n as u64);
+    Ok(n)
+}
+
+async fn register_event(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    ingest(&state, &headers, body).await?;
+    Ok(ok_status(StatusCode::ACCEPTED))
+}
+
+async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let n = ingest(&state, &headers, body).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
+}
+
+// ---- meters ----
+
+fn parse_json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
+    let body = body_or_error(body)?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body: invalid JSON: {e}")))
+}
+
+async fn load_meter(store: &Store, id: &str) -> ApiResult<Option<MeterDef>> {
+    let raw = store.meters.get(keys::meter_key(id)).await.map_err(ApiError::internal)?;
+    raw.map(|b| serde_json::from_slice(&b).map_err(ApiError::internal)).transpose()
+}
+
+async fn save_meter(store: &Store, def: &MeterDef) -> ApiResult<()> {
+    let body = serde_json::to_vec(def).map_err(ApiError::internal)?;
+    store.meters.put(keys::meter_key(&def.id), body.into()).await.map_err(ApiError::internal)?;
+    Ok(())
+}
+
+async fn all_meters(store: &Store) -> ApiResult<Vec<MeterDef>> {
+    let items = store.scan(&store.meters, "m.*").await.map_err(ApiError::internal)?;
+    let mut defs: Vec<MeterDef> = items.iter().filter_map(|i| serde_json::from_slice(&i.value).ok()).collect();
+    defs.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(defs)
+}
+
+/// Seed `create-meter`: creates or replaces.
+async fn create_meter(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let def = parse_meter_json(&parse_json_body(body)?, None)?;
+    save_meter(state.store()?, &def).await?;
+    Ok(ok_status(StatusCode::ACCEPTED))
+}
+
+/// v1 create: 201, or 409 when a different meter already has the id.
+async fn create_meter_v1(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let def = parse_meter_json(&parse_json_body(body)?, None)?;
+    let store = state.store()?;
+    let body = serde_json::to_vec(&def).map_err(ApiError::internal)?;
+    match store.meters.create(keys::meter_key(&def.id), body.into()).await {
+        Ok(_) => Ok((StatusCode::CREATED, Json(def)).into_response()),
+        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+            match load_meter(store, &def.id).await? {
+                Some(existing) if existing == def => Ok((StatusCode::OK, Json(def)).into_response()),
+                _ => Err(ApiError::new(StatusCode::CONFLICT, format!("id: meter {:?} already exists", def.id))),
+            }
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+async fn list_meters(State(state): State<AppState>) -> ApiResult<Json<Vec<MeterDef>>> {
+    Ok(Json(all_meters(state.store()?).await?))
+}
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    key: Option<String>,
+}
+
+fn required_key(q: KeyQuery) -> ApiResult<String> {
+    q.key.filter(|k| !k.is_empty()).ok_or_else(|| ApiError::bad_request("key: is required"))
+}
+
+async fn get_meter(state: &AppState, id: &str) -> ApiResult<Json<MeterDef>> {
+    load_meter(state.store()?, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("key: no meter {id:?}")))
+}
+
+async fn delete_meter(state: &AppState, id: &str) -> ApiResult<()> {
+    let store = state.store()?;
+    if load_meter(store, id).await?.is_none() {
+        return Err(ApiError::not_found(format!("key: no meter {id:?}")));
+    }
+    store.meters.delete(keys::meter_key(id)).await.map_err(ApiError::internal)?;
+    Ok(())
+}
+
+async fn put_meter(state: &AppState, id: &str, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let mut value = parse_json_body(body)?;
+    if let Some(obj) = value.as_object_mut() {
+        match obj.get("id") {
+            Some(Value::String(given)) if given != id => {
+                return Err(ApiError::bad_request(format!("id: {given:?} does not match the path")))
+            }
+            _ => {}
+        }
+        obj.insert("id".into(), Value::String(id.to_string()));
+    }
+    let def = parse_meter_json(&value, None)?;
+    save_meter(state.store()?, &def).await?;
+    Ok((StatusCode::OK, Json(def)).into_response())
+}
+
+async fn get_meter_seed(State(state): State<AppState>, Query(q): Query<KeyQuery>) -> ApiResult<Json<MeterDef>> {
+    get_meter(&state, &required_key(q)?).await
+}
+async fn delete_meter_seed(State(state): State<AppState>, Query(q): Query<KeyQuery>) -> ApiResult<Response> {
+    delete_meter(&state, &required_key(q)?).await?;
+    Ok(ok_status(StatusCode::ACCEPTED))
+}
+async fn get_meter_v1(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<MeterDef>> {
+    get_meter(&state, &id).await
+}
+async fn get_meter_v1_ns(State(state): State<AppState>, Path((ns, name)): Path<(String, String)>) -> ApiResult<Json<MeterDef>> {
+    get_meter(&state, &format!("{ns}/{name}")).await
+}
+async fn put_meter_v1(State(state): State<AppState>, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    put_meter(&state, &id, body).await
+}
+async fn put_meter_v1_ns(
+    State(state): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    put_meter(&state, &format!("{ns}/{name}"), body).await
+}
+async fn delete_meter_v1(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    delete_meter(&state, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+async fn delete_meter_v1_ns(State(state): State<AppState>, Path((ns, name)): Path<(String, String)>) -> ApiResult<StatusCode> {
+    delete_meter(&state, &format!("{ns}/{name}")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- readings ----
+
+/// All-time reading of one meter.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MeterReading {
+    meter: String,
+    aggregation: String,
+    value: Option<String>,
+    events: u64,
+    invalid_events: u64,
+    subjects: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_event_time: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by_subject: Option<Vec<SubjectReading>>,
+}
+
+/// All-time reading of one subject of one meter.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SubjectReading {
+    meter: String,
+    subject: String,
+    value: Option<String>,
+    events: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_event_time: Option<DateTime<Utc>>,
+}
+
+async fn meter_reading(store: &Store, def: &MeterDef, with_subjects: bool) -> ApiResult<MeterReading> {
+    let key = ReadingKey::Summary { meter: def.id.clone() }.kv_key();
+    let summary: Reading = match store.readings.get(key).await.map_err(ApiError::internal)? {
+        Some(raw) => serde_json::from_slice(&raw).map_err(ApiError::internal)?,
+        None => Reading::default(),
+    };
+    let by_subject = if with_subjects { Some(subject_readings(store, def, None).await?) } else { None };
+    Ok(MeterReading {
+        meter: def.id.clone(),
+        aggregation: def.aggregation.to_string(),
+        value: summary.acc.value(def.aggregation).map(|d| d.to_string()),
+        events: summary.acc.count,
+        invalid_events: summary.invalid_events,
+        subjects: summary.subjects,
+        last_event_time: summary.last_event_time,
+        by_subject,
+    })
+}
+
+async fn subject_readings(store: &Store, def: &MeterDef, subject: Option<&str>) -> ApiResult<Vec<SubjectReading>> {
+    let filter = keys::subject_totals_filter(&def.id, subject);
+    let items = store.scan(&store.readings, &filter).await.map_err(ApiError::internal)?;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Some(subject) = item.key.split('.').nth(2).and_then(keys::untoken) else { continue };
+        let r: Reading = serde_json::from_slice(&item.value).map_err(ApiError::internal)?;
+        out.push(SubjectReading {
+            meter: def.id.clone(),
+            subject,
+            value: r.acc.value(def.aggregation).map(|d| d.to_string()),
+            events: r.acc.count,
+            last_event_time: r.last_event_time,
+        });
+    }
+    out.sort_by(|a, b| a.subject.cmp(&b.subject));
+    Ok(out)
+}
+
+async fn list_readings(State(state): State<AppState>) -> ApiResult<Json<Vec<MeterReading>>> {
+    let store = state.store()?;
+    let mut out = Vec::new();
+    for def in all_meters(store).await? {
+        out.push(meter_reading(store, &def, false).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn get_reading_seed(State(state): State<AppState>, Query(q): Query<KeyQuery>) -> ApiResult<Json<MeterReading>> {
+    let id = required_key(q)?;
+    let store = state.store()?;
+    let def = load_meter(store, &id).await?.ok_or_else(|| ApiError::not_found(format!("key: no meter {id:?}")))?;
+    Ok(Json(meter_reading(store, &def, true).await?))
+}
+
+#[derive(Deserialize)]
+struct ReadingsQuery {
+    meter: Option<String>,
+    subject: Option<String>,
+}
+
+async fn readings_v1(State(state): State<AppState>, Query(q): Query<ReadingsQuery>) -> ApiResult<Json<Value>> {
+    let store = state.store()?;
+    let defs = match q.meter.as_deref().filter(|m| !m.is_empty()) {
+        Some(id) => vec![load_meter(store, id).await?.ok_or_else(|| ApiError::not_found(format!("meter: no meter {id:?}")))?],
+        None => all_meters(store).await?,
+    };
+    let mut data = Vec::new();
+    for def in &defs {
+        data.extend(subject_readings(store, def, q.subject.as_deref().filter(|s| !s.is_empty())).await?);
+    }
+    Ok(Json(json!({"data": data})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secreT", b"secret"));
+        assert!(!token_matches(b"secret1", b"secret"));
+        assert!(!token_matches(b"", b"secret"));
+    }
+}

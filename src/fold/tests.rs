@@ -1,0 +1,299 @@
+use super::*;
+use crate::meter::{parse_meter_json, MeterDef};
+use proptest::prelude::*;
+use serde_json::json;
+
+fn meter(def: serde_json::Value) -> CompiledMeter {
+    let def: MeterDef = parse_meter_json(&def, None).unwrap();
+    CompiledMeter::compile(&def).unwrap()
+}
+
+fn ev(subject: &str, time: &str, data: serde_json::Value) -> Event {
+    Event {
+        id: format!("{subject}-{time}"),
+        source: None,
+        event_type: "t".into(),
+        subject: subject.into(),
+        time: DateTime::parse_from_rfc3339(time).unwrap().with_timezone(&Utc),
+        data,
+    }
+}
+
+/// Fold events (sequences 1..) into a fresh store in one pass.
+fn fold_all(m: &CompiledMeter, events: &[Event]) -> (HashMap<ReadingKey, Reading>, Vec<Applied>) {
+    let mut store = HashMap::new();
+    let mut outcomes = vec![];
+    for (i, e) in events.iter().enumerate() {
+        let c = contribution(m, e);
+        outcomes.push(apply(&mut store, m, i as u64 + 1, e, &c));
+    }
+    (store, outcomes)
+}
+
+fn value_of(store: &HashMap<ReadingKey, Reading>, key: ReadingKey, agg: Aggregation) -> Option<String> {
+    store.get(&key).and_then(|r| r.acc.value(agg)).map(|d| d.to_string())
+}
+
+fn total(m: &str, s: &str) -> ReadingKey {
+    ReadingKey::SubjectTotal { meter: m.into(), subject: s.into() }
+}
+fn summary(m: &str) -> ReadingKey {
+    ReadingKey::Summary { meter: m.into() }
+}
+fn window(m: &str, s: &str, g: &str, start: &str) -> ReadingKey {
+    let start = DateTime::parse_from_rfc3339(start).unwrap().timestamp();
+    ReadingKey::Window { meter: m.into(), subject: s.into(), group: g.into(), start }
+}
+
+fn sample() -> Vec<Event> {
+    vec![
+        ev("c1", "2026-11-24T10:05:00Z", json!({"v": 10, "u": "a", "model": "x"})),
+        ev("c1", "2026-11-24T10:59:59Z", json!({"v": "2.5", "u": "b", "model": "y"})),
+        ev("c1", "2026-11-24T11:00:00Z", json!({"v": -4, "u": "a", "model": "x"})),
+        ev("c2", "2026-11-24T09:30:00Z", json!({"v": 7, "u": 1, "model": "x"})),
+        // late and out of order: an earlier time than the events before it
+        ev("c1", "2026-11-24T10:30:00Z", json!({"v": 1, "u": "1", "model": "x"})),
+    ]
+}
+
+#[test]
+fn every_aggregation_on_hand_computed_values() {
+    // per aggregation: (c1 total, c1 10:00 window, c1 11:00 window, c2 total, meter total)
+    let expected = [
+        ("count", ["4", "3", "1", "1", "5"]),
+        ("sum", ["9.5", "13.5", "-4", "7", "16.5"]),
+        ("avg", ["2.375", "4.5", "-4", "7", "3.3"]),
+        ("min", ["-4", "1", "-4", "7", "-4"]),
+        ("max", ["10", "10", "-4", "7", "10"]),
+        // latest by event time, not arrival: c1's latest time is 11:00 (-4)
+        ("latest", ["-4", "2.5", "-4", "7", "-4"]),
+    ];
+    for (agg, want) in expected {
+        let m = meter(json!({"id":"m","eventType":"t","aggregation":agg,"valueProperty":"$.v"}));
+        let (s, outcomes) = fold_all(&m, &sample());
+        assert!(outcomes.iter().all(|o| *o == Applied::Counted), "{agg}");
+        let a = m.def.aggregation;
+        let got = [
+            value_of(&s, total("m", "c1"), a),
+            value_of(&s, window("m", "c1", "_", "2026-11-24T10:00:00Z"), a),
+            value_of(&s, window("m", "c1", "_", "2026-11-24T11:00:00Z"), a),
+            value_of(&s, total("m", "c2"), a),
+            value_of(&s, summary("m"), a),
+        ];
+        let want: Vec<Option<String>> = want.iter().map(|w| Some(w.to_string())).collect();
+        assert_eq!(got.to_vec(), want, "{agg}");
+    }
+}
+
+#[test]
+fn unique_count_counts_repeated_values_once() {
+    let m = meter(json!({"id":"m","eventType":"t","aggregation":"unique_count","valueProperty":"$.u"}));
+    let (s, _) = fold_all(&m, &sample());
+    // c1 saw "a", "b", "a", "1"; c2 saw 1 (the number 1 and the string "1" are one value)
+    assert_eq!(value_of(&s, total("m", "c1"), m.def.aggregation).as_deref(), Some("3"));
+    assert_eq!(value_of(&s, window("m", "c1", "_", "2026-11-24T10:00:00Z"), m.def.aggregation).as_deref(), Some("3"));
+    assert_eq!(value_of(&s, summary("m"), m.def.aggregation).as_deref(), Some("3"));
+    let sm = &s[&summary("m")];
+    assert_eq!((sm.subjects, sm.acc.count, sm.invalid_events), (2, 5, 0));
+}
+
+#[test]
+fn group_by_partitions_windows_and_missing_groups_under_null() {
+    let m = meter(json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v","groupBy":{"model":"$.model","region":"$.region"}}));
+    let mut events = sample();
+    events.push(ev("c1", "2026-11-24T10:10:00Z", json!({"v": 100})));
+    let (s, _) = fold_all(&m, &events);
+    let g = |model: serde_json::Value| {
+        let mut map = BTreeMap::new();
+        map.insert("model".to_string(), model);
+        map.insert("region".to_string(), Value::Null);
+        group_token(&map)
+    };
+    let a = m.def.aggregation;
+    assert_eq!(value_of(&s, window("m", "c1", &g(json!("x")), "2026-11-24T10:00:00Z"), a).as_deref(), Some("11"));
+    assert_eq!(value_of(&s, window("m", "c1", &g(json!("y")), "2026-11-24T10:00:00Z"), a).as_deref(), Some("2.5"));
+    assert_eq!(value_of(&s, window("m", "c1", &g(Value::Null), "2026-11-24T10:00:00Z"), a).as_deref(), Some("100"));
+    let r = &s[&window("m", "c1", &g(Value::Null), "2026-11-24T10:00:00Z")];
+    assert_eq!(r.group_by.get("model"), Some(&Value::Null));
+    // the subject total merges all groups
+    assert_eq!(value_of(&s, total("m", "c1"), a).as_deref(), Some("109.5"));
+}
+
+#[test]
+fn windows_follow_the_meter_window_size() {
+    let m = meter(json!({"id":"m","eventType":"t","aggregation":"count","windowSize":"DAY"}));
+    let (s, _) = fold_all(&m, &sample());
+    assert_eq!(value_of(&s, window("m", "c1", "_", "2026-11-24T00:00:00Z"), Aggregation::Count).as_deref(), Some("4"));
+    let m = meter(json!({"id":"m","eventType":"t","aggregation":"count","windowSize":"MINUTE"}));
+    let (s, _) = fold_all(&m, &sample());
+    assert_eq!(value_of(&s, window("m", "c1", "_", "2026-11-24T10:59:00Z"), Aggregation::Count).as_deref(), Some("1"));
+    assert_eq!(s.keys().filter(|k| matches!(k, ReadingKey::Window { .. })).count(), 5);
+}
+
+#[test]
+fn invalid_values_are_counted_and_block_nothing() {
+    let m = meter(json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v"}));
+    let events = vec![
+        ev("c1", "2026-11-24T10:00:00Z", json!({"v": 1})),
+        ev("c1", "2026-11-24T10:00:01Z", json!({})),
+        ev("c1", "2026-11-24T10:00:02Z", json!({"v": "NaN"})),
+        ev("c1", "2026-11-24T10:00:03Z", json!({"v": "Infinity"})),
+        ev("c1", "2026-11-24T10:00:04Z", json!({"v": {"a": 1}})),
+        ev("c1", "2026-11-24T10:00:05Z", json!({"v": "1e400"})),
+        ev("c1", "2026-11-24T10:00:06Z", json!({"v": 1e300})),
+        ev("c1", "2026-11-24T10:00:07Z", json!({"v": "70000000000000000000000000000"})),
+        ev("c1", "2026-11-24T10:00:08Z", json!({"v": "70000000000000000000000000000"})),
+        ev("c1", "2026-11-24T10:00:09Z", json!({"v": "2"})),
+    ];
+    let (s, outcomes) = fold_all(&m, &events);
+    let invalid: Vec<usize> = outcomes.iter().enumerate().filter(|(_, o)| matches!(o, Applied::Invalid(_))).map(|(i, _)| i).collect();
+    // the second 7e28 would overflow the exact range: invalid, not a wrong sum
+    assert_eq!(invalid, vec![1, 2, 3, 4, 5, 6, 8]);
+    let Applied::Invalid(why) = &outcomes[1] else { unreachable!() };
+    assert_eq!(why, "valueProperty $.v: missing");
+    assert_eq!(value_of(&s, total("m", "c1"), Aggregation::Sum).as_deref(), Some("70000000000000000000000000003"));
+    assert_eq!(s[&summary("m")].invalid_events, 7);
+    assert_eq!(s[&summary("m")].acc.count, 3);
+}
+
+#[test]
+fn sums_are_exact_decimals() {
+    let m = meter(json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v"}));
+    let e = ev("c", "2026-11-24T10:00:00Z", json!({"v": 0.1}));
+    let c = contribution(&m, &e);
+    let mut store = HashMap::new();
+    for seq in 1..=100_000u64 {
+        apply(&mut store, &m, seq, &e, &c);
+    }
+    assert_eq!(value_of(&store, total("m", "c"), Aggregation::Sum).as_deref(), Some("10000"));
+}
+
+#[test]
+fn distinct_sets_round_trip_compactly() {
+    let mut d = Distinct::default();
+    for i in 0..1000u64 {
+        d.insert(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()));
+    }
+    d.insert(0);
+    d.insert(u64::MAX);
+    let text = serde_json::to_string(&d).unwrap();
+    let back: Distinct = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, d);
+    assert!(text.len() < 1002 * 12, "{}", text.len());
+}
+
+// ---- properties of the fold ----
+
+fn arb_events() -> impl Strategy<Value = Vec<Event>> {
+    let one = (0u8..3, 0i64..7200, prop_oneof![Just(None), (-50i64..50).prop_map(Some)], 0u8..3).prop_map(
+        |(s, secs, v, g)| {
+            let mut data = serde_json::Map::new();
+            if let Some(v) = v {
+                data.insert("v".into(), json!(v));
+                data.insert("u".into(), json!(format!("u{}", v.rem_euclid(5))));
+            }
+            data.insert("g".into(), json!(g));
+            Event {
+                id: String::new(),
+                source: None,
+                event_type: "t".into(),
+                subject: format!("s{s}"),
+                time: DateTime::from_timestamp(1_790_000_000 + secs, 0).unwrap(),
+                data: Value::Object(data),
+            }
+        },
+    );
+    proptest::collection::vec(one, 0..40)
+}
+
+fn arb_meter() -> impl Strategy<Value = CompiledMeter> {
+    (prop::sample::select(vec!["count", "sum", "avg", "min", "max", "unique_count", "latest"]), any::<bool>()).prop_map(|(agg, grouped)| {
+        let vp = if agg == "unique_count" { "$.u" } else { "$.v" };
+        let mut def = json!({"id":"m","eventType":"t","aggregation":agg,"valueProperty":vp,"windowSize":"MINUTE"});
+        if grouped {
+            def["groupBy"] = json!({"g": "$.g"});
+        }
+        meter(def)
+    })
+}
+
+/// The aggregator's loop in miniature: load the touched readings from `store`, apply a
+/// batch, and persist the changed readings whose index `persist` allows (a crash in the
+/// middle of writing persists only some of them).
+fn run_batch(
+    store: &mut HashMap<ReadingKey, Reading>,
+    m: &CompiledMeter,
+    batch: &[(u64, Event)],
+    persist: &dyn Fn(usize) -> bool,
+) {
+    let mut work: HashMap<ReadingKey, Reading> = HashMap::new();
+    for (seq, e) in batch {
+        let c = contribution(m, e);
+        for k in keys_for(m, e, &c) {
+            if let Some(r) = store.get(&k) {
+                work.entry(k).or_insert_with(|| r.clone());
+            }
+        }
+        apply(&mut work, m, *seq, e, &c);
+    }
+    let mut changed: Vec<_> = work.into_iter().filter(|(k, r)| store.get(k) != Some(r)).collect();
+    changed.sort_by(|a, b| a.0.cmp(&b.0));
+    for (i, (k, r)) in changed.into_iter().enumerate() {
+        if persist(i) {
+            store.insert(k, r);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn batching_replays_and_partial_writes_never_change_readings(
+        m in arb_meter(),
+        events in arb_events(),
+        cuts in proptest::collection::vec(0usize..40, 0..6),
+        replay_from in 0usize..40,
+        crash_mask in any::<u64>(),
+    ) {
+        let seqd: Vec<(u64, Event)> = events.iter().cloned().enumerate().map(|(i, e)| (i as u64 + 1, e)).collect();
+        let (expected, _) = fold_all(&m, &events);
+
+        // split into batches at arbitrary cut points
+        let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c < seqd.len()).collect();
+        cuts.push(seqd.len());
+        cuts.sort();
+        cuts.dedup();
+        let mut store = HashMap::new();
+        let mut start = 0;
+        for &end in &cuts {
+            let batch = &seqd[start..end];
+            // a crash while writing: some readings of the batch persisted, then the
+            // whole batch is redelivered
+            run_batch(&mut store, &m, batch, &|i| crash_mask >> (i % 64) & 1 == 1);
+            run_batch(&mut store, &m, batch, &|_| true);
+            start = end;
+        }
+        prop_assert_eq!(&store, &expected);
+
+        // replaying any suffix again (a second leader, a restart from an old cursor)
+        let from = replay_from.min(seqd.len());
+        run_batch(&mut store, &m, &seqd[from..], &|_| true);
+        prop_assert_eq!(&store, &expected);
+    }
+
+    #[test]
+    fn merged_windows_equal_the_subject_total(m in arb_meter(), events in arb_events()) {
+        let (store, _) = fold_all(&m, &events);
+        let mut per_subject: HashMap<String, Acc> = HashMap::new();
+        for (k, r) in &store {
+            if let ReadingKey::Window { subject, .. } = k {
+                per_subject.entry(subject.clone()).or_default().merge(&r.acc);
+            }
+        }
+        for (subject, merged) in per_subject {
+            let t = &store[&total("m", &subject)];
+            prop_assert_eq!(merged.value(m.def.aggregation), t.acc.value(m.def.aggregation));
+        }
+    }
+}

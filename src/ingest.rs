@@ -1,0 +1,39 @@
+//! Ingestion: publish validated events to the stream and wait until JetStream has
+//! acknowledged every one of them (a 2xx means durable). Publishes are pipelined: all
+//! messages of a request are sent before the first acknowledgement is awaited.
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+
+use crate::event::Event;
+use crate::keys::DEDUP_HEADER;
+use crate::store::Store;
+
+/// How long a request waits for JetStream before answering 503.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn publish(store: &Store, events: &[Event]) -> Result<(), String> {
+    if !store.connected() {
+        return Err("NATS is not connected".into());
+    }
+    let work = async {
+        let mut acks = Vec::with_capacity(events.len());
+        for e in events {
+            let mut headers = HeaderMap::new();
+            headers.insert(DEDUP_HEADER, e.dedup_hash().as_str());
+            let ack = store
+                .js
+                .publish_with_headers(store.names.event_subject(&e.event_type), headers, e.to_bytes().into())
+                .await
+                .map_err(|err| format!("publishing to JetStream: {err}"))?;
+            acks.push(ack);
+        }
+        for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
+            ack.map_err(|err| format!("JetStream did not acknowledge: {err}"))?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(ACK_TIMEOUT, work).await.map_err(|_| "JetStream did not answer in time".to_string())?
+}

@@ -1,0 +1,180 @@
+//! Names of NATS subjects, KV buckets and KV keys.
+//!
+//! Everything a user controls (meter ids, subjects, event types) is escaped into a
+//! single NATS token, so no input can smuggle a `.`, `*` or `>` into a subject or key
+//! and two different inputs never share a key.
+
+use std::fmt::Write;
+
+/// Escape arbitrary text into one NATS token / KV key segment.
+/// `[A-Za-z0-9_-]` pass through; every other byte becomes `=XX` (upper-case hex).
+/// The mapping is injective, so distinct inputs give distinct tokens.
+pub fn token(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for b in raw.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "={b:02X}");
+        }
+    }
+    out
+}
+
+/// Inverse of [`token`]; `None` when the text is not a valid token.
+pub fn untoken(tok: &str) -> Option<String> {
+    let bytes = tok.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' {
+            let hex = tok.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Names derived from the configured stream, so that two installations sharing one
+/// NATS server never touch each other's data.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub stream: String,
+}
+
+impl Names {
+    pub fn new(stream: &str) -> Self {
+        Names { stream: stream.to_string() }
+    }
+    /// Subject an event of `event_type` is published on.
+    pub fn event_subject(&self, event_type: &str) -> String {
+        format!("{}.events.{}", self.stream, token(event_type))
+    }
+    /// Wildcard over all event subjects.
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.events.>", self.stream)
+    }
+    pub fn deadletter_stream(&self) -> String {
+        format!("{}-deadletter", self.stream)
+    }
+    pub fn deadletter_subject(&self, meter_id: &str) -> String {
+        format!("{}.deadletter.{}", self.stream, token(meter_id))
+    }
+    pub fn deadletter_wildcard(&self) -> String {
+        format!("{}.deadletter.>", self.stream)
+    }
+    pub fn meters_bucket(&self) -> String {
+        format!("{}-meters", self.stream)
+    }
+    pub fn readings_bucket(&self) -> String {
+        format!("{}-readings", self.stream)
+    }
+    pub fn dedup_bucket(&self) -> String {
+        format!("{}-dedup", self.stream)
+    }
+    pub fn state_bucket(&self) -> String {
+        format!("{}-state", self.stream)
+    }
+    pub fn leader_bucket(&self) -> String {
+        format!("{}-leader", self.stream)
+    }
+}
+
+/// Which window a reading covers: one window of the meter's size, or all time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Window {
+    /// Start of the window, seconds since the Unix epoch (UTC).
+    Start(i64),
+    Total,
+}
+
+/// Key layout of the readings bucket (documented in the README):
+/// - `r.<meter>.summary`                       per-meter totals and counters
+/// - `r.<meter>.<subject>.total`               all-time total of one subject
+/// - `r.<meter>.<subject>.<group>.<start>`     one window of one subject and group
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReadingKey {
+    Summary { meter: String },
+    SubjectTotal { meter: String, subject: String },
+    Window { meter: String, subject: String, group: String, start: i64 },
+}
+
+impl ReadingKey {
+    pub fn kv_key(&self) -> String {
+        match self {
+            ReadingKey::Summary { meter } => format!("r.{}.summary", token(meter)),
+            ReadingKey::SubjectTotal { meter, subject } => {
+                format!("r.{}.{}.total", token(meter), token(subject))
+            }
+            ReadingKey::Window { meter, subject, group, start } => {
+                format!("r.{}.{}.{}.{}", token(meter), token(subject), group, start)
+            }
+        }
+    }
+}
+
+/// Key filter for everything stored for one meter in the readings bucket.
+pub fn meter_readings_filter(meter: &str) -> String {
+    format!("r.{}.>", token(meter))
+}
+
+/// Key filter for the all-time subject totals of one meter (optionally one subject).
+pub fn subject_totals_filter(meter: &str, subject: Option<&str>) -> String {
+    match subject {
+        Some(s) => format!("r.{}.{}.total", token(meter), token(s)),
+        None => format!("r.{}.*.total", token(meter)),
+    }
+}
+
+pub fn meter_key(meter: &str) -> String {
+    format!("m.{}", token(meter))
+}
+
+pub fn progress_key(meter: &str) -> String {
+    format!("p.{}", token(meter))
+}
+
+pub const CURSOR_KEY: &str = "cursor";
+pub const LEADER_KEY: &str = "aggregator";
+
+/// Header carrying the hashed deduplication key of an event.
+pub const DEDUP_HEADER: &str = "Km-Dedup";
+
+pub fn dedup_key(hash_hex: &str) -> String {
+    format!("d.{hash_hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trips_and_escapes_wildcards() {
+        for raw in ["customer-1", "a.b", "*", ">", "x y", "ns/name", "é", "=41", "a:b@c"] {
+            let t = token(raw);
+            assert!(
+                t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'='),
+                "{t}"
+            );
+            assert_eq!(untoken(&t).as_deref(), Some(raw));
+        }
+        assert_eq!(token("a.b"), "a=2Eb");
+        assert_eq!(token("=41"), "=3D41");
+        assert_ne!(token("=41"), token("A"));
+    }
+
+    #[test]
+    fn reading_keys_have_fixed_token_counts() {
+        let s = ReadingKey::Summary { meter: "t/m".into() }.kv_key();
+        assert_eq!(s, "r.t=2Fm.summary");
+        let t = ReadingKey::SubjectTotal { meter: "m".into(), subject: "c.1".into() }.kv_key();
+        assert_eq!(t, "r.m.c=2E1.total");
+        let w = ReadingKey::Window { meter: "m".into(), subject: "c".into(), group: "_".into(), start: 3600 }
+            .kv_key();
+        assert_eq!(w, "r.m.c._.3600");
+    }
+}

@@ -1,0 +1,17 @@
+//! KloudMeter: exact usage metering on NATS JetStream, for Kubernetes or standalone.
+
+pub mod aggregator;
+pub mod api;
+pub mod config;
+pub mod dedup;
+pub mod error;
+pub mod event;
+pub mod fold;
+pub mod ingest;
+pub mod keys;
+pub mod leader;
+pub mod meter;
+pub mod metrics;
+pub mod registry;
+pub mod run;
+pub mod store;

@@ -1,0 +1,80 @@
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Parser, Subcommand};
+use kloudmeter::config::Config;
+
+/// KloudMeter: exact usage metering on NATS JetStream.
+#[derive(Parser)]
+#[command(name = "kloudmeter", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API and aggregate (the default).
+    Run(Config),
+}
+
+/// One line naming the variable, instead of clap's multi-line report.
+fn config_error(e: &clap::Error) -> Option<String> {
+    if !matches!(e.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+        return None;
+    }
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => return None,
+    };
+    // "--meter-interval <METER_INTERVAL>" -> METER_INTERVAL
+    let var = arg
+        .split_once('<')
+        .map(|(_, v)| v.trim_end_matches('>').to_string())
+        .unwrap_or_else(|| arg.trim_start_matches('-').replace('-', "_").to_uppercase());
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let text = e.to_string();
+    let reason = text
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit_once("': ").map(|(_, r)| r.to_string()))
+        .unwrap_or_else(|| "invalid value".into());
+    Some(format!("kloudmeter: invalid configuration: {var}={value:?}: {reason}"))
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(line) = config_error(&e) {
+                eprintln!("{line}");
+                std::process::exit(2);
+            }
+            e.exit();
+        }
+    };
+    let cfg = match cli.command {
+        Some(Command::Run(cfg)) => cfg,
+        None => cli.run,
+    };
+    if let Err(line) = cfg.validate() {
+        eprintln!("kloudmeter: invalid configuration: {line}");
+        std::process::exit(2);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
+        )
+        .with_target(false)
+        .json()
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    if let Err(e) = runtime.block_on(kloudmeter::run::run(cfg)) {
+        eprintln!("kloudmeter: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,162 @@
+//! The NATS layer: connection, the event stream and KV buckets (created or updated at
+//! start-up, idempotently), and a few primitives the rest of the code shares.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::config::Config;
+use crate::keys::Names;
+
+/// Handles to everything KloudMeter keeps in NATS.
+#[derive(Clone)]
+pub struct Store {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub events: stream::Stream,
+    pub meters: kv::Store,
+    pub readings: kv::Store,
+    pub dedup: kv::Store,
+    pub state: kv::Store,
+    pub leader: kv::Store,
+}
+
+/// One live entry of a KV bucket.
+#[derive(Clone, Debug)]
+pub struct KvItem {
+    pub key: String,
+    pub value: Bytes,
+    pub revision: u64,
+}
+
+impl Store {
+    /// Connect (retrying until NATS answers) and make sure the stream and buckets exist
+    /// with the configured limits.
+    pub async fn connect(cfg: &Config) -> Result<Store> {
+        let client = async_nats::ConnectOptions::new()
+            .name("kloudmeter")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(&cfg.nats_url)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+        let js = jetstream::new(client.clone());
+        let names = Names::new(&cfg.meter_nats_stream);
+
+        let events = js
+            .create_or_update_stream(stream::Config {
+                name: names.stream.clone(),
+                description: Some("KloudMeter usage events".into()),
+                subjects: vec![names.events_wildcard()],
+                storage: stream::StorageType::File,
+                max_age: cfg.event_retention,
+                duplicate_window: cfg.jetstream_duplicate_window.min(cfg.event_retention),
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating or updating stream {}", names.stream))?;
+        let events = js.get_stream(&events.config.name).await?;
+        js.create_or_update_stream(stream::Config {
+            name: names.deadletter_stream(),
+            description: Some("KloudMeter events that were invalid for a meter, with the reason".into()),
+            subjects: vec![names.deadletter_wildcard()],
+            storage: stream::StorageType::File,
+            max_age: cfg.event_retention,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating or updating stream {}", names.deadletter_stream()))?;
+
+        let bucket = |name: String, history: i64, max_age: Duration, what: &str| kv::Config {
+            bucket: name,
+            description: what.to_string(),
+            history,
+            max_age,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let mk = |cfg: kv::Config| {
+            let js = js.clone();
+            async move {
+                let name = cfg.bucket.clone();
+                js.create_or_update_key_value(cfg)
+                    .await
+                    .with_context(|| format!("creating or updating KV bucket {name}"))
+            }
+        };
+        let meters = mk(bucket(names.meters_bucket(), 5, Duration::ZERO, "KloudMeter meter definitions")).await?;
+        let readings = mk(bucket(names.readings_bucket(), 1, Duration::ZERO, "KloudMeter readings")).await?;
+        let dedup = mk(bucket(names.dedup_bucket(), 1, cfg.dedup_window, "KloudMeter event-id claims")).await?;
+        let state = mk(bucket(names.state_bucket(), 1, Duration::ZERO, "KloudMeter aggregator progress")).await?;
+        let leader = mk(bucket(names.leader_bucket(), 1, cfg.leader_ttl, "KloudMeter aggregator lease")).await?;
+        Ok(Store { client, js, names, events, meters, readings, dedup, state, leader })
+    }
+
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Every live entry of `bucket` whose key matches `filter` (NATS wildcards allowed),
+    /// read as a snapshot: it returns once it has seen what existed when it started.
+    pub async fn scan(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<KvItem>> {
+        let stream_name = format!("KV_{}", bucket.name);
+        let prefix = format!("$KV.{}.", bucket.name);
+        let stream = self.js.get_stream(&stream_name).await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{prefix}{filter}"),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await?;
+        let pending = consumer.cached_info().num_pending;
+        let mut out = Vec::new();
+        if pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer.messages().await?;
+        while let Some(msg) = messages.next().await {
+            let msg = msg?;
+            let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (left, revision) = (info.pending, info.stream_sequence);
+            let op = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .map(|v| v.as_str().to_string());
+            if op.is_none() {
+                let key = msg.subject.as_str().strip_prefix(&prefix).unwrap_or_default().to_string();
+                out.push(KvItem { key, value: msg.payload.clone(), revision });
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove every entry of `bucket` under `filter` in one call (no per-key deletes).
+    pub async fn purge_keys(&self, bucket: &kv::Store, filter: &str) -> Result<()> {
+        let stream = self.js.get_stream(format!("KV_{}", bucket.name)).await?;
+        stream
+            .purge()
+            .filter(format!("$KV.{}.{}", bucket.name, filter))
+            .await
+            .with_context(|| format!("purging {filter} from {}", bucket.name))?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Drop the dead letters kept for one meter.
+    pub async fn events_dl_purge(&self, subject: &str) -> Result<()> {
+        let stream = self.js.get_stream(self.names.deadletter_stream()).await?;
+        stream.purge().filter(subject).await?;
+        Ok(())
+    }
+}
