@@ -30,9 +30,9 @@ const CACHE_LIMIT: usize = 50_000;
 
 /// Per-meter record of the definition its readings were built for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Progress {
-    hash: String,
-    complete: bool,
+pub struct Progress {
+    pub hash: String,
+    pub complete: bool,
 }
 
 type ByType = HashMap<String, Vec<Arc<CompiledMeter>>>;

@@ -361,6 +361,8 @@ struct MeterReading {
     subjects: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_event_time: Option<DateTime<Utc>>,
+    /// False while the meter is being built or rebuilt from retained events.
+    ready: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     by_subject: Option<Vec<SubjectReading>>,
 }
@@ -383,6 +385,10 @@ async fn meter_reading(store: &Store, def: &MeterDef, with_subjects: bool) -> Ap
         Some(raw) => serde_json::from_slice(&raw).map_err(ApiError::internal)?,
         None => Reading::default(),
     };
+    let progress = store.state.get(keys::progress_key(&def.id)).await.map_err(ApiError::internal)?;
+    let ready = progress
+        .and_then(|raw| serde_json::from_slice::<crate::aggregator::Progress>(&raw).ok())
+        .is_some_and(|p| p.complete && p.hash == def.semantic_hash());
     let by_subject = if with_subjects { Some(subject_readings(store, def, None).await?) } else { None };
     Ok(MeterReading {
         meter: def.id.clone(),
@@ -392,6 +398,7 @@ async fn meter_reading(store: &Store, def: &MeterDef, with_subjects: bool) -> Ap
         invalid_events: summary.invalid_events,
         subjects: summary.subjects,
         last_event_time: summary.last_event_time,
+        ready,
         by_subject,
     })
 }

@@ -1,0 +1,289 @@
+//! Test harness: a real nats-server and real kloudmeter processes on loopback, on
+//! random ports in temp dirs, stopped by PID. Nothing here is mocked.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use serde_json::Value;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Where nats-server comes from: NATS_SERVER_BIN, then PATH, then the tool cache that
+/// `task test` / `.ci/run` fill. A missing server is a failure, never a skip.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let cand = dir.join("nats-server");
+            if cand.is_file() {
+                return cand;
+            }
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cached = Path::new(&home).join(".cache/kloudmeter/venv/bin/nats-server");
+    if cached.is_file() {
+        return cached;
+    }
+    panic!(
+        "nats-server not found (CI={}): run `task tools` (or `bash .ci/run`) to install it, or set NATS_SERVER_BIN",
+        std::env::var("CI").unwrap_or_default()
+    );
+}
+
+fn wait_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} did not open within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A nats-server with JetStream on a random port and its own store directory.
+pub struct Nats {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let mut n = Nats { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+        n.spawn();
+        n
+    }
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
+        let child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.dir.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting nats-server");
+        self.child = Some(child);
+        wait_port(self.port, Duration::from_secs(10));
+    }
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+    /// Stop by PID (SIGKILL) and start again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    pub async fn client(&self) -> jetstream::Context {
+        let c = async_nats::connect(self.url()).await.expect("test client connects");
+        jetstream::new(c)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One kloudmeter process (the binary under test).
+pub struct Km {
+    pub port: u16,
+    pub env: Vec<(String, String)>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Km {
+    /// Start with the given NATS and extra environment; waits until /readyz is 200.
+    pub async fn start(nats: &Nats, stream: &str, extra: &[(&str, &str)]) -> Km {
+        let mut env: Vec<(String, String)> = vec![
+            ("NATS_URL".into(), nats.url()),
+            ("METER_NATS_STREAM".into(), stream.into()),
+            ("KUBERNETES".into(), "false".into()),
+            ("HTTP_BIND_ADDRESS".into(), "127.0.0.1".into()),
+            ("LEADER_TTL".into(), "2s".into()),
+            ("LOG_LEVEL".into(), "info,async_nats=warn".into()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let log = nats.dir.path().join(format!("kloudmeter-{}.log", free_port()));
+        let mut km = Km { port: free_port(), env, log, child: None };
+        km.spawn().await;
+        km
+    }
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kloudmeter"))
+            .env_clear()
+            .envs(self.env.iter().cloned())
+            .env("HTTP_SERVER_PORT", self.port.to_string())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting kloudmeter");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = reqwest::get(self.url("/readyz")).await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "kloudmeter not ready; log:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    /// SIGTERM, then wait for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        c.wait().unwrap()
+    }
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+    /// A metric's value from /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+impl Drop for Km {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new().post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn post_raw(url: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn get(url: &str) -> (u16, Value) {
+    let r = reqwest::get(url).await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Post until a 2xx, retrying on any error or non-2xx, as a well-behaved client does.
+pub async fn post_until_accepted(url: &str, body: &Value, give_up: Duration) -> u32 {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let deadline = Instant::now() + give_up;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        if let Ok(r) = client.post(url).json(body).send().await {
+            if r.status().is_success() {
+                return attempts;
+            }
+        }
+        assert!(Instant::now() < deadline, "no 2xx for {url} within {give_up:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Wait until the aggregator has folded everything in the stream: its cursor (in the
+/// state bucket) has reached the stream's last sequence. Readings are then final.
+pub async fn caught_up(js: &jetstream::Context, stream: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let state = loop {
+        if let Ok(kv) = js.get_key_value(format!("{stream}-state")).await {
+            break kv;
+        }
+        assert!(Instant::now() < deadline, "state bucket never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    loop {
+        let last = js.get_stream(stream).await.unwrap().info().await.unwrap().state.last_sequence;
+        let cursor: u64 = match state.get("cursor").await {
+            Ok(Some(v)) => std::str::from_utf8(&v).unwrap().parse().unwrap(),
+            _ => 0,
+        };
+        if cursor >= last {
+            return;
+        }
+        assert!(Instant::now() < deadline, "aggregator stuck at {cursor} of {last}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until `check` holds (for state that changes asynchronously, such as a meter
+/// being picked up), failing with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Subject totals of a meter as `subject -> value` from /api/v1/readings.
+pub async fn subject_values(km: &Km, meter: &str) -> std::collections::BTreeMap<String, String> {
+    let (status, body) = get(&km.url(&format!("/api/v1/readings?meter={meter}"))).await;
+    assert_eq!(status, 200, "{body}");
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["subject"].as_str().unwrap().to_string(), r["value"].as_str().unwrap_or("null").to_string()))
+        .collect()
+}
+
+/// The meter-level reading from the seed endpoint.
+pub async fn meter_reading(km: &Km, meter: &str) -> Value {
+    let (status, body) = get(&km.url(&format!("/api/reading/?key={meter}"))).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
