@@ -79,13 +79,19 @@ impl Aggregator {
             .events
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: self.store.names.events_wildcard(),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: self.cursor + 1 },
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: self.cursor + 1,
+                },
                 ..Default::default()
             })
             .await
             .context("creating the aggregator's consumer")?;
         let mut batches = consumer.messages().await?.ready_chunks(BATCH);
-        tracing::info!(cursor = self.cursor, meters = self.active.len(), "aggregating");
+        tracing::info!(
+            cursor = self.cursor,
+            meters = self.active.len(),
+            "aggregating"
+        );
         loop {
             if !*leading.borrow() {
                 return Ok(());
@@ -129,8 +135,18 @@ impl Aggregator {
         for _ in 0..5 {
             let value = seq.to_string().into();
             let res = match self.cursor_rev {
-                Some(rev) => self.store.state.update(CURSOR_KEY, value, rev).await.map_err(|e| anyhow!(e)),
-                None => self.store.state.create(CURSOR_KEY, value).await.map_err(|e| anyhow!(e)),
+                Some(rev) => self
+                    .store
+                    .state
+                    .update(CURSOR_KEY, value, rev)
+                    .await
+                    .map_err(|e| anyhow!(e)),
+                None => self
+                    .store
+                    .state
+                    .create(CURSOR_KEY, value)
+                    .await
+                    .map_err(|e| anyhow!(e)),
             };
             match res {
                 Ok(rev) => {
@@ -172,8 +188,11 @@ impl Aggregator {
                 self.active.insert(id.clone(), meter.clone());
                 continue;
             }
-            let done = Progress { hash: meter.hash.clone(), complete: true };
-            if self.active.get(id).is_none() && progress.get(id) == Some(&done) {
+            let done = Progress {
+                hash: meter.hash.clone(),
+                complete: true,
+            };
+            if !self.active.contains_key(id) && progress.get(id) == Some(&done) {
                 self.active.insert(id.clone(), meter.clone());
                 continue;
             }
@@ -191,14 +210,19 @@ impl Aggregator {
         }
         self.by_type.clear();
         for m in self.active.values() {
-            self.by_type.entry(m.def.event_type.clone()).or_default().push(m.clone());
+            self.by_type
+                .entry(m.def.event_type.clone())
+                .or_default()
+                .push(m.clone());
         }
         Ok(())
     }
 
     async fn cleanup(&mut self, id: &str) -> Result<()> {
         tracing::info!(meter = %id, "removing readings of deleted meter");
-        self.store.purge_keys(&self.store.readings, &keys::meter_readings_filter(id)).await?;
+        self.store
+            .purge_keys(&self.store.readings, &keys::meter_readings_filter(id))
+            .await?;
         let _ = self
             .store
             .events_dl_purge(&self.store.names.deadletter_subject(id))
@@ -218,11 +242,19 @@ impl Aggregator {
         let started = std::time::Instant::now();
         self.metrics.rebuilds.inc();
         let pkey = keys::progress_key(&id);
-        let incomplete = Progress { hash: meter.hash.clone(), complete: false };
-        self.store.state.put(&pkey, serde_json::to_vec(&incomplete)?.into()).await?;
+        let incomplete = Progress {
+            hash: meter.hash.clone(),
+            complete: false,
+        };
+        self.store
+            .state
+            .put(&pkey, serde_json::to_vec(&incomplete)?.into())
+            .await?;
         self.active.remove(&id);
         self.cache.retain(|k, _| reading_meter(k) != id);
-        self.store.purge_keys(&self.store.readings, &keys::meter_readings_filter(&id)).await?;
+        self.store
+            .purge_keys(&self.store.readings, &keys::meter_readings_filter(&id))
+            .await?;
         let mut replayed = 0usize;
         if self.cursor > 0 {
             let consumer = self
@@ -264,8 +296,14 @@ impl Aggregator {
                 }
             }
         }
-        let done = Progress { hash: meter.hash.clone(), complete: true };
-        self.store.state.put(&pkey, serde_json::to_vec(&done)?.into()).await?;
+        let done = Progress {
+            hash: meter.hash.clone(),
+            complete: true,
+        };
+        self.store
+            .state
+            .put(&pkey, serde_json::to_vec(&done)?.into())
+            .await?;
         self.active.insert(id.clone(), meter);
         tracing::info!(meter = %id, events = replayed, elapsed_ms = started.elapsed().as_millis() as u64, "meter built from retained events");
         Ok(())
@@ -273,7 +311,9 @@ impl Aggregator {
 
     /// One batch of the main pass: settle duplicates, fold, advance the cursor.
     async fn process_batch(&mut self, batch: Vec<Message>) -> Result<()> {
-        let Some(last) = batch.last() else { return Ok(()) };
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
         let last_info = last.info().map_err(|e| anyhow!("{e}"))?;
         let (last_seq, lag) = (last_info.stream_sequence, last_info.pending);
 
@@ -281,10 +321,19 @@ impl Aggregator {
         let mut positions = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
             let info = msg.info().map_err(|e| anyhow!("{e}"))?;
-            let key = msg.headers.as_ref().and_then(|h| h.get(DEDUP_HEADER)).map(|v| keys::dedup_key(v.as_str()));
+            let key = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(DEDUP_HEADER))
+                .map(|v| keys::dedup_key(v.as_str()));
             if let Some(key) = key {
-                let time_ns = i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX);
-                candidates.push(Candidate { key, seq: info.stream_sequence, time_ns });
+                let time_ns =
+                    i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+                candidates.push(Candidate {
+                    key,
+                    seq: info.stream_sequence,
+                    time_ns,
+                });
                 positions.push(i);
             }
         }
@@ -301,7 +350,8 @@ impl Aggregator {
             }
             let seq = msg.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
             let type_token = msg.subject.as_str().rsplit('.').next().unwrap_or_default();
-            let has_meter = keys::untoken(type_token).is_some_and(|t| self.by_type.contains_key(&t));
+            let has_meter =
+                keys::untoken(type_token).is_some_and(|t| self.by_type.contains_key(&t));
             if has_meter {
                 if let Some(e) = decode_event(msg) {
                     events.push((seq, e));
@@ -315,8 +365,12 @@ impl Aggregator {
         self.commit_cursor(last_seq).await?;
         let dups = duplicate.iter().filter(|d| **d).count() as u64;
         self.metrics.events_duplicate.inc_by(dups);
-        self.metrics.events_aggregated.inc_by(batch.len() as u64 - dups);
-        self.metrics.consumer_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+        self.metrics
+            .events_aggregated
+            .inc_by(batch.len() as u64 - dups);
+        self.metrics
+            .consumer_lag
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
         Ok(())
     }
 
@@ -332,27 +386,33 @@ impl Aggregator {
         }
         let kv = self.store.dedup.clone();
         // Optimistic claim by the first occurrence; on conflict, read the existing claim.
-        let loaded: Vec<(String, Option<(Record, u64)>)> = stream::iter(first.into_values().cloned())
-            .map(|c| {
-                let kv = kv.clone();
-                async move {
-                    let rec = Record { seq: c.seq, time_ns: c.time_ns };
-                    match kv.create(&c.key, rec.encode().into()).await {
-                        Ok(rev) => Ok::<_, anyhow::Error>((c.key, Some((rec, rev)))),
-                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                            let entry = kv.entry(c.key.clone()).await?;
-                            let found = entry
-                                .filter(|e| e.operation == kv::Operation::Put)
-                                .and_then(|e| Record::decode(&e.value).map(|r| (r, e.revision)));
-                            Ok((c.key, found))
+        let loaded: Vec<(String, Option<(Record, u64)>)> =
+            stream::iter(first.into_values().cloned())
+                .map(|c| {
+                    let kv = kv.clone();
+                    async move {
+                        let rec = Record {
+                            seq: c.seq,
+                            time_ns: c.time_ns,
+                        };
+                        match kv.create(&c.key, rec.encode().into()).await {
+                            Ok(rev) => Ok::<_, anyhow::Error>((c.key, Some((rec, rev)))),
+                            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                                let entry = kv.entry(c.key.clone()).await?;
+                                let found = entry
+                                    .filter(|e| e.operation == kv::Operation::Put)
+                                    .and_then(|e| {
+                                        Record::decode(&e.value).map(|r| (r, e.revision))
+                                    });
+                                Ok((c.key, found))
+                            }
+                            Err(e) => Err(anyhow!(e).context("claiming an event id")),
                         }
-                        Err(e) => Err(anyhow!(e).context("claiming an event id")),
                     }
-                }
-            })
-            .buffer_unordered(PIPELINE)
-            .try_collect()
-            .await?;
+                })
+                .buffer_unordered(PIPELINE)
+                .try_collect()
+                .await?;
         let mut stored = HashMap::new();
         let mut revisions = HashMap::new();
         for (key, found) in loaded {
@@ -369,8 +429,16 @@ impl Aggregator {
                 async move {
                     let value = rec.encode().into();
                     match rev {
-                        Some(rev) => kv.update(&key, value, rev).await.map(|_| ()).map_err(|e| anyhow!(e)),
-                        None => kv.create(&key, value).await.map(|_| ()).map_err(|e| anyhow!(e)),
+                        Some(rev) => kv
+                            .update(&key, value, rev)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| anyhow!(e)),
+                        None => kv
+                            .create(&key, value)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| anyhow!(e)),
                     }
                 }
             })
@@ -411,7 +479,11 @@ impl Aggregator {
         let mut plan = Vec::new();
         let mut needed: HashSet<ReadingKey> = HashSet::new();
         for (seq, e) in events {
-            for m in meters.get(&e.event_type).map(Vec::as_slice).unwrap_or_default() {
+            for m in meters
+                .get(&e.event_type)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
                 let c = fold::contribution(m, e);
                 needed.extend(fold::keys_for(m, e, &c));
                 plan.push((*seq, e, m, c));
@@ -421,7 +493,11 @@ impl Aggregator {
             if self.cache.len() > CACHE_LIMIT {
                 self.cache.clear();
             }
-            let missing: Vec<ReadingKey> = needed.iter().filter(|k| !self.cache.contains_key(*k)).cloned().collect();
+            let missing: Vec<ReadingKey> = needed
+                .iter()
+                .filter(|k| !self.cache.contains_key(*k))
+                .cloned()
+                .collect();
             let readings = self.store.readings.clone();
             let loaded: Vec<(ReadingKey, Option<(Reading, u64)>)> = stream::iter(missing)
                 .map(|k| {
@@ -457,7 +533,8 @@ impl Aggregator {
                     work.insert(k.clone(), r);
                 }
             }
-            let before: HashMap<ReadingKey, u64> = work.iter().map(|(k, r)| (k.clone(), r.seq)).collect();
+            let before: HashMap<ReadingKey, u64> =
+                work.iter().map(|(k, r)| (k.clone(), r.seq)).collect();
             let mut dead_letters = Vec::new();
             let mut invalid = 0u64;
             for (seq, e, m, c) in &plan {
@@ -488,8 +565,14 @@ impl Aggregator {
                         let res = match serde_json::to_vec(&r) {
                             Err(e) => Err(anyhow!(e)),
                             Ok(body) => match rev {
-                                Some(rev) => readings.update(k.kv_key(), body.into(), rev).await.map_err(|e| anyhow!(e)),
-                                None => readings.create(k.kv_key(), body.into()).await.map_err(|e| anyhow!(e)),
+                                Some(rev) => readings
+                                    .update(k.kv_key(), body.into(), rev)
+                                    .await
+                                    .map_err(|e| anyhow!(e)),
+                                None => readings
+                                    .create(k.kv_key(), body.into())
+                                    .await
+                                    .map_err(|e| anyhow!(e)),
                             },
                         };
                         (k, r, res)
@@ -531,9 +614,16 @@ impl Aggregator {
             headers.insert("Km-Seq", seq.to_string().as_str());
             headers.insert("Nats-Msg-Id", format!("{meter}:{hash}:{seq}").as_str());
             let subject = self.store.names.deadletter_subject(&meter);
-            match self.store.js.publish_with_headers(subject, headers, event.to_bytes().into()).await {
+            match self
+                .store
+                .js
+                .publish_with_headers(subject, headers, event.to_bytes().into())
+                .await
+            {
                 Ok(ack) => acks.push(ack),
-                Err(e) => tracing::warn!(meter = %meter, seq, error = %e, "dead letter not published"),
+                Err(e) => {
+                    tracing::warn!(meter = %meter, seq, error = %e, "dead letter not published")
+                }
             }
         }
         for ack in acks {
@@ -546,7 +636,9 @@ impl Aggregator {
 
 fn reading_meter(k: &ReadingKey) -> &str {
     match k {
-        ReadingKey::Summary { meter } | ReadingKey::SubjectTotal { meter, .. } | ReadingKey::Window { meter, .. } => meter,
+        ReadingKey::Summary { meter }
+        | ReadingKey::SubjectTotal { meter, .. }
+        | ReadingKey::Window { meter, .. } => meter,
     }
 }
 
@@ -561,13 +653,24 @@ fn decode_event(msg: &Message) -> Option<Event> {
 }
 
 /// Run the aggregator whenever this process leads, restarting it after errors.
-pub async fn supervise(store: Store, registry: Registry, metrics: Metrics, dedup_window: Duration, mut leading: watch::Receiver<bool>) {
+pub async fn supervise(
+    store: Store,
+    registry: Registry,
+    metrics: Metrics,
+    dedup_window: Duration,
+    mut leading: watch::Receiver<bool>,
+) {
     loop {
         if leading.wait_for(|l| *l).await.is_err() {
             return;
         }
         metrics.leader.set(1);
-        let agg = Aggregator::new(store.clone(), registry.clone(), metrics.clone(), dedup_window);
+        let agg = Aggregator::new(
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+            dedup_window,
+        );
         if let Err(e) = agg.run(leading.clone()).await {
             tracing::error!(error = format!("{e:#}"), "aggregator stopped; restarting");
             tokio::time::sleep(Duration::from_secs(1)).await;

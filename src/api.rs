@@ -44,14 +44,23 @@ struct Inner {
 impl AppState {
     pub fn new(cfg: Config, registry: Registry, metrics: Metrics) -> Self {
         let inflight = Semaphore::new(cfg.max_inflight_events);
-        AppState(Arc::new(Inner { store: OnceLock::new(), registry, metrics, cfg, inflight }))
+        AppState(Arc::new(Inner {
+            store: OnceLock::new(),
+            registry,
+            metrics,
+            cfg,
+            inflight,
+        }))
     }
     /// Called once NATS is connected and set up; until then the API answers 503.
     pub fn set_store(&self, store: Store) {
         let _ = self.0.store.set(store);
     }
     fn store(&self) -> Result<&Store, ApiError> {
-        self.0.store.get().ok_or_else(|| ApiError::unavailable("NATS is not connected yet"))
+        self.0
+            .store
+            .get()
+            .ok_or_else(|| ApiError::unavailable("NATS is not connected yet"))
     }
 }
 
@@ -64,7 +73,10 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError {
+            status,
+            message: message.into(),
+        }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
@@ -77,7 +89,10 @@ impl ApiError {
     }
     fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "request failed");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("storage unavailable: {e}"))
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage unavailable: {e}"),
+        )
     }
 }
 
@@ -89,9 +104,16 @@ impl From<crate::error::FieldError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, Json(json!({"status": "error", "message": self.message}))).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let mut resp = (
+            self.status,
+            Json(json!({"status": "error", "message": self.message})),
+        )
+            .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -106,7 +128,10 @@ fn ok_status(code: StatusCode) -> Response {
 fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body: larger than {BODY_LIMIT} bytes"))
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body: larger than {BODY_LIMIT} bytes"),
+            )
         } else {
             ApiError::new(r.status(), format!("body: {}", r.body_text()))
         }
@@ -125,10 +150,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/reading/", get(get_reading_seed))
         .route("/api/v1/events", post(post_events))
         .route("/api/v1/meters", get(list_meters).post(create_meter_v1))
-        .route("/api/v1/meters/{id}", get(get_meter_v1).put(put_meter_v1).delete(delete_meter_v1))
+        .route(
+            "/api/v1/meters/{id}",
+            get(get_meter_v1).put(put_meter_v1).delete(delete_meter_v1),
+        )
         .route(
             "/api/v1/meters/{namespace}/{name}",
-            get(get_meter_v1_ns).put(put_meter_v1_ns).delete(delete_meter_v1_ns),
+            get(get_meter_v1_ns)
+                .put(put_meter_v1_ns)
+                .delete(delete_meter_v1_ns),
         )
         .route("/api/v1/readings", get(readings_v1))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -165,9 +195,13 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !token_matches(given.as_bytes(), expected.as_bytes()) {
-            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "authorization: a valid bearer token is required")
-                .into_response();
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authorization: a valid bearer token is required",
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return resp;
         }
     }
@@ -177,13 +211,20 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
 async fn readyz(State(state): State<AppState>) -> Response {
     let nats = state.0.store.get().is_some_and(Store::connected);
     let meters = state.0.registry.is_synced();
-    let code = if nats && meters { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if nats && meters {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(json!({"nats": nats, "metersSynced": meters}))).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.0.metrics.render(),
     )
         .into_response()
@@ -191,11 +232,23 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 // ---- events ----
 
-async fn ingest(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<usize> {
+async fn ingest(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<usize> {
     let m = &state.0.metrics;
-    let body = body_or_error(body).inspect_err(|_| { m.events_rejected.inc(); })?;
-    let kind = BodyKind::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
-    let events = parse_events(&body, kind, true, Utc::now()).inspect_err(|_| { m.events_rejected.inc(); })?;
+    let body = body_or_error(body).inspect_err(|_| {
+        m.events_rejected.inc();
+    })?;
+    let kind = BodyKind::from_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let events = parse_events(&body, kind, true, Utc::now()).inspect_err(|_| {
+        m.events_rejected.inc();
+    })?;
     let n = events.len();
     let store = state.store()?;
     let permits = u32::try_from(n.min(state.0.cfg.max_inflight_events)).unwrap_or(u32::MAX);
@@ -211,12 +264,20 @@ async fn ingest(state: &AppState, headers: &HeaderMap, body: Result<Bytes, Bytes
     Ok(n)
 }
 
-async fn register_event(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn register_event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     ingest(&state, &headers, body).await?;
     Ok(ok_status(StatusCode::ACCEPTED))
 }
 
-async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn post_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let n = ingest(&state, &headers, body).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
 }
@@ -225,45 +286,76 @@ async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Re
 
 fn parse_json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
     let body = body_or_error(body)?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body: invalid JSON: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("body: invalid JSON: {e}")))
 }
 
 async fn load_meter(store: &Store, id: &str) -> ApiResult<Option<MeterDef>> {
-    let raw = store.meters.get(keys::meter_key(id)).await.map_err(ApiError::internal)?;
-    raw.map(|b| serde_json::from_slice(&b).map_err(ApiError::internal)).transpose()
+    let raw = store
+        .meters
+        .get(keys::meter_key(id))
+        .await
+        .map_err(ApiError::internal)?;
+    raw.map(|b| serde_json::from_slice(&b).map_err(ApiError::internal))
+        .transpose()
 }
 
 async fn save_meter(store: &Store, def: &MeterDef) -> ApiResult<()> {
     let body = serde_json::to_vec(def).map_err(ApiError::internal)?;
-    store.meters.put(keys::meter_key(&def.id), body.into()).await.map_err(ApiError::internal)?;
+    store
+        .meters
+        .put(keys::meter_key(&def.id), body.into())
+        .await
+        .map_err(ApiError::internal)?;
     Ok(())
 }
 
 async fn all_meters(store: &Store) -> ApiResult<Vec<MeterDef>> {
-    let items = store.scan(&store.meters, "m.*").await.map_err(ApiError::internal)?;
-    let mut defs: Vec<MeterDef> = items.iter().filter_map(|i| serde_json::from_slice(&i.value).ok()).collect();
+    let items = store
+        .scan(&store.meters, "m.*")
+        .await
+        .map_err(ApiError::internal)?;
+    let mut defs: Vec<MeterDef> = items
+        .iter()
+        .filter_map(|i| serde_json::from_slice(&i.value).ok())
+        .collect();
     defs.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(defs)
 }
 
 /// Seed `create-meter`: creates or replaces.
-async fn create_meter(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn create_meter(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let def = parse_meter_json(&parse_json_body(body)?, None)?;
     save_meter(state.store()?, &def).await?;
     Ok(ok_status(StatusCode::ACCEPTED))
 }
 
 /// v1 create: 201, or 409 when a different meter already has the id.
-async fn create_meter_v1(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn create_meter_v1(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let def = parse_meter_json(&parse_json_body(body)?, None)?;
     let store = state.store()?;
     let body = serde_json::to_vec(&def).map_err(ApiError::internal)?;
-    match store.meters.create(keys::meter_key(&def.id), body.into()).await {
+    match store
+        .meters
+        .create(keys::meter_key(&def.id), body.into())
+        .await
+    {
         Ok(_) => Ok((StatusCode::CREATED, Json(def)).into_response()),
         Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
             match load_meter(store, &def.id).await? {
-                Some(existing) if existing == def => Ok((StatusCode::OK, Json(def)).into_response()),
-                _ => Err(ApiError::new(StatusCode::CONFLICT, format!("id: meter {:?} already exists", def.id))),
+                Some(existing) if existing == def => {
+                    Ok((StatusCode::OK, Json(def)).into_response())
+                }
+                _ => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("id: meter {:?} already exists", def.id),
+                )),
             }
         }
         Err(e) => Err(ApiError::internal(e)),
@@ -280,7 +372,9 @@ struct KeyQuery {
 }
 
 fn required_key(q: KeyQuery) -> ApiResult<String> {
-    q.key.filter(|k| !k.is_empty()).ok_or_else(|| ApiError::bad_request("key: is required"))
+    q.key
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::bad_request("key: is required"))
 }
 
 async fn get_meter(state: &AppState, id: &str) -> ApiResult<Json<MeterDef>> {
@@ -295,16 +389,26 @@ async fn delete_meter(state: &AppState, id: &str) -> ApiResult<()> {
     if load_meter(store, id).await?.is_none() {
         return Err(ApiError::not_found(format!("key: no meter {id:?}")));
     }
-    store.meters.delete(keys::meter_key(id)).await.map_err(ApiError::internal)?;
+    store
+        .meters
+        .delete(keys::meter_key(id))
+        .await
+        .map_err(ApiError::internal)?;
     Ok(())
 }
 
-async fn put_meter(state: &AppState, id: &str, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn put_meter(
+    state: &AppState,
+    id: &str,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let mut value = parse_json_body(body)?;
     if let Some(obj) = value.as_object_mut() {
         match obj.get("id") {
             Some(Value::String(given)) if given != id => {
-                return Err(ApiError::bad_request(format!("id: {given:?} does not match the path")))
+                return Err(ApiError::bad_request(format!(
+                    "id: {given:?} does not match the path"
+                )))
             }
             _ => {}
         }
@@ -315,20 +419,36 @@ async fn put_meter(state: &AppState, id: &str, body: Result<Bytes, BytesRejectio
     Ok((StatusCode::OK, Json(def)).into_response())
 }
 
-async fn get_meter_seed(State(state): State<AppState>, Query(q): Query<KeyQuery>) -> ApiResult<Json<MeterDef>> {
+async fn get_meter_seed(
+    State(state): State<AppState>,
+    Query(q): Query<KeyQuery>,
+) -> ApiResult<Json<MeterDef>> {
     get_meter(&state, &required_key(q)?).await
 }
-async fn delete_meter_seed(State(state): State<AppState>, Query(q): Query<KeyQuery>) -> ApiResult<Response> {
+async fn delete_meter_seed(
+    State(state): State<AppState>,
+    Query(q): Query<KeyQuery>,
+) -> ApiResult<Response> {
     delete_meter(&state, &required_key(q)?).await?;
     Ok(ok_status(StatusCode::ACCEPTED))
 }
-async fn get_meter_v1(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<MeterDef>> {
+async fn get_meter_v1(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MeterDef>> {
     get_meter(&state, &id).await
 }
-async fn get_meter_v1_ns(State(state): State<AppState>, Path((ns, name)): Path<(String, String)>) -> ApiResult<Json<MeterDef>> {
+async fn get_meter_v1_ns(
+    State(state): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> ApiResult<Json<MeterDef>> {
     get_meter(&state, &format!("{ns}/{name}")).await
 }
-async fn put_meter_v1(State(state): State<AppState>, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn put_meter_v1(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     put_meter(&state, &id, body).await
 }
 async fn put_meter_v1_ns(
@@ -338,11 +458,17 @@ async fn put_meter_v1_ns(
 ) -> ApiResult<Response> {
     put_meter(&state, &format!("{ns}/{name}"), body).await
 }
-async fn delete_meter_v1(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_meter_v1(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     delete_meter(&state, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
-async fn delete_meter_v1_ns(State(state): State<AppState>, Path((ns, name)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn delete_meter_v1_ns(
+    State(state): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     delete_meter(&state, &format!("{ns}/{name}")).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -379,17 +505,32 @@ struct SubjectReading {
     last_event_time: Option<DateTime<Utc>>,
 }
 
-async fn meter_reading(store: &Store, def: &MeterDef, with_subjects: bool) -> ApiResult<MeterReading> {
-    let key = ReadingKey::Summary { meter: def.id.clone() }.kv_key();
+async fn meter_reading(
+    store: &Store,
+    def: &MeterDef,
+    with_subjects: bool,
+) -> ApiResult<MeterReading> {
+    let key = ReadingKey::Summary {
+        meter: def.id.clone(),
+    }
+    .kv_key();
     let summary: Reading = match store.readings.get(key).await.map_err(ApiError::internal)? {
         Some(raw) => serde_json::from_slice(&raw).map_err(ApiError::internal)?,
         None => Reading::default(),
     };
-    let progress = store.state.get(keys::progress_key(&def.id)).await.map_err(ApiError::internal)?;
+    let progress = store
+        .state
+        .get(keys::progress_key(&def.id))
+        .await
+        .map_err(ApiError::internal)?;
     let ready = progress
         .and_then(|raw| serde_json::from_slice::<crate::aggregator::Progress>(&raw).ok())
         .is_some_and(|p| p.complete && p.hash == def.semantic_hash());
-    let by_subject = if with_subjects { Some(subject_readings(store, def, None).await?) } else { None };
+    let by_subject = if with_subjects {
+        Some(subject_readings(store, def, None).await?)
+    } else {
+        None
+    };
     Ok(MeterReading {
         meter: def.id.clone(),
         aggregation: def.aggregation.to_string(),
@@ -403,12 +544,21 @@ async fn meter_reading(store: &Store, def: &MeterDef, with_subjects: bool) -> Ap
     })
 }
 
-async fn subject_readings(store: &Store, def: &MeterDef, subject: Option<&str>) -> ApiResult<Vec<SubjectReading>> {
+async fn subject_readings(
+    store: &Store,
+    def: &MeterDef,
+    subject: Option<&str>,
+) -> ApiResult<Vec<SubjectReading>> {
     let filter = keys::subject_totals_filter(&def.id, subject);
-    let items = store.scan(&store.readings, &filter).await.map_err(ApiError::internal)?;
+    let items = store
+        .scan(&store.readings, &filter)
+        .await
+        .map_err(ApiError::internal)?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
-        let Some(subject) = item.key.split('.').nth(2).and_then(keys::untoken) else { continue };
+        let Some(subject) = item.key.split('.').nth(2).and_then(keys::untoken) else {
+            continue;
+        };
         let r: Reading = serde_json::from_slice(&item.value).map_err(ApiError::internal)?;
         out.push(SubjectReading {
             meter: def.id.clone(),
@@ -431,10 +581,15 @@ async fn list_readings(State(state): State<AppState>) -> ApiResult<Json<Vec<Mete
     Ok(Json(out))
 }
 
-async fn get_reading_seed(State(state): State<AppState>, Query(q): Query<KeyQuery>) -> ApiResult<Json<MeterReading>> {
+async fn get_reading_seed(
+    State(state): State<AppState>,
+    Query(q): Query<KeyQuery>,
+) -> ApiResult<Json<MeterReading>> {
     let id = required_key(q)?;
     let store = state.store()?;
-    let def = load_meter(store, &id).await?.ok_or_else(|| ApiError::not_found(format!("key: no meter {id:?}")))?;
+    let def = load_meter(store, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("key: no meter {id:?}")))?;
     Ok(Json(meter_reading(store, &def, true).await?))
 }
 
@@ -444,15 +599,22 @@ struct ReadingsQuery {
     subject: Option<String>,
 }
 
-async fn readings_v1(State(state): State<AppState>, Query(q): Query<ReadingsQuery>) -> ApiResult<Json<Value>> {
+async fn readings_v1(
+    State(state): State<AppState>,
+    Query(q): Query<ReadingsQuery>,
+) -> ApiResult<Json<Value>> {
     let store = state.store()?;
     let defs = match q.meter.as_deref().filter(|m| !m.is_empty()) {
-        Some(id) => vec![load_meter(store, id).await?.ok_or_else(|| ApiError::not_found(format!("meter: no meter {id:?}")))?],
+        Some(id) => vec![load_meter(store, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("meter: no meter {id:?}")))?],
         None => all_meters(store).await?,
     };
     let mut data = Vec::new();
     for def in &defs {
-        data.extend(subject_readings(store, def, q.subject.as_deref().filter(|s| !s.is_empty())).await?);
+        data.extend(
+            subject_readings(store, def, q.subject.as_deref().filter(|s| !s.is_empty())).await?,
+        );
     }
     Ok(Json(json!({"data": data})))
 }

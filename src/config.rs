@@ -13,7 +13,8 @@ pub enum KubernetesMode {
 }
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(raw.trim()).map_err(|e| format!("{e} (e.g. 90s, 15m, 24h, 30d)"))?;
+    let d = humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("{e} (e.g. 90s, 15m, 24h, 30d)"))?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
@@ -31,7 +32,9 @@ fn parse_interval(raw: &str) -> Result<u64, String> {
 fn parse_stream(raw: &str) -> Result<String, String> {
     let ok = !raw.is_empty()
         && raw.len() <= 64
-        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(raw.to_string())
     } else {
@@ -54,7 +57,13 @@ pub struct Config {
     #[arg(long, env = "METER_INTERVAL", default_value = "60", value_parser = parse_interval)]
     pub meter_interval: u64,
     /// auto | true | false: whether to run as a Kubernetes operator.
-    #[arg(long, env = "KUBERNETES", default_value = "auto", value_enum, ignore_case = true)]
+    #[arg(
+        long,
+        env = "KUBERNETES",
+        default_value = "auto",
+        value_enum,
+        ignore_case = true
+    )]
     pub kubernetes: KubernetesMode,
     /// Limit the controller to one namespace (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
@@ -96,7 +105,10 @@ impl Config {
             return Err("MAX_INFLIGHT_EVENTS: must be at least 1".into());
         }
         if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
-            return Err(format!("NATS_URL: {:?} is not a NATS URL (nats://host:4222)", self.nats_url));
+            return Err(format!(
+                "NATS_URL: {:?} is not a NATS URL (nats://host:4222)",
+                self.nats_url
+            ));
         }
         Ok(())
     }

@@ -22,7 +22,10 @@ impl Record {
     pub fn decode(raw: &[u8]) -> Option<Record> {
         let text = std::str::from_utf8(raw).ok()?;
         let (seq, t) = text.split_once(' ')?;
-        Some(Record { seq: seq.parse().ok()?, time_ns: t.parse().ok()? })
+        Some(Record {
+            seq: seq.parse().ok()?,
+            time_ns: t.parse().ok()?,
+        })
     }
 }
 
@@ -52,7 +55,10 @@ pub fn decide(
     let mut changed: HashMap<String, Record> = HashMap::new();
     let mut decisions = Vec::with_capacity(batch.len());
     for c in batch {
-        let current = state.get(c.key.as_str()).copied().or_else(|| stored.get(&c.key).copied());
+        let current = state
+            .get(c.key.as_str())
+            .copied()
+            .or_else(|| stored.get(&c.key).copied());
         let unique = match current {
             None => true,
             // The event's own claim, made before a crash: it is the counted one.
@@ -63,7 +69,10 @@ pub fn decide(
             Some(r) => c.time_ns.saturating_sub(r.time_ns) >= window_ns,
         };
         if unique {
-            let rec = Record { seq: c.seq, time_ns: c.time_ns };
+            let rec = Record {
+                seq: c.seq,
+                time_ns: c.time_ns,
+            };
             if current != Some(rec) {
                 changed.insert(c.key.clone(), rec);
             }
@@ -82,34 +91,62 @@ mod tests {
     use Decision::*;
 
     fn c(key: &str, seq: u64, t: i64) -> Candidate {
-        Candidate { key: key.into(), seq, time_ns: t }
+        Candidate {
+            key: key.into(),
+            seq,
+            time_ns: t,
+        }
     }
 
     #[test]
     fn repeats_within_the_window_are_duplicates() {
-        let batch = [c("a", 1, 0), c("b", 2, 5), c("a", 3, 9), c("a", 4, 10), c("a", 5, 25)];
+        let batch = [
+            c("a", 1, 0),
+            c("b", 2, 5),
+            c("a", 3, 9),
+            c("a", 4, 10),
+            c("a", 5, 25),
+        ];
         let (d, changed) = decide(&batch, &HashMap::new(), 10);
         // a@3 is 9ns after a@1: repeat; a@4 is 10ns after: outside the window, counted;
         // a@5 is 15ns after a@4: counted again.
         assert_eq!(d, vec![Unique, Unique, Duplicate, Unique, Unique]);
-        assert_eq!(changed["a"], Record { seq: 5, time_ns: 25 });
+        assert_eq!(
+            changed["a"],
+            Record {
+                seq: 5,
+                time_ns: 25
+            }
+        );
         assert_eq!(changed["b"], Record { seq: 2, time_ns: 5 });
     }
 
     #[test]
     fn stored_records_decide_across_batches_and_replays() {
         let mut stored = HashMap::new();
-        stored.insert("a".to_string(), Record { seq: 7, time_ns: 100 });
+        stored.insert(
+            "a".to_string(),
+            Record {
+                seq: 7,
+                time_ns: 100,
+            },
+        );
         let (d, changed) = decide(&[c("a", 7, 100), c("a", 9, 150)], &stored, 1000);
         assert_eq!(d, vec![Unique, Duplicate]);
-        assert!(changed.is_empty(), "a replay of the claiming event changes nothing");
+        assert!(
+            changed.is_empty(),
+            "a replay of the claiming event changes nothing"
+        );
         let (d, _) = decide(&[c("a", 3, 50)], &stored, 1000);
         assert_eq!(d, vec![Unique]);
     }
 
     #[test]
     fn records_encode_round_trip() {
-        let r = Record { seq: 42, time_ns: -7 };
+        let r = Record {
+            seq: 42,
+            time_ns: -7,
+        };
         assert_eq!(Record::decode(r.encode().as_bytes()), Some(r));
         assert_eq!(Record::decode(b"garbage"), None);
     }

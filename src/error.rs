@@ -10,11 +10,17 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError { field: field.into(), message: message.into() }
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
     /// The same error, inside an element of a batch: `[3].subject`.
     pub fn at_index(self, index: usize) -> Self {
-        FieldError { field: format!("[{index}].{}", self.field), message: self.message }
+        FieldError {
+            field: format!("[{index}].{}", self.field),
+            message: self.message,
+        }
     }
 }
 

@@ -62,7 +62,13 @@ pub enum BodyKind {
 
 impl BodyKind {
     pub fn from_content_type(ct: Option<&str>) -> Self {
-        let ct = ct.unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let ct = ct
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match ct.as_str() {
             "application/cloudevents+json" => BodyKind::CloudEvent,
             "application/cloudevents-batch+json" => BodyKind::CloudEventBatch,
@@ -75,75 +81,125 @@ const MAX_LEN: usize = 256;
 
 /// Parse a request body into events. All-or-nothing: the first invalid event rejects the
 /// whole body, with an error naming its index and field. `now` fills in a missing time.
-pub fn parse_events(body: &[u8], kind: BodyKind, allow_batch: bool, now: DateTime<Utc>) -> Result<Vec<Event>, FieldError> {
+pub fn parse_events(
+    body: &[u8],
+    kind: BodyKind,
+    allow_batch: bool,
+    now: DateTime<Utc>,
+) -> Result<Vec<Event>, FieldError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| FieldError::new("body", format!("invalid JSON: {e}")))?;
     match (value, kind) {
         (Value::Array(items), BodyKind::Json | BodyKind::CloudEventBatch) if allow_batch => {
             if items.is_empty() {
-                return Err(FieldError::new("body", "batch must hold at least one event"));
+                return Err(FieldError::new(
+                    "body",
+                    "batch must hold at least one event",
+                ));
             }
             items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| parse_one(v, kind == BodyKind::CloudEventBatch, now).map_err(|e| e.at_index(i)))
+                .map(|(i, v)| {
+                    parse_one(v, kind == BodyKind::CloudEventBatch, now).map_err(|e| e.at_index(i))
+                })
                 .collect()
         }
         (Value::Array(_), _) => Err(FieldError::new("body", "must be a single event object")),
-        (_, BodyKind::CloudEventBatch) => Err(FieldError::new("body", "must be a JSON array of CloudEvents")),
+        (_, BodyKind::CloudEventBatch) => Err(FieldError::new(
+            "body",
+            "must be a JSON array of CloudEvents",
+        )),
         (v, kind) => Ok(vec![parse_one(&v, kind == BodyKind::CloudEvent, now)?]),
     }
 }
 
 fn parse_one(v: &Value, force_cloudevent: bool, now: DateTime<Utc>) -> Result<Event, FieldError> {
-    let obj = v.as_object().ok_or_else(|| FieldError::new("event", "must be a JSON object"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| FieldError::new("event", "must be a JSON object"))?;
     let cloudevent = force_cloudevent || obj.contains_key("specversion");
     if cloudevent {
         match obj.get("specversion") {
             Some(Value::String(s)) if s == "1.0" => {}
             Some(Value::String(s)) => {
-                return Err(FieldError::new("specversion", format!("unsupported version {s:?} (1.0)")))
+                return Err(FieldError::new(
+                    "specversion",
+                    format!("unsupported version {s:?} (1.0)"),
+                ))
             }
-            _ => return Err(FieldError::new("specversion", "is required and must be \"1.0\"")),
+            _ => {
+                return Err(FieldError::new(
+                    "specversion",
+                    "is required and must be \"1.0\"",
+                ))
+            }
         }
     }
     let type_field = if cloudevent { "type" } else { "eventType" };
     let id = required_text(obj, "id")?;
     let event_type = required_text(obj, type_field)?;
     if event_type.chars().any(char::is_control) {
-        return Err(FieldError::new(type_field, "must not contain control characters"));
+        return Err(FieldError::new(
+            type_field,
+            "must not contain control characters",
+        ));
     }
     let subject = required_text(obj, "subject")?;
-    if !subject.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')) {
-        return Err(FieldError::new("subject", "must be 1-256 characters of [A-Za-z0-9_.:@-]"));
+    if !subject
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'))
+    {
+        return Err(FieldError::new(
+            "subject",
+            "must be 1-256 characters of [A-Za-z0-9_.:@-]",
+        ));
     }
     let source = match obj.get("source") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= MAX_LEN => Some(s.clone()),
-        Some(_) => return Err(FieldError::new("source", "must be a string of 1-256 characters")),
+        Some(_) => {
+            return Err(FieldError::new(
+                "source",
+                "must be a string of 1-256 characters",
+            ))
+        }
     };
     let time = match obj.get("time") {
         None | Some(Value::Null) => now,
         Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
             .map_err(|e| FieldError::new("time", format!("must be an RFC 3339 timestamp: {e}")))?
             .with_timezone(&Utc),
-        Some(_) => return Err(FieldError::new("time", "must be an RFC 3339 timestamp string")),
+        Some(_) => {
+            return Err(FieldError::new(
+                "time",
+                "must be an RFC 3339 timestamp string",
+            ))
+        }
     };
     let data = match obj.get("data") {
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(d @ Value::Object(_)) => d.clone(),
         Some(_) => return Err(FieldError::new("data", "must be a JSON object")),
     };
-    Ok(Event { id, source, event_type, subject, time, data })
+    Ok(Event {
+        id,
+        source,
+        event_type,
+        subject,
+        time,
+        data,
+    })
 }
 
 fn required_text(obj: &Map<String, Value>, field: &str) -> Result<String, FieldError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(FieldError::new(field, "is required")),
         Some(Value::String(s)) if s.is_empty() => Err(FieldError::new(field, "must not be empty")),
-        Some(Value::String(s)) if s.chars().count() > MAX_LEN => {
-            Err(FieldError::new(field, format!("must be at most {MAX_LEN} characters")))
-        }
+        Some(Value::String(s)) if s.chars().count() > MAX_LEN => Err(FieldError::new(
+            field,
+            format!("must be at most {MAX_LEN} characters"),
+        )),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(FieldError::new(field, "must be a string")),
     }
@@ -155,7 +211,9 @@ mod tests {
     use serde_json::json;
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-24T12:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2026-11-24T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
     fn one(v: Value) -> Result<Event, FieldError> {
         parse_events(v.to_string().as_bytes(), BodyKind::Json, true, now()).map(|mut e| e.remove(0))
@@ -180,15 +238,39 @@ mod tests {
     #[test]
     fn cloudevents_map_type_and_source() {
         let body = json!([{"specversion":"1.0","id":"a","type":"com.acme.call","source":"/svc","subject":"c1"}]);
-        let evs = parse_events(body.to_string().as_bytes(), BodyKind::CloudEventBatch, true, now()).unwrap();
+        let evs = parse_events(
+            body.to_string().as_bytes(),
+            BodyKind::CloudEventBatch,
+            true,
+            now(),
+        )
+        .unwrap();
         assert_eq!(evs[0].event_type, "com.acme.call");
         assert_eq!(evs[0].source.as_deref(), Some("/svc"));
         let single = json!({"specversion":"1.0","id":"a","type":"t","subject":"c1"});
-        assert!(parse_events(single.to_string().as_bytes(), BodyKind::CloudEvent, true, now()).is_ok());
-        let err = parse_events(single.to_string().as_bytes(), BodyKind::CloudEventBatch, true, now()).unwrap_err();
+        assert!(parse_events(
+            single.to_string().as_bytes(),
+            BodyKind::CloudEvent,
+            true,
+            now()
+        )
+        .is_ok());
+        let err = parse_events(
+            single.to_string().as_bytes(),
+            BodyKind::CloudEventBatch,
+            true,
+            now(),
+        )
+        .unwrap_err();
         assert_eq!(err.field, "body");
         let no_ver = json!({"id":"a","type":"t","subject":"c1"});
-        let err = parse_events(no_ver.to_string().as_bytes(), BodyKind::CloudEvent, true, now()).unwrap_err();
+        let err = parse_events(
+            no_ver.to_string().as_bytes(),
+            BodyKind::CloudEvent,
+            true,
+            now(),
+        )
+        .unwrap_err();
         assert_eq!(err.field, "specversion");
     }
 
@@ -211,15 +293,39 @@ mod tests {
     fn errors_name_the_field_and_index() {
         let cases = [
             (json!({"eventType":"t","subject":"s"}), "id: is required"),
-            (json!({"id":"","eventType":"t","subject":"s"}), "id: must not be empty"),
-            (json!({"id":1,"eventType":"t","subject":"s"}), "id: must be a string"),
-            (json!({"id":"x".repeat(257),"eventType":"t","subject":"s"}), "id: must be at most 256"),
+            (
+                json!({"id":"","eventType":"t","subject":"s"}),
+                "id: must not be empty",
+            ),
+            (
+                json!({"id":1,"eventType":"t","subject":"s"}),
+                "id: must be a string",
+            ),
+            (
+                json!({"id":"x".repeat(257),"eventType":"t","subject":"s"}),
+                "id: must be at most 256",
+            ),
             (json!({"id":"1","subject":"s"}), "eventType: is required"),
-            (json!({"id":"1","eventType":"t","subject":"a b"}), "subject: must be"),
-            (json!({"id":"1","eventType":"t","subject":"a*"}), "subject: must be"),
-            (json!({"id":"1","eventType":"t","subject":"a>"}), "subject: must be"),
-            (json!({"id":"1","eventType":"t","subject":"s","time":"yesterday"}), "time: must be an RFC 3339"),
-            (json!({"id":"1","eventType":"t","subject":"s","data":[1]}), "data: must be a JSON object"),
+            (
+                json!({"id":"1","eventType":"t","subject":"a b"}),
+                "subject: must be",
+            ),
+            (
+                json!({"id":"1","eventType":"t","subject":"a*"}),
+                "subject: must be",
+            ),
+            (
+                json!({"id":"1","eventType":"t","subject":"a>"}),
+                "subject: must be",
+            ),
+            (
+                json!({"id":"1","eventType":"t","subject":"s","time":"yesterday"}),
+                "time: must be an RFC 3339",
+            ),
+            (
+                json!({"id":"1","eventType":"t","subject":"s","data":[1]}),
+                "data: must be a JSON object",
+            ),
             (json!("x"), "event: must be a JSON object"),
         ];
         for (body, want) in cases {
@@ -227,7 +333,8 @@ mod tests {
             assert!(err.starts_with(want), "{body}: got {err:?}");
         }
         let batch = json!([{"id":"1","eventType":"t","subject":"s"},{"id":"2","eventType":"t"}]);
-        let err = parse_events(batch.to_string().as_bytes(), BodyKind::Json, true, now()).unwrap_err();
+        let err =
+            parse_events(batch.to_string().as_bytes(), BodyKind::Json, true, now()).unwrap_err();
         assert_eq!(err.to_string(), "[1].subject: is required");
         let err = parse_events(b"{\"id\": NaN}", BodyKind::Json, true, now()).unwrap_err();
         assert_eq!(err.field, "body");

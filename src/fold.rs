@@ -40,12 +40,20 @@ pub enum Value_ {
 /// What one event means to one meter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Contribution {
-    Valid { value: Value_, group: BTreeMap<String, Value>, group_token: String },
+    Valid {
+        value: Value_,
+        group: BTreeMap<String, Value>,
+        group_token: String,
+    },
     Invalid(String),
 }
 
 fn first_match<'a>(path: &JpQuery, data: &'a Value) -> Option<&'a Value> {
-    js_path_process(path, data).ok()?.into_iter().next().map(|r| r.val())
+    js_path_process(path, data)
+        .ok()?
+        .into_iter()
+        .next()
+        .map(|r| r.val())
 }
 
 /// Parse a JSON number or numeric string as an exact decimal.
@@ -68,7 +76,11 @@ pub fn parse_number(v: &Value) -> Result<Decimal, String> {
         }
         Value::String(s) => {
             let t = s.trim();
-            let parsed = if t.contains(['e', 'E']) { Decimal::from_scientific(t) } else { Decimal::from_str_exact(t) };
+            let parsed = if t.contains(['e', 'E']) {
+                Decimal::from_scientific(t)
+            } else {
+                Decimal::from_str_exact(t)
+            };
             parsed.map_err(|_| format!("value {s:?} is not a number"))
         }
         Value::Null => Err("value is null".into()),
@@ -127,10 +139,21 @@ pub fn contribution(meter: &CompiledMeter, event: &Event) -> Contribution {
     let group: BTreeMap<String, Value> = meter
         .group_paths
         .iter()
-        .map(|(name, path)| (name.clone(), first_match(path, &event.data).cloned().unwrap_or(Value::Null)))
+        .map(|(name, path)| {
+            (
+                name.clone(),
+                first_match(path, &event.data)
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            )
+        })
         .collect();
     let group_token = group_token(&group);
-    Contribution::Valid { value, group, group_token }
+    Contribution::Valid {
+        value,
+        group,
+        group_token,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -228,9 +251,17 @@ pub struct Acc {
     pub count: u64,
     #[serde(with = "rust_decimal::serde::str")]
     pub sum: Decimal,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "rust_decimal::serde::str_option")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::str_option"
+    )]
     pub min: Option<Decimal>,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "rust_decimal::serde::str_option")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::str_option"
+    )]
     pub max: Option<Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest: Option<Latest>,
@@ -249,12 +280,22 @@ impl Acc {
                 next.sum = self.sum.checked_add(*d)?;
                 next.min = Some(self.min.map_or(*d, |m| m.min(*d)));
                 next.max = Some(self.max.map_or(*d, |m| m.max(*d)));
-                let newer = self.latest.as_ref().is_none_or(|l| (time, seq) > (l.time, l.seq));
+                let newer = self
+                    .latest
+                    .as_ref()
+                    .is_none_or(|l| (time, seq) > (l.time, l.seq));
                 if newer {
-                    next.latest = Some(Latest { value: *d, time, seq });
+                    next.latest = Some(Latest {
+                        value: *d,
+                        time,
+                        seq,
+                    });
                 }
             }
-            Value_::Distinct(h) => next.distinct.get_or_insert_with(Distinct::default).insert(*h),
+            Value_::Distinct(h) => next
+                .distinct
+                .get_or_insert_with(Distinct::default)
+                .insert(*h),
         }
         Some(next)
     }
@@ -272,7 +313,11 @@ impl Acc {
             (a, b) => a.or(b),
         };
         if let Some(o) = &other.latest {
-            if self.latest.as_ref().is_none_or(|l| (o.time, o.seq) > (l.time, l.seq)) {
+            if self
+                .latest
+                .as_ref()
+                .is_none_or(|l| (o.time, o.seq) > (l.time, l.seq))
+            {
                 self.latest = Some(o.clone());
             }
         }
@@ -290,7 +335,9 @@ impl Acc {
             Aggregation::Avg => self.sum.checked_div(Decimal::from(self.count))?,
             Aggregation::Min => self.min?,
             Aggregation::Max => self.max?,
-            Aggregation::UniqueCount => Decimal::from(self.distinct.as_ref().map_or(0, Distinct::count)),
+            Aggregation::UniqueCount => {
+                Decimal::from(self.distinct.as_ref().map_or(0, Distinct::count))
+            }
             Aggregation::Latest => self.latest.as_ref()?.value,
         };
         Some(v.normalize())
@@ -337,7 +384,10 @@ pub fn keys_for(meter: &CompiledMeter, event: &Event, c: &Contribution) -> Vec<R
     let id = &meter.def.id;
     let mut keys = vec![ReadingKey::Summary { meter: id.clone() }];
     if let Contribution::Valid { group_token, .. } = c {
-        keys.push(ReadingKey::SubjectTotal { meter: id.clone(), subject: event.subject.clone() });
+        keys.push(ReadingKey::SubjectTotal {
+            meter: id.clone(),
+            subject: event.subject.clone(),
+        });
         keys.push(ReadingKey::Window {
             meter: id.clone(),
             subject: event.subject.clone(),
@@ -402,7 +452,9 @@ pub fn apply(
                 let s = readings.entry(summary_key.clone()).or_default();
                 s.seq = seq;
                 s.invalid_events += 1;
-                return Applied::Invalid("valueProperty: sum exceeds the exact decimal range".into());
+                return Applied::Invalid(
+                    "valueProperty: sum exceeds the exact decimal range".into(),
+                );
             }
         }
     }

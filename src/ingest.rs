@@ -25,7 +25,11 @@ pub async fn publish(store: &Store, events: &[Event]) -> Result<(), String> {
             headers.insert(DEDUP_HEADER, e.dedup_hash().as_str());
             let ack = store
                 .js
-                .publish_with_headers(store.names.event_subject(&e.event_type), headers, e.to_bytes().into())
+                .publish_with_headers(
+                    store.names.event_subject(&e.event_type),
+                    headers,
+                    e.to_bytes().into(),
+                )
                 .await
                 .map_err(|err| format!("publishing to JetStream: {err}"))?;
             acks.push(ack);
@@ -35,5 +39,7 @@ pub async fn publish(store: &Store, events: &[Event]) -> Result<(), String> {
         }
         Ok(())
     };
-    tokio::time::timeout(ACK_TIMEOUT, work).await.map_err(|_| "JetStream did not answer in time".to_string())?
+    tokio::time::timeout(ACK_TIMEOUT, work)
+        .await
+        .map_err(|_| "JetStream did not answer in time".to_string())?
 }

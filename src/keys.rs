@@ -48,7 +48,9 @@ pub struct Names {
 
 impl Names {
     pub fn new(stream: &str) -> Self {
-        Names { stream: stream.to_string() }
+        Names {
+            stream: stream.to_string(),
+        }
     }
     /// Subject an event of `event_type` is published on.
     pub fn event_subject(&self, event_type: &str) -> String {
@@ -98,9 +100,19 @@ pub enum Window {
 /// - `r.<meter>.<subject>.<group>.<start>`     one window of one subject and group
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ReadingKey {
-    Summary { meter: String },
-    SubjectTotal { meter: String, subject: String },
-    Window { meter: String, subject: String, group: String, start: i64 },
+    Summary {
+        meter: String,
+    },
+    SubjectTotal {
+        meter: String,
+        subject: String,
+    },
+    Window {
+        meter: String,
+        subject: String,
+        group: String,
+        start: i64,
+    },
 }
 
 impl ReadingKey {
@@ -110,7 +122,12 @@ impl ReadingKey {
             ReadingKey::SubjectTotal { meter, subject } => {
                 format!("r.{}.{}.total", token(meter), token(subject))
             }
-            ReadingKey::Window { meter, subject, group, start } => {
+            ReadingKey::Window {
+                meter,
+                subject,
+                group,
+                start,
+            } => {
                 format!("r.{}.{}.{}.{}", token(meter), token(subject), group, start)
             }
         }
@@ -154,10 +171,21 @@ mod tests {
 
     #[test]
     fn token_round_trips_and_escapes_wildcards() {
-        for raw in ["customer-1", "a.b", "*", ">", "x y", "ns/name", "é", "=41", "a:b@c"] {
+        for raw in [
+            "customer-1",
+            "a.b",
+            "*",
+            ">",
+            "x y",
+            "ns/name",
+            "é",
+            "=41",
+            "a:b@c",
+        ] {
             let t = token(raw);
             assert!(
-                t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'='),
+                t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'='),
                 "{t}"
             );
             assert_eq!(untoken(&t).as_deref(), Some(raw));
@@ -169,12 +197,24 @@ mod tests {
 
     #[test]
     fn reading_keys_have_fixed_token_counts() {
-        let s = ReadingKey::Summary { meter: "t/m".into() }.kv_key();
+        let s = ReadingKey::Summary {
+            meter: "t/m".into(),
+        }
+        .kv_key();
         assert_eq!(s, "r.t=2Fm.summary");
-        let t = ReadingKey::SubjectTotal { meter: "m".into(), subject: "c.1".into() }.kv_key();
+        let t = ReadingKey::SubjectTotal {
+            meter: "m".into(),
+            subject: "c.1".into(),
+        }
+        .kv_key();
         assert_eq!(t, "r.m.c=2E1.total");
-        let w = ReadingKey::Window { meter: "m".into(), subject: "c".into(), group: "_".into(), start: 3600 }
-            .kv_key();
+        let w = ReadingKey::Window {
+            meter: "m".into(),
+            subject: "c".into(),
+            group: "_".into(),
+            start: 3600,
+        }
+        .kv_key();
         assert_eq!(w, "r.m.c._.3600");
     }
 }

@@ -17,18 +17,35 @@ pub struct Election {
 impl Election {
     /// Campaign until `shutdown` fires, publishing whether we lead on `leading`.
     /// On shutdown a leader releases the lease so a standby takes over immediately.
-    pub async fn run(self, store: Store, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        self,
+        store: Store,
+        leading: watch::Sender<bool>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut revision: Option<u64> = None;
         let renew_every = self.ttl / 3;
         let retry_every = (self.ttl / 5).max(Duration::from_millis(200));
         loop {
             let outcome = match revision {
-                None => store.leader.create(LEADER_KEY, self.holder.clone().into()).await.ok(),
-                Some(rev) => store.leader.update(LEADER_KEY, self.holder.clone().into(), rev).await.ok(),
+                None => store
+                    .leader
+                    .create(LEADER_KEY, self.holder.clone().into())
+                    .await
+                    .ok(),
+                Some(rev) => store
+                    .leader
+                    .update(LEADER_KEY, self.holder.clone().into(), rev)
+                    .await
+                    .ok(),
             };
             match (revision, outcome) {
-                (None, Some(_)) => tracing::info!(holder = %self.holder, "became aggregator leader"),
-                (Some(_), None) => tracing::warn!(holder = %self.holder, "lost aggregator leadership"),
+                (None, Some(_)) => {
+                    tracing::info!(holder = %self.holder, "became aggregator leader")
+                }
+                (Some(_), None) => {
+                    tracing::warn!(holder = %self.holder, "lost aggregator leadership")
+                }
                 _ => {}
             }
             revision = outcome;
@@ -37,7 +54,11 @@ impl Election {
                 *l = revision.is_some();
                 changed
             });
-            let wait = if revision.is_some() { renew_every } else { retry_every };
+            let wait = if revision.is_some() {
+                renew_every
+            } else {
+                retry_every
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -46,7 +67,10 @@ impl Election {
         leading.send_replace(false);
         if let Some(rev) = revision {
             // Releasing is an optimisation: if it fails the lease simply expires.
-            let _ = store.leader.delete_expect_revision(LEADER_KEY, Some(rev)).await;
+            let _ = store
+                .leader
+                .delete_expect_revision(LEADER_KEY, Some(rev))
+                .await;
             tracing::info!(holder = %self.holder, "released aggregator leadership");
         }
     }

@@ -16,11 +16,16 @@ struct Cli {
 enum Command {
     /// Serve the API and aggregate (the default).
     Run(Config),
+    /// Create or update the stream and KV buckets, then exit.
+    Setup(Config),
 }
 
 /// One line naming the variable, instead of clap's multi-line report.
 fn config_error(e: &clap::Error) -> Option<String> {
-    if !matches!(e.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
         return None;
     }
     let arg = match e.get(ContextKind::InvalidArg) {
@@ -36,13 +41,21 @@ fn config_error(e: &clap::Error) -> Option<String> {
         Some(ContextValue::String(s)) => s.clone(),
         _ => String::new(),
     };
+    if let Some(ContextValue::Strings(valid)) = e.get(ContextKind::ValidValue) {
+        return Some(format!(
+            "kloudmeter: invalid configuration: {var}={value:?}: must be one of {}",
+            valid.join(", ")
+        ));
+    }
     let text = e.to_string();
     let reason = text
         .lines()
         .next()
         .and_then(|l| l.rsplit_once("': ").map(|(_, r)| r.to_string()))
         .unwrap_or_else(|| "invalid value".into());
-    Some(format!("kloudmeter: invalid configuration: {var}={value:?}: {reason}"))
+    Some(format!(
+        "kloudmeter: invalid configuration: {var}={value:?}: {reason}"
+    ))
 }
 
 fn main() {
@@ -56,9 +69,10 @@ fn main() {
             e.exit();
         }
     };
-    let cfg = match cli.command {
-        Some(Command::Run(cfg)) => cfg,
-        None => cli.run,
+    let (cfg, setup_only) = match cli.command {
+        Some(Command::Run(cfg)) => (cfg, false),
+        Some(Command::Setup(cfg)) => (cfg, true),
+        None => (cli.run, false),
     };
     if let Err(line) = cfg.validate() {
         eprintln!("kloudmeter: invalid configuration: {line}");
@@ -73,7 +87,16 @@ fn main() {
         .json()
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if let Err(e) = runtime.block_on(kloudmeter::run::run(cfg)) {
+    let work = async {
+        if setup_only {
+            kloudmeter::store::Store::connect_once(&cfg)
+                .await
+                .map(|_| tracing::info!("stream and buckets are in place"))
+        } else {
+            kloudmeter::run::run(cfg).await
+        }
+    };
+    if let Err(e) = runtime.block_on(work) {
         eprintln!("kloudmeter: {e:#}");
         std::process::exit(1);
     }

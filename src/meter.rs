@@ -111,7 +111,10 @@ impl MeterDef {
             "groupBy": self.group_by,
             "windowSize": self.window_size,
         });
-        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(canon.to_string().as_bytes()))
+        format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(canon.to_string().as_bytes())
+        )
     }
 }
 
@@ -121,7 +124,9 @@ const MAX_ID: usize = 253;
 /// for `<namespace>/<name>` ids of Meter custom resources.
 pub fn validate_meter_id(id: &str, allow_namespaced: bool) -> Result<(), FieldError> {
     let ok_part = |p: &str| {
-        !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
     };
     let valid = id.len() <= MAX_ID
         && match id.split_once('/') {
@@ -139,7 +144,10 @@ pub fn validate_meter_id(id: &str, allow_namespaced: bool) -> Result<(), FieldEr
 }
 
 /// Parse and validate a meter from API JSON. Every error names its field.
-pub fn parse_meter_json(body: &serde_json::Value, id_override: Option<&str>) -> Result<MeterDef, FieldError> {
+pub fn parse_meter_json(
+    body: &serde_json::Value,
+    id_override: Option<&str>,
+) -> Result<MeterDef, FieldError> {
     let obj = body
         .as_object()
         .ok_or_else(|| FieldError::new("body", "must be a JSON object"))?;
@@ -167,7 +175,12 @@ pub fn parse_meter_json(body: &serde_json::Value, id_override: Option<&str>) -> 
             }
             out
         }
-        Some(_) => return Err(FieldError::new("groupBy", "must be an object of name to JSONPath")),
+        Some(_) => {
+            return Err(FieldError::new(
+                "groupBy",
+                "must be an object of name to JSONPath",
+            ))
+        }
     };
     let aggregation_raw =
         get_str("aggregation")?.ok_or_else(|| FieldError::new("aggregation", "is required"))?;
@@ -180,13 +193,17 @@ pub fn parse_meter_json(body: &serde_json::Value, id_override: Option<&str>) -> 
     let window_size = match get_str("windowSize")? {
         None => WindowSize::Hour,
         Some(w) => WindowSize::parse(&w).ok_or_else(|| {
-            FieldError::new("windowSize", format!("unknown window size {w:?} (MINUTE, HOUR, DAY)"))
+            FieldError::new(
+                "windowSize",
+                format!("unknown window size {w:?} (MINUTE, HOUR, DAY)"),
+            )
         })?,
     };
     let def = MeterDef {
         id,
         description: get_str("description")?.unwrap_or_default(),
-        event_type: get_str("eventType")?.ok_or_else(|| FieldError::new("eventType", "is required"))?,
+        event_type: get_str("eventType")?
+            .ok_or_else(|| FieldError::new("eventType", "is required"))?,
         aggregation,
         value_property: get_str("valueProperty")?.filter(|s| !s.is_empty()),
         group_by,
@@ -219,10 +236,16 @@ impl CompiledMeter {
             return Err(FieldError::new("eventType", "must be 1-256 characters"));
         }
         if def.event_type.chars().any(char::is_control) {
-            return Err(FieldError::new("eventType", "must not contain control characters"));
+            return Err(FieldError::new(
+                "eventType",
+                "must not contain control characters",
+            ));
         }
         if def.description.chars().count() > 1024 {
-            return Err(FieldError::new("description", "must be at most 1024 characters"));
+            return Err(FieldError::new(
+                "description",
+                "must be at most 1024 characters",
+            ));
         }
         let value_path = match (&def.value_property, def.aggregation) {
             (None, Aggregation::Count) => None,
@@ -239,13 +262,23 @@ impl CompiledMeter {
             let field = format!("groupBy.{name}");
             if name.is_empty()
                 || name.len() > 63
-                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
             {
-                return Err(FieldError::new(field, "group name must be 1-63 characters of [A-Za-z0-9_-]"));
+                return Err(FieldError::new(
+                    field,
+                    "group name must be 1-63 characters of [A-Za-z0-9_-]",
+                ));
             }
             group_paths.push((name.clone(), compile_path(&field, path)?));
         }
-        Ok(CompiledMeter { hash: def.semantic_hash(), def: def.clone(), value_path, group_paths })
+        Ok(CompiledMeter {
+            hash: def.semantic_hash(),
+            def: def.clone(),
+            value_path,
+            group_paths,
+        })
     }
 }
 
@@ -264,33 +297,72 @@ mod tests {
         assert_eq!(m.aggregation, Aggregation::Sum);
         assert_eq!(m.window_size, WindowSize::Hour);
         assert_eq!(m.group_by.get("model").map(String::as_str), Some("$.model"));
-        assert_eq!(parse(json!({"id":"u","eventType":"a","aggregation":"unique","valueProperty":"$.u"})).unwrap().aggregation, Aggregation::UniqueCount);
+        assert_eq!(
+            parse(json!({"id":"u","eventType":"a","aggregation":"unique","valueProperty":"$.u"}))
+                .unwrap()
+                .aggregation,
+            Aggregation::UniqueCount
+        );
     }
 
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (json!({"eventType":"a","aggregation":"count"}), "id: is required"),
-            (json!({"id":"a b","eventType":"a","aggregation":"count"}), "id: "),
-            (json!({"id":"m","eventType":"a","aggregation":"median","valueProperty":"$.x"}), "aggregation: unknown"),
-            (json!({"id":"m","eventType":"a","aggregation":"sum"}), "valueProperty: is required"),
-            (json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"tokens"}), "valueProperty: JSONPath must start"),
-            (json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.[["}), "valueProperty: invalid JSONPath"),
-            (json!({"id":"m","eventType":"a","aggregation":"count","groupBy":{"g":"x"}}), "groupBy.g: JSONPath must start"),
-            (json!({"id":"m","eventType":"a","aggregation":"count","windowSize":"WEEK"}), "windowSize: unknown"),
-            (json!({"id":"m","aggregation":"count"}), "eventType: is required"),
-            (json!({"id":"m","eventType":7,"aggregation":"count"}), "eventType: must be a string"),
+            (
+                json!({"eventType":"a","aggregation":"count"}),
+                "id: is required",
+            ),
+            (
+                json!({"id":"a b","eventType":"a","aggregation":"count"}),
+                "id: ",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"median","valueProperty":"$.x"}),
+                "aggregation: unknown",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"sum"}),
+                "valueProperty: is required",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"tokens"}),
+                "valueProperty: JSONPath must start",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.[["}),
+                "valueProperty: invalid JSONPath",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","groupBy":{"g":"x"}}),
+                "groupBy.g: JSONPath must start",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","windowSize":"WEEK"}),
+                "windowSize: unknown",
+            ),
+            (
+                json!({"id":"m","aggregation":"count"}),
+                "eventType: is required",
+            ),
+            (
+                json!({"id":"m","eventType":7,"aggregation":"count"}),
+                "eventType: must be a string",
+            ),
             (json!([1]), "body: must be a JSON object"),
         ];
         for (body, want) in cases {
             let err = parse(body.clone()).unwrap_err().to_string();
-            assert!(err.starts_with(want), "{body}: got {err:?}, want prefix {want:?}");
+            assert!(
+                err.starts_with(want),
+                "{body}: got {err:?}, want prefix {want:?}"
+            );
         }
     }
 
     #[test]
     fn semantic_hash_ignores_description_only() {
-        let a = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"})).unwrap();
+        let a = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"}))
+            .unwrap();
         let mut b = a.clone();
         b.description = "changed".into();
         assert_eq!(a.semantic_hash(), b.semantic_hash());

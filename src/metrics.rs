@@ -38,17 +38,60 @@ impl Default for Metrics {
             rebuilds: Counter::default(),
             cursor: Gauge::default(),
         };
-        r.register("events_accepted", "Events acknowledged by JetStream at ingestion", m.events_accepted.clone());
-        r.register("events_rejected", "Events refused at ingestion (invalid or unavailable)", m.events_rejected.clone());
-        r.register("events_duplicate", "Events recognised as repeats within DEDUP_WINDOW", m.events_duplicate.clone());
-        r.register("events_aggregated", "Distinct events folded by the aggregator", m.events_aggregated.clone());
-        r.register("events_invalid", "Event-meter pairs whose value was missing or not numeric", m.events_invalid.clone());
-        r.register("consumer_lag", "Events in the stream not yet aggregated", m.consumer_lag.clone());
-        r.register("leader", "1 while this process is the aggregator leader", m.leader.clone());
-        r.register("reconciles", "Meter reconciles performed by the aggregator", m.reconciles.clone());
-        r.register("rebuilds", "Meter rebuilds and backfills from retained events", m.rebuilds.clone());
-        r.register("aggregated_sequence", "Stream sequence aggregated through", m.cursor.clone());
-        Metrics { registry: std::sync::Arc::new(r), ..m }
+        r.register(
+            "events_accepted",
+            "Events acknowledged by JetStream at ingestion",
+            m.events_accepted.clone(),
+        );
+        r.register(
+            "events_rejected",
+            "Events refused at ingestion (invalid or unavailable)",
+            m.events_rejected.clone(),
+        );
+        r.register(
+            "events_duplicate",
+            "Events recognised as repeats within DEDUP_WINDOW",
+            m.events_duplicate.clone(),
+        );
+        r.register(
+            "events_aggregated",
+            "Distinct events folded by the aggregator",
+            m.events_aggregated.clone(),
+        );
+        r.register(
+            "events_invalid",
+            "Event-meter pairs whose value was missing or not numeric",
+            m.events_invalid.clone(),
+        );
+        r.register(
+            "consumer_lag",
+            "Events in the stream not yet aggregated",
+            m.consumer_lag.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this process is the aggregator leader",
+            m.leader.clone(),
+        );
+        r.register(
+            "reconciles",
+            "Meter reconciles performed by the aggregator",
+            m.reconciles.clone(),
+        );
+        r.register(
+            "rebuilds",
+            "Meter rebuilds and backfills from retained events",
+            m.rebuilds.clone(),
+        );
+        r.register(
+            "aggregated_sequence",
+            "Stream sequence aggregated through",
+            m.cursor.clone(),
+        );
+        Metrics {
+            registry: std::sync::Arc::new(r),
+            ..m
+        }
     }
 }
 

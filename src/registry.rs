@@ -38,16 +38,31 @@ impl Default for Registry {
 
 impl Registry {
     pub fn get(&self, id: &str) -> Option<Arc<CompiledMeter>> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).by_id.get(id).cloned()
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .get(id)
+            .cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<CompiledMeter>> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).by_id.values().cloned().collect()
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn snapshot(&self) -> HashMap<String, Arc<CompiledMeter>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner.by_id.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        inner
+            .by_id
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -66,7 +81,11 @@ impl Registry {
     fn upsert(&self, def: MeterDef) {
         match CompiledMeter::compile(&def) {
             Ok(m) => {
-                self.inner.write().unwrap_or_else(|e| e.into_inner()).by_id.insert(def.id.clone(), Arc::new(m));
+                self.inner
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .by_id
+                    .insert(def.id.clone(), Arc::new(m));
                 self.version.send_modify(|v| *v += 1);
             }
             Err(e) => tracing::warn!(meter = %def.id, error = %e, "ignoring invalid stored meter"),
@@ -74,7 +93,14 @@ impl Registry {
     }
 
     fn remove(&self, id: &str) {
-        if self.inner.write().unwrap_or_else(|e| e.into_inner()).by_id.remove(id).is_some() {
+        if self
+            .inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .remove(id)
+            .is_some()
+        {
             self.version.send_modify(|v| *v += 1);
         }
     }
@@ -91,7 +117,9 @@ impl Registry {
                     ids.insert(def.id.clone());
                     self.upsert(def);
                 }
-                Err(e) => tracing::warn!(key = %item.key, error = %e, "unreadable meter definition"),
+                Err(e) => {
+                    tracing::warn!(key = %item.key, error = %e, "unreadable meter definition")
+                }
             }
         }
         // drop meters deleted while we were not watching (after a reconnect)
@@ -108,7 +136,9 @@ impl Registry {
             match entry.operation {
                 Operation::Put => match serde_json::from_slice::<MeterDef>(&entry.value) {
                     Ok(def) => self.upsert(def),
-                    Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable meter definition"),
+                    Err(e) => {
+                        tracing::warn!(key = %entry.key, error = %e, "unreadable meter definition")
+                    }
                 },
                 Operation::Delete | Operation::Purge => {
                     if let Some(id) = id {

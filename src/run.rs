@@ -17,7 +17,9 @@ use crate::store::Store;
 
 pub async fn run(cfg: Config) -> Result<()> {
     if cfg.kubernetes == KubernetesMode::True {
-        anyhow::bail!("KUBERNETES: operator mode is not available in this build; use false or auto");
+        anyhow::bail!(
+            "KUBERNETES: operator mode is not available in this build; use false or auto"
+        );
     }
     let metrics = Metrics::default();
     let registry = Registry::default();
@@ -61,7 +63,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                 tokio::spawn(async move {
                     loop {
                         if let Err(e) = registry.follow(&store).await {
-                            tracing::warn!(error = format!("{e:#}"), "meter watch interrupted; resuming");
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                "meter watch interrupted; resuming"
+                            );
                         }
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
@@ -76,7 +81,12 @@ pub async fn run(cfg: Config) -> Result<()> {
                 cfg.dedup_window,
                 leading_rx,
             ));
-            Election { holder, ttl: cfg.leader_ttl }.run(store.clone(), leading_tx, shutdown).await;
+            Election {
+                holder,
+                ttl: cfg.leader_ttl,
+            }
+            .run(store.clone(), leading_tx, shutdown)
+            .await;
             // The election has ended (shutdown): the aggregator finishes its batch.
             let _ = tokio::time::timeout(Duration::from_secs(20), agg).await;
             follower.abort();
@@ -95,7 +105,11 @@ pub async fn run(cfg: Config) -> Result<()> {
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "kloudmeter".into())
 }

@@ -37,10 +37,22 @@ impl Store {
     /// Connect (retrying until NATS answers) and make sure the stream and buckets exist
     /// with the configured limits.
     pub async fn connect(cfg: &Config) -> Result<Store> {
-        let client = async_nats::ConnectOptions::new()
+        Self::open(cfg, true).await
+    }
+
+    /// Connect without retrying (for `kloudmeter setup`): fail if NATS is not there.
+    pub async fn connect_once(cfg: &Config) -> Result<Store> {
+        Self::open(cfg, false).await
+    }
+
+    async fn open(cfg: &Config, retry: bool) -> Result<Store> {
+        let mut options = async_nats::ConnectOptions::new()
             .name("kloudmeter")
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
+            .connection_timeout(Duration::from_secs(5));
+        if retry {
+            options = options.retry_on_initial_connect();
+        }
+        let client = options
             .connect(&cfg.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
@@ -63,7 +75,9 @@ impl Store {
         let events = js.get_stream(&events.config.name).await?;
         js.create_or_update_stream(stream::Config {
             name: names.deadletter_stream(),
-            description: Some("KloudMeter events that were invalid for a meter, with the reason".into()),
+            description: Some(
+                "KloudMeter events that were invalid for a meter, with the reason".into(),
+            ),
             subjects: vec![names.deadletter_wildcard()],
             storage: stream::StorageType::File,
             max_age: cfg.event_retention,
@@ -89,12 +103,52 @@ impl Store {
                     .with_context(|| format!("creating or updating KV bucket {name}"))
             }
         };
-        let meters = mk(bucket(names.meters_bucket(), 5, Duration::ZERO, "KloudMeter meter definitions")).await?;
-        let readings = mk(bucket(names.readings_bucket(), 1, Duration::ZERO, "KloudMeter readings")).await?;
-        let dedup = mk(bucket(names.dedup_bucket(), 1, cfg.dedup_window, "KloudMeter event-id claims")).await?;
-        let state = mk(bucket(names.state_bucket(), 1, Duration::ZERO, "KloudMeter aggregator progress")).await?;
-        let leader = mk(bucket(names.leader_bucket(), 1, cfg.leader_ttl, "KloudMeter aggregator lease")).await?;
-        Ok(Store { client, js, names, events, meters, readings, dedup, state, leader })
+        let meters = mk(bucket(
+            names.meters_bucket(),
+            5,
+            Duration::ZERO,
+            "KloudMeter meter definitions",
+        ))
+        .await?;
+        let readings = mk(bucket(
+            names.readings_bucket(),
+            1,
+            Duration::ZERO,
+            "KloudMeter readings",
+        ))
+        .await?;
+        let dedup = mk(bucket(
+            names.dedup_bucket(),
+            1,
+            cfg.dedup_window,
+            "KloudMeter event-id claims",
+        ))
+        .await?;
+        let state = mk(bucket(
+            names.state_bucket(),
+            1,
+            Duration::ZERO,
+            "KloudMeter aggregator progress",
+        ))
+        .await?;
+        let leader = mk(bucket(
+            names.leader_bucket(),
+            1,
+            cfg.leader_ttl,
+            "KloudMeter aggregator lease",
+        ))
+        .await?;
+        Ok(Store {
+            client,
+            js,
+            names,
+            events,
+            meters,
+            readings,
+            dedup,
+            state,
+            leader,
+        })
     }
 
     pub fn connected(&self) -> bool {
@@ -130,8 +184,17 @@ impl Store {
                 .and_then(|h| h.get("KV-Operation"))
                 .map(|v| v.as_str().to_string());
             if op.is_none() {
-                let key = msg.subject.as_str().strip_prefix(&prefix).unwrap_or_default().to_string();
-                out.push(KvItem { key, value: msg.payload.clone(), revision });
+                let key = msg
+                    .subject
+                    .as_str()
+                    .strip_prefix(&prefix)
+                    .unwrap_or_default()
+                    .to_string();
+                out.push(KvItem {
+                    key,
+                    value: msg.payload.clone(),
+                    revision,
+                });
             }
             if left == 0 {
                 break;

@@ -14,7 +14,9 @@ fn ev(subject: &str, time: &str, data: serde_json::Value) -> Event {
         source: None,
         event_type: "t".into(),
         subject: subject.into(),
-        time: DateTime::parse_from_rfc3339(time).unwrap().with_timezone(&Utc),
+        time: DateTime::parse_from_rfc3339(time)
+            .unwrap()
+            .with_timezone(&Utc),
         data,
     }
 }
@@ -30,29 +32,64 @@ fn fold_all(m: &CompiledMeter, events: &[Event]) -> (HashMap<ReadingKey, Reading
     (store, outcomes)
 }
 
-fn value_of(store: &HashMap<ReadingKey, Reading>, key: ReadingKey, agg: Aggregation) -> Option<String> {
-    store.get(&key).and_then(|r| r.acc.value(agg)).map(|d| d.to_string())
+fn value_of(
+    store: &HashMap<ReadingKey, Reading>,
+    key: ReadingKey,
+    agg: Aggregation,
+) -> Option<String> {
+    store
+        .get(&key)
+        .and_then(|r| r.acc.value(agg))
+        .map(|d| d.to_string())
 }
 
 fn total(m: &str, s: &str) -> ReadingKey {
-    ReadingKey::SubjectTotal { meter: m.into(), subject: s.into() }
+    ReadingKey::SubjectTotal {
+        meter: m.into(),
+        subject: s.into(),
+    }
 }
 fn summary(m: &str) -> ReadingKey {
     ReadingKey::Summary { meter: m.into() }
 }
 fn window(m: &str, s: &str, g: &str, start: &str) -> ReadingKey {
     let start = DateTime::parse_from_rfc3339(start).unwrap().timestamp();
-    ReadingKey::Window { meter: m.into(), subject: s.into(), group: g.into(), start }
+    ReadingKey::Window {
+        meter: m.into(),
+        subject: s.into(),
+        group: g.into(),
+        start,
+    }
 }
 
 fn sample() -> Vec<Event> {
     vec![
-        ev("c1", "2026-11-24T10:05:00Z", json!({"v": 10, "u": "a", "model": "x"})),
-        ev("c1", "2026-11-24T10:59:59Z", json!({"v": "2.5", "u": "b", "model": "y"})),
-        ev("c1", "2026-11-24T11:00:00Z", json!({"v": -4, "u": "a", "model": "x"})),
-        ev("c2", "2026-11-24T09:30:00Z", json!({"v": 7, "u": 1, "model": "x"})),
+        ev(
+            "c1",
+            "2026-11-24T10:05:00Z",
+            json!({"v": 10, "u": "a", "model": "x"}),
+        ),
+        ev(
+            "c1",
+            "2026-11-24T10:59:59Z",
+            json!({"v": "2.5", "u": "b", "model": "y"}),
+        ),
+        ev(
+            "c1",
+            "2026-11-24T11:00:00Z",
+            json!({"v": -4, "u": "a", "model": "x"}),
+        ),
+        ev(
+            "c2",
+            "2026-11-24T09:30:00Z",
+            json!({"v": 7, "u": 1, "model": "x"}),
+        ),
         // late and out of order: an earlier time than the events before it
-        ev("c1", "2026-11-24T10:30:00Z", json!({"v": 1, "u": "1", "model": "x"})),
+        ev(
+            "c1",
+            "2026-11-24T10:30:00Z",
+            json!({"v": 1, "u": "1", "model": "x"}),
+        ),
     ]
 }
 
@@ -87,19 +124,36 @@ fn every_aggregation_on_hand_computed_values() {
 
 #[test]
 fn unique_count_counts_repeated_values_once() {
-    let m = meter(json!({"id":"m","eventType":"t","aggregation":"unique_count","valueProperty":"$.u"}));
+    let m =
+        meter(json!({"id":"m","eventType":"t","aggregation":"unique_count","valueProperty":"$.u"}));
     let (s, _) = fold_all(&m, &sample());
     // c1 saw "a", "b", "a", "1"; c2 saw 1 (the number 1 and the string "1" are one value)
-    assert_eq!(value_of(&s, total("m", "c1"), m.def.aggregation).as_deref(), Some("3"));
-    assert_eq!(value_of(&s, window("m", "c1", "_", "2026-11-24T10:00:00Z"), m.def.aggregation).as_deref(), Some("3"));
-    assert_eq!(value_of(&s, summary("m"), m.def.aggregation).as_deref(), Some("3"));
+    assert_eq!(
+        value_of(&s, total("m", "c1"), m.def.aggregation).as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        value_of(
+            &s,
+            window("m", "c1", "_", "2026-11-24T10:00:00Z"),
+            m.def.aggregation
+        )
+        .as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        value_of(&s, summary("m"), m.def.aggregation).as_deref(),
+        Some("3")
+    );
     let sm = &s[&summary("m")];
     assert_eq!((sm.subjects, sm.acc.count, sm.invalid_events), (2, 5, 0));
 }
 
 #[test]
 fn group_by_partitions_windows_and_missing_groups_under_null() {
-    let m = meter(json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v","groupBy":{"model":"$.model","region":"$.region"}}));
+    let m = meter(
+        json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v","groupBy":{"model":"$.model","region":"$.region"}}),
+    );
     let mut events = sample();
     events.push(ev("c1", "2026-11-24T10:10:00Z", json!({"v": 100})));
     let (s, _) = fold_all(&m, &events);
@@ -110,9 +164,33 @@ fn group_by_partitions_windows_and_missing_groups_under_null() {
         group_token(&map)
     };
     let a = m.def.aggregation;
-    assert_eq!(value_of(&s, window("m", "c1", &g(json!("x")), "2026-11-24T10:00:00Z"), a).as_deref(), Some("11"));
-    assert_eq!(value_of(&s, window("m", "c1", &g(json!("y")), "2026-11-24T10:00:00Z"), a).as_deref(), Some("2.5"));
-    assert_eq!(value_of(&s, window("m", "c1", &g(Value::Null), "2026-11-24T10:00:00Z"), a).as_deref(), Some("100"));
+    assert_eq!(
+        value_of(
+            &s,
+            window("m", "c1", &g(json!("x")), "2026-11-24T10:00:00Z"),
+            a
+        )
+        .as_deref(),
+        Some("11")
+    );
+    assert_eq!(
+        value_of(
+            &s,
+            window("m", "c1", &g(json!("y")), "2026-11-24T10:00:00Z"),
+            a
+        )
+        .as_deref(),
+        Some("2.5")
+    );
+    assert_eq!(
+        value_of(
+            &s,
+            window("m", "c1", &g(Value::Null), "2026-11-24T10:00:00Z"),
+            a
+        )
+        .as_deref(),
+        Some("100")
+    );
     let r = &s[&window("m", "c1", &g(Value::Null), "2026-11-24T10:00:00Z")];
     assert_eq!(r.group_by.get("model"), Some(&Value::Null));
     // the subject total merges all groups
@@ -123,11 +201,32 @@ fn group_by_partitions_windows_and_missing_groups_under_null() {
 fn windows_follow_the_meter_window_size() {
     let m = meter(json!({"id":"m","eventType":"t","aggregation":"count","windowSize":"DAY"}));
     let (s, _) = fold_all(&m, &sample());
-    assert_eq!(value_of(&s, window("m", "c1", "_", "2026-11-24T00:00:00Z"), Aggregation::Count).as_deref(), Some("4"));
+    assert_eq!(
+        value_of(
+            &s,
+            window("m", "c1", "_", "2026-11-24T00:00:00Z"),
+            Aggregation::Count
+        )
+        .as_deref(),
+        Some("4")
+    );
     let m = meter(json!({"id":"m","eventType":"t","aggregation":"count","windowSize":"MINUTE"}));
     let (s, _) = fold_all(&m, &sample());
-    assert_eq!(value_of(&s, window("m", "c1", "_", "2026-11-24T10:59:00Z"), Aggregation::Count).as_deref(), Some("1"));
-    assert_eq!(s.keys().filter(|k| matches!(k, ReadingKey::Window { .. })).count(), 5);
+    assert_eq!(
+        value_of(
+            &s,
+            window("m", "c1", "_", "2026-11-24T10:59:00Z"),
+            Aggregation::Count
+        )
+        .as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        s.keys()
+            .filter(|k| matches!(k, ReadingKey::Window { .. }))
+            .count(),
+        5
+    );
 }
 
 #[test]
@@ -141,17 +240,35 @@ fn invalid_values_are_counted_and_block_nothing() {
         ev("c1", "2026-11-24T10:00:04Z", json!({"v": {"a": 1}})),
         ev("c1", "2026-11-24T10:00:05Z", json!({"v": "1e400"})),
         ev("c1", "2026-11-24T10:00:06Z", json!({"v": 1e300})),
-        ev("c1", "2026-11-24T10:00:07Z", json!({"v": "70000000000000000000000000000"})),
-        ev("c1", "2026-11-24T10:00:08Z", json!({"v": "70000000000000000000000000000"})),
+        ev(
+            "c1",
+            "2026-11-24T10:00:07Z",
+            json!({"v": "70000000000000000000000000000"}),
+        ),
+        ev(
+            "c1",
+            "2026-11-24T10:00:08Z",
+            json!({"v": "70000000000000000000000000000"}),
+        ),
         ev("c1", "2026-11-24T10:00:09Z", json!({"v": "2"})),
     ];
     let (s, outcomes) = fold_all(&m, &events);
-    let invalid: Vec<usize> = outcomes.iter().enumerate().filter(|(_, o)| matches!(o, Applied::Invalid(_))).map(|(i, _)| i).collect();
+    let invalid: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o, Applied::Invalid(_)))
+        .map(|(i, _)| i)
+        .collect();
     // the second 7e28 would overflow the exact range: invalid, not a wrong sum
     assert_eq!(invalid, vec![1, 2, 3, 4, 5, 6, 8]);
-    let Applied::Invalid(why) = &outcomes[1] else { unreachable!() };
+    let Applied::Invalid(why) = &outcomes[1] else {
+        unreachable!()
+    };
     assert_eq!(why, "valueProperty $.v: missing");
-    assert_eq!(value_of(&s, total("m", "c1"), Aggregation::Sum).as_deref(), Some("70000000000000000000000000003"));
+    assert_eq!(
+        value_of(&s, total("m", "c1"), Aggregation::Sum).as_deref(),
+        Some("70000000000000000000000000003")
+    );
     assert_eq!(s[&summary("m")].invalid_events, 7);
     assert_eq!(s[&summary("m")].acc.count, 3);
 }
@@ -165,7 +282,10 @@ fn sums_are_exact_decimals() {
     for seq in 1..=100_000u64 {
         apply(&mut store, &m, seq, &e, &c);
     }
-    assert_eq!(value_of(&store, total("m", "c"), Aggregation::Sum).as_deref(), Some("10000"));
+    assert_eq!(
+        value_of(&store, total("m", "c"), Aggregation::Sum).as_deref(),
+        Some("10000")
+    );
 }
 
 #[test]
@@ -185,8 +305,13 @@ fn distinct_sets_round_trip_compactly() {
 // ---- properties of the fold ----
 
 fn arb_events() -> impl Strategy<Value = Vec<Event>> {
-    let one = (0u8..3, 0i64..7200, prop_oneof![Just(None), (-50i64..50).prop_map(Some)], 0u8..3).prop_map(
-        |(s, secs, v, g)| {
+    let one = (
+        0u8..3,
+        0i64..7200,
+        prop_oneof![Just(None), (-50i64..50).prop_map(Some)],
+        0u8..3,
+    )
+        .prop_map(|(s, secs, v, g)| {
             let mut data = serde_json::Map::new();
             if let Some(v) = v {
                 data.insert("v".into(), json!(v));
@@ -201,8 +326,7 @@ fn arb_events() -> impl Strategy<Value = Vec<Event>> {
                 time: DateTime::from_timestamp(1_790_000_000 + secs, 0).unwrap(),
                 data: Value::Object(data),
             }
-        },
-    );
+        });
     proptest::collection::vec(one, 0..40)
 }
 
@@ -236,7 +360,10 @@ fn run_batch(
         }
         apply(&mut work, m, *seq, e, &c);
     }
-    let mut changed: Vec<_> = work.into_iter().filter(|(k, r)| store.get(k) != Some(r)).collect();
+    let mut changed: Vec<_> = work
+        .into_iter()
+        .filter(|(k, r)| store.get(k) != Some(r))
+        .collect();
     changed.sort_by(|a, b| a.0.cmp(&b.0));
     for (i, (k, r)) in changed.into_iter().enumerate() {
         if persist(i) {

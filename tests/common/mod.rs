@@ -11,7 +11,11 @@ use async_nats::jetstream;
 use serde_json::Value;
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Where nats-server comes from: NATS_SERVER_BIN, then PATH, then the tool cache that
@@ -42,7 +46,10 @@ pub fn nats_server_bin() -> PathBuf {
 fn wait_port(port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} did not open within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "port {port} did not open within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -56,14 +63,25 @@ pub struct Nats {
 
 impl Nats {
     pub fn start() -> Nats {
-        let mut n = Nats { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+        let mut n = Nats {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
         n.spawn();
         n
     }
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
         let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.path().join("js"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -87,7 +105,9 @@ impl Nats {
         }
     }
     pub async fn client(&self) -> jetstream::Context {
-        let c = async_nats::connect(self.url()).await.expect("test client connects");
+        let c = async_nats::connect(self.url())
+            .await
+            .expect("test client connects");
         jetstream::new(c)
     }
 }
@@ -121,13 +141,25 @@ impl Km {
             env.retain(|(ek, _)| ek != k);
             env.push((k.to_string(), v.to_string()));
         }
-        let log = nats.dir.path().join(format!("kloudmeter-{}.log", free_port()));
-        let mut km = Km { port: free_port(), env, log, child: None };
+        let log = nats
+            .dir
+            .path()
+            .join(format!("kloudmeter-{}.log", free_port()));
+        let mut km = Km {
+            port: free_port(),
+            env,
+            log,
+            child: None,
+        };
         km.spawn().await;
         km
     }
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kloudmeter"))
             .env_clear()
             .envs(self.env.iter().cloned())
@@ -144,7 +176,11 @@ impl Km {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "kloudmeter not ready; log:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "kloudmeter not ready; log:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -167,7 +203,10 @@ impl Km {
     /// SIGTERM, then wait for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
         c.wait().unwrap()
     }
     pub async fn restart(&mut self) {
@@ -176,9 +215,18 @@ impl Km {
     }
     /// A metric's value from /metrics.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .unwrap_or_else(|| panic!("metric {name} missing"))
     }
 }
@@ -190,7 +238,12 @@ impl Drop for Km {
 }
 
 pub async fn post(url: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new().post(url).json(body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
@@ -215,7 +268,10 @@ pub async fn get(url: &str) -> (u16, Value) {
 
 /// Post until a 2xx, retrying on any error or non-2xx, as a well-behaved client does.
 pub async fn post_until_accepted(url: &str, body: &Value, give_up: Duration) -> u32 {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
     let deadline = Instant::now() + give_up;
     let mut attempts = 0;
     loop {
@@ -225,7 +281,10 @@ pub async fn post_until_accepted(url: &str, body: &Value, give_up: Duration) -> 
                 return attempts;
             }
         }
-        assert!(Instant::now() < deadline, "no 2xx for {url} within {give_up:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no 2xx for {url} within {give_up:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -242,7 +301,15 @@ pub async fn caught_up(js: &jetstream::Context, stream: &str, timeout: Duration)
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     loop {
-        let last = js.get_stream(stream).await.unwrap().info().await.unwrap().state.last_sequence;
+        let last = js
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence;
         let cursor: u64 = match state.get("cursor").await {
             Ok(Some(v)) => std::str::from_utf8(&v).unwrap().parse().unwrap(),
             _ => 0,
@@ -250,7 +317,10 @@ pub async fn caught_up(js: &jetstream::Context, stream: &str, timeout: Duration)
         if cursor >= last {
             return;
         }
-        assert!(Instant::now() < deadline, "aggregator stuck at {cursor} of {last}");
+        assert!(
+            Instant::now() < deadline,
+            "aggregator stuck at {cursor} of {last}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -277,7 +347,12 @@ pub async fn subject_values(km: &Km, meter: &str) -> std::collections::BTreeMap<
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["subject"].as_str().unwrap().to_string(), r["value"].as_str().unwrap_or("null").to_string()))
+        .map(|r| {
+            (
+                r["subject"].as_str().unwrap().to_string(),
+                r["value"].as_str().unwrap_or("null").to_string(),
+            )
+        })
         .collect()
 }
 

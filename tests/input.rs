@@ -1,0 +1,312 @@
+//! Bad input: clear errors naming the field, and nothing stored.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn bad_requests_name_the_field_and_store_nothing() {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "bad", &[]).await;
+    let ev = km.url("/api/v1/events");
+    let seed = km.url("/api/register-event");
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            &ev,
+            "application/json",
+            br#"{"id": "1", "eventType": "#.to_vec(),
+            400,
+            "body: invalid JSON",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": 1, "eventType": "t", "subject": "s"}"#.to_vec(),
+            400,
+            "id: must be a string",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": "1", "eventType": "t"}"#.to_vec(),
+            400,
+            "subject: is required",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": "1", "subject": "s"}"#.to_vec(),
+            400,
+            "eventType: is required",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": "1", "eventType": "t", "subject": "a b"}"#.to_vec(),
+            400,
+            "subject: must be",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": "1", "eventType": "t", "subject": "orders.>"}"#.to_vec(),
+            400,
+            "subject: must be",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": "1", "eventType": "t", "subject": "s", "time": "soon"}"#.to_vec(),
+            400,
+            "time: must be",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": "1", "eventType": "t", "subject": "s", "data": {"v": NaN}}"#.to_vec(),
+            400,
+            "body: invalid JSON",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": "1", "eventType": "t", "subject": "s", "data": {"v": Infinity}}"#.to_vec(),
+            400,
+            "body: invalid JSON",
+        ),
+        (
+            &seed,
+            "application/json",
+            br#"{"id": "1", "eventType": "t", "subject": "s", "data": "x"}"#.to_vec(),
+            400,
+            "data: must be a JSON object",
+        ),
+        (
+            &ev,
+            "application/json",
+            br#"[{"id": "1", "eventType": "t", "subject": "s"}, {"id": "2", "eventType": "t"}]"#
+                .to_vec(),
+            400,
+            "[1].subject: is required",
+        ),
+        (
+            &ev,
+            "application/cloudevents+json",
+            br#"{"id": "1", "type": "t", "subject": "s"}"#.to_vec(),
+            400,
+            "specversion: is required",
+        ),
+        (
+            &ev,
+            "application/json",
+            vec![b' '; (1 << 20) + 1],
+            413,
+            "body: larger than",
+        ),
+    ];
+    for (url, ct, body, want_status, want_msg) in cases {
+        let (status, resp) = post_raw(url, ct, body).await;
+        assert_eq!(status, want_status, "{want_msg}: {resp}");
+        assert_eq!(resp["status"], json!("error"), "{resp}");
+        let msg = resp["message"].as_str().unwrap();
+        assert!(msg.starts_with(want_msg), "got {msg:?}, want {want_msg:?}");
+    }
+    let meters = km.url("/api/create-meter");
+    let meter_cases = [
+        (
+            json!({"id": "m", "eventType": "t", "aggregation": "median", "valueProperty": "$.v"}),
+            "aggregation: unknown aggregation",
+        ),
+        (
+            json!({"id": "m", "eventType": "t", "aggregation": "sum", "valueProperty": "v"}),
+            "valueProperty: JSONPath must start with '$'",
+        ),
+        (
+            json!({"id": "m", "eventType": "t", "aggregation": "sum"}),
+            "valueProperty: is required for aggregation sum",
+        ),
+        (
+            json!({"id": "m", "eventType": "t", "aggregation": "count", "groupBy": {"g": "$..[("}}),
+            "groupBy.g: invalid JSONPath",
+        ),
+        (
+            json!({"id": "a/b", "eventType": "t", "aggregation": "count"}),
+            "id: must be",
+        ),
+        (
+            json!({"id": "m", "eventType": "t", "aggregation": "count", "windowSize": "YEAR"}),
+            "windowSize: unknown",
+        ),
+    ];
+    for (body, want) in meter_cases {
+        for url in [meters.clone(), km.url("/api/v1/meters")] {
+            let (status, resp) = post(&url, &body).await;
+            assert_eq!(status, 400, "{resp}");
+            assert!(
+                resp["message"].as_str().unwrap().starts_with(want),
+                "{resp} vs {want}"
+            );
+        }
+    }
+    assert_eq!(get(&km.url("/api/meter/?key=nope")).await.0, 404);
+    assert_eq!(
+        get(&km.url("/api/meter/")).await,
+        (
+            400,
+            json!({"status": "error", "message": "key: is required"})
+        )
+    );
+    // nothing was stored: no event in the stream, no meter
+    let js = nats.client().await;
+    let info = js
+        .get_stream("bad")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 0);
+    assert_eq!(get(&km.url("/api/meters")).await, (200, json!([])));
+    assert_eq!(km.metric("kloudmeter_events_accepted_total").await, 0.0);
+    assert_eq!(km.metric("kloudmeter_events_rejected_total").await, 13.0);
+}
+
+#[tokio::test]
+async fn v1_meter_endpoints() {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "v1m", &[]).await;
+    let def = json!({"id": "calls", "eventType": "api", "aggregation": "count"});
+    let (s, body) = post(&km.url("/api/v1/meters"), &def).await;
+    assert_eq!(
+        (s, body),
+        (
+            201,
+            json!({"id": "calls", "eventType": "api", "aggregation": "count", "windowSize": "HOUR"})
+        )
+    );
+    // same definition again: fine; a different one under the same id: conflict
+    assert_eq!(post(&km.url("/api/v1/meters"), &def).await.0, 200);
+    let (s, body) = post(
+        &km.url("/api/v1/meters"),
+        &json!({"id": "calls", "eventType": "other", "aggregation": "count"}),
+    )
+    .await;
+    assert_eq!(
+        (s, body["message"].clone()),
+        (409, json!("id: meter \"calls\" already exists"))
+    );
+    assert_eq!(
+        get(&km.url("/api/v1/meters/calls")).await.1["eventType"],
+        json!("api")
+    );
+    assert_eq!(
+        get(&km.url("/api/v1/meters"))
+            .await
+            .1
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let r = reqwest::Client::new()
+        .delete(km.url("/api/v1/meters/calls"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(get(&km.url("/api/v1/meters/calls")).await.0, 404);
+    let r = reqwest::Client::new()
+        .delete(km.url("/api/v1/meters/calls"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn api_token_guards_api_but_not_health() {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "auth", &[("API_TOKEN", "s3cret")]).await;
+    let c = reqwest::Client::new();
+    for path in [
+        "/api/meters",
+        "/api/readings",
+        "/api/v1/meters",
+        "/api/v1/readings",
+    ] {
+        assert_eq!(
+            c.get(km.url(path)).send().await.unwrap().status().as_u16(),
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            c.get(km.url(path))
+                .bearer_auth("wrong")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            c.get(km.url(path))
+                .bearer_auth("s3cret")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            200,
+            "{path}"
+        );
+    }
+    let ev = json!({"id": "1", "eventType": "t", "subject": "s"});
+    assert_eq!(
+        c.post(km.url("/api/register-event"))
+            .json(&ev)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    for path in ["/healthz", "/healthy", "/readyz", "/metrics"] {
+        assert_eq!(
+            c.get(km.url(path)).send().await.unwrap().status().as_u16(),
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn invalid_configuration_stops_startup_with_one_line() {
+    let cases = [
+        ("METER_INTERVAL", "0"),
+        ("METER_INTERVAL", "soon"),
+        ("DEDUP_WINDOW", "forever"),
+        ("EVENT_RETENTION", "-1d"),
+        ("HTTP_SERVER_PORT", "70000"),
+        ("KUBERNETES", "maybe"),
+        ("METER_NATS_STREAM", "a.b"),
+    ];
+    for (var, value) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kloudmeter"))
+            .env_clear()
+            .env(var, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{var}={value}: {stderr}");
+        assert!(stderr.contains(var), "{var}={value}: {stderr}");
+    }
+    let _ = Duration::ZERO;
+    let _ = Value::Null;
+}
