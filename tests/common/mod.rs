@@ -93,6 +93,9 @@ impl Nats {
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
     /// Stop by PID (SIGKILL) and start again on the same port and store.
     pub fn restart(&mut self) {
         self.stop();

@@ -1,0 +1,627 @@
+//! `task bench`: KloudMeter against raw JetStream on the same machine, in one run.
+//!
+//! Every scenario starts a fresh nats-server (and, where needed, kloudmeter or a
+//! minimal baseline server, both as separate processes), runs the baseline and
+//! KloudMeter interleaved for several repetitions, and reports medians, spread, the
+//! ratio, and peak RSS (VmHWM). Nothing is pinned: servers and the load generator share
+//! both cores, the same way for the baseline and for KloudMeter. The run exits non-zero
+//! if any reading it checks is wrong.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use common::*;
+use futures::stream::{FuturesUnordered, StreamExt};
+use serde_json::{json, Value};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A ~250-byte event in the seed shape.
+fn event_json(i: usize, event_type: &str) -> Value {
+    let mut e = json!({"id": format!("bench-{i:012}"), "eventType": event_type, "subject": format!("customer-{:04}", i % 1000),
+        "time": "2026-11-24T10:00:00Z", "data": {"tokens": (i % 1000) as i64 + 1, "model": format!("model-{}", i % 4), "pad": ""}});
+    let len = e.to_string().len();
+    e["data"]["pad"] = json!("x".repeat(250usize.saturating_sub(len)));
+    e
+}
+
+fn token(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+                (b as char).to_string()
+            } else {
+                format!("={b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn spread(v: &[f64]) -> String {
+    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = v.iter().cloned().fold(0.0, f64::max);
+    format!("{:.0}–{:.0}", min, max)
+}
+
+struct Row {
+    scenario: String,
+    baseline: String,
+    base: Vec<f64>,
+    km: Vec<f64>,
+    km_rss: u64,
+    nats_rss: u64,
+}
+
+impl Row {
+    fn print(&mut self) {
+        let b = median(&mut self.base.clone());
+        let k = median(&mut self.km.clone());
+        println!(
+            "| {} | {} | {:.0} ({}) | {:.0} ({}) | {:.0}% | {:.1} | {:.1} |",
+            self.scenario,
+            self.baseline,
+            b,
+            spread(&self.base),
+            k,
+            spread(&self.km),
+            100.0 * k / b.max(1.0),
+            self.km_rss as f64 / 1024.0,
+            self.nats_rss as f64 / 1024.0
+        );
+    }
+}
+
+async fn js_for(nats: &Nats) -> jetstream::Context {
+    nats.client().await
+}
+
+/// Raw baseline: publish `events` to JetStream with a unique Nats-Msg-Id, ~1000 acks in flight.
+async fn raw_publish(nats: &Nats, events: &[Vec<u8>]) -> f64 {
+    let js = js_for(nats).await;
+    js.create_stream(stream::Config {
+        name: "raw".into(),
+        subjects: vec!["raw.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let start = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    for (i, e) in events.iter().enumerate() {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("m{i}").as_str());
+        let ack = js
+            .publish_with_headers("raw.events", h, e.clone().into())
+            .await
+            .unwrap();
+        inflight.push(ack.into_future());
+        while inflight.len() >= 1000 {
+            inflight.next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(a) = inflight.next().await {
+        a.unwrap();
+    }
+    events.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+/// HTTP load: `bodies` posted by `clients` concurrent keep-alive clients.
+async fn http_load(
+    url: String,
+    bodies: Arc<Vec<Vec<u8>>>,
+    clients: usize,
+    events_per_body: usize,
+) -> f64 {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (url, bodies, next) = (url.clone(), bodies.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= bodies.len() {
+                    break;
+                }
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(bodies[i].clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{}", r.status());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (bodies.len() * events_per_body) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The minimal servers the single-event scenario compares with, run as a separate
+/// process (`bench --baseline-server MODE PORT NATS_URL`).
+async fn baseline_server(mode: String, port: u16, nats_url: String) {
+    use axum::{body::Bytes, http::StatusCode, routing::post, Router};
+    let js = jetstream::new(async_nats::connect(&nats_url).await.unwrap());
+    js.get_or_create_stream(stream::Config {
+        name: "raw".into(),
+        subjects: vec!["raw.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let publish = mode == "publish";
+    let app = Router::new().route(
+        "/",
+        post(move |body: Bytes| {
+            let js = js.clone();
+            async move {
+                let v: Value = match serde_json::from_slice(&body) {
+                    Ok(v) => v,
+                    Err(_) => return StatusCode::BAD_REQUEST,
+                };
+                if publish {
+                    let mut h = HeaderMap::new();
+                    h.insert("Nats-Msg-Id", v["id"].as_str().unwrap_or(""));
+                    let acked = match js.publish_with_headers("raw.events", h, body).await {
+                        Ok(a) => a.await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if !acked {
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                }
+                StatusCode::ACCEPTED
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    axum::serve(listener, app).await.unwrap();
+}
+
+struct Baseline {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Baseline {
+    fn start(mode: &str, nats: &Nats) -> Baseline {
+        let port = free_port();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--baseline-server", mode, &port.to_string(), &nats.url()])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Baseline { child, port }
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nats_pid(nats: &Nats) -> u32 {
+    nats.pid().unwrap_or(0)
+}
+
+async fn ingest_batch(reps: usize, n: usize, clients: usize) -> Row {
+    let events: Vec<Value> = (0..n).map(|i| event_json(i, "api.request")).collect();
+    let raw: Vec<Vec<u8>> = events.iter().map(|e| e.to_string().into_bytes()).collect();
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        events
+            .chunks(100)
+            .map(|c| serde_json::to_vec(c).unwrap())
+            .collect(),
+    );
+    let mut row = Row {
+        scenario: format!("ingest, batch of 100 ({clients} clients)"),
+        baseline: "async publish, 1000 acks in flight".into(),
+        base: vec![],
+        km: vec![],
+        km_rss: 0,
+        nats_rss: 0,
+    };
+    for _ in 0..reps {
+        let nats = Nats::start();
+        row.base.push(raw_publish(&nats, &raw).await);
+        drop(nats);
+        let nats = Nats::start();
+        let km = Km::start(&nats, "meters", &[]).await;
+        row.km
+            .push(http_load(km.url("/api/v1/events"), bodies.clone(), clients, 100).await);
+        row.km_rss = row.km_rss.max(rss_kib(km.pid().unwrap()));
+        row.nats_rss = row.nats_rss.max(rss_kib(nats_pid(&nats)));
+    }
+    row
+}
+
+async fn ingest_single(reps: usize, n: usize, clients: usize) -> Vec<Row> {
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..n)
+            .map(|i| event_json(i, "api.request").to_string().into_bytes())
+            .collect(),
+    );
+    let mut pub_row = Row {
+        scenario: format!("ingest, single event ({clients} connections)"),
+        baseline: "axum parse+publish+ack+202".into(),
+        base: vec![],
+        km: vec![],
+        km_rss: 0,
+        nats_rss: 0,
+    };
+    let mut parse_row = Row {
+        scenario: "ingest, single event".into(),
+        baseline: "axum parse+202 (no NATS)".into(),
+        base: vec![],
+        km: vec![],
+        km_rss: 0,
+        nats_rss: 0,
+    };
+    for _ in 0..reps {
+        let nats = Nats::start();
+        {
+            let b = Baseline::start("parse", &nats);
+            parse_row.base.push(
+                http_load(
+                    format!("http://127.0.0.1:{}/", b.port),
+                    bodies.clone(),
+                    clients,
+                    1,
+                )
+                .await,
+            );
+        }
+        {
+            let b = Baseline::start("publish", &nats);
+            pub_row.base.push(
+                http_load(
+                    format!("http://127.0.0.1:{}/", b.port),
+                    bodies.clone(),
+                    clients,
+                    1,
+                )
+                .await,
+            );
+        }
+        drop(nats);
+        let nats = Nats::start();
+        let km = Km::start(&nats, "meters", &[]).await;
+        let rate = http_load(km.url("/api/register-event"), bodies.clone(), clients, 1).await;
+        pub_row.km.push(rate);
+        parse_row.km.push(rate);
+        pub_row.km_rss = pub_row.km_rss.max(rss_kib(km.pid().unwrap()));
+        pub_row.nats_rss = pub_row.nats_rss.max(rss_kib(nats_pid(&nats)));
+    }
+    parse_row.km_rss = pub_row.km_rss;
+    parse_row.nats_rss = pub_row.nats_rss;
+    vec![pub_row, parse_row]
+}
+
+/// Preload `n` events as ingestion would store them (with the dedup header).
+async fn preload(js: &jetstream::Context, n: usize) {
+    let subject = format!("meters.events.{}", token("api.request"));
+    let mut inflight = FuturesUnordered::new();
+    for i in 0..n {
+        let e = event_json(i, "api.request");
+        let mut h = HeaderMap::new();
+        h.insert("Km-Dedup", format!("{i:032x}").as_str());
+        let ack = js
+            .publish_with_headers(subject.clone(), h, e.to_string().into())
+            .await
+            .unwrap();
+        inflight.push(ack.into_future());
+        while inflight.len() >= 1000 {
+            inflight.next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(a) = inflight.next().await {
+        a.unwrap();
+    }
+}
+
+async fn raw_consume(nats: &Nats, n: usize) -> f64 {
+    let js = js_for(nats).await;
+    let s = js.get_stream("meters").await.unwrap();
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut msgs = c.messages().await.unwrap();
+    let mut seen = 0;
+    while let Some(m) = msgs.next().await {
+        m.unwrap().ack().await.unwrap();
+        seen += 1;
+        if seen == n {
+            break;
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn expected_sum(n: usize) -> i64 {
+    (0..n).map(|i| (i % 1000) as i64 + 1).sum()
+}
+
+async fn aggregation(reps: usize, n: usize, meters: usize, failures: &mut Vec<String>) -> Row {
+    let mut row = Row {
+        scenario: format!("aggregation, {meters} meter(s), sum by model"),
+        baseline: "durable pull consumer, ack each".into(),
+        base: vec![],
+        km: vec![],
+        km_rss: 0,
+        nats_rss: 0,
+    };
+    for _ in 0..reps {
+        let nats = Nats::start();
+        // stream and buckets exactly as kloudmeter makes them
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_kloudmeter"))
+            .arg("setup")
+            .env("NATS_URL", nats.url())
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let js = js_for(&nats).await;
+        preload(&js, n).await;
+        row.base.push(raw_consume(&nats, n).await);
+        let kv = js.get_key_value("meters-meters").await.unwrap();
+        for m in 0..meters {
+            let def = json!({"id": format!("m{m}"), "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
+            kv.put(format!("m.m{m}"), def.to_string().into())
+                .await
+                .unwrap();
+        }
+        // meters exist before the first aggregation: the main pass does the work
+        let state = js.get_key_value("meters-state").await.unwrap();
+        for m in 0..meters {
+            let p = json!({"hash": hash_of(&js, m).await, "complete": true});
+            state
+                .put(format!("p.m{m}"), p.to_string().into())
+                .await
+                .unwrap();
+        }
+        let km = Km::start(&nats, "meters", &[]).await;
+        let (mut first, mut t_first) = (None, Instant::now());
+        let t_end;
+        loop {
+            let c: u64 = state
+                .get("cursor")
+                .await
+                .unwrap()
+                .map(|v| std::str::from_utf8(&v).unwrap().parse().unwrap())
+                .unwrap_or(0);
+            if c > 0 && first.is_none() {
+                first = Some(c);
+                t_first = Instant::now();
+            }
+            if c as usize >= n {
+                t_end = Instant::now();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let done = n as u64 - first.unwrap_or(0);
+        row.km
+            .push(done as f64 / (t_end - t_first).as_secs_f64().max(1e-6));
+        row.km_rss = row.km_rss.max(rss_kib(km.pid().unwrap()));
+        row.nats_rss = row.nats_rss.max(rss_kib(nats_pid(&nats)));
+        for m in 0..meters {
+            let r = meter_reading(&km, &format!("m{m}")).await;
+            let want = (expected_sum(n).to_string(), n as u64);
+            let got = (
+                r["value"].as_str().unwrap_or("").to_string(),
+                r["events"].as_u64().unwrap_or(0),
+            );
+            if got != want {
+                failures.push(format!("aggregation m{m}: got {got:?}, want {want:?}"));
+            }
+        }
+    }
+    row
+}
+
+/// The semantic hash kloudmeter computes for meter `m`, read back through its own API
+/// would need a running process; recompute it the same way instead.
+async fn hash_of(_js: &jetstream::Context, m: usize) -> String {
+    let def: kloudmeter::meter::MeterDef = serde_json::from_value(json!({"id": format!("m{m}"), "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"})).unwrap();
+    def.semantic_hash()
+}
+
+async fn end_to_end(
+    rate: f64,
+    secs: u64,
+    failures: &mut Vec<String>,
+) -> (f64, f64, usize, u64, u64) {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "meters", &[]).await;
+    let (s, _) = post(
+        &km.url("/api/create-meter"),
+        &json!({"id": "probe", "eventType": "probe", "aggregation": "count"}),
+    )
+    .await;
+    assert_eq!(s, 202);
+    let (s, _) = post(&km.url("/api/create-meter"), &json!({"id": "load", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}})).await;
+    assert_eq!(s, 202);
+    wait_for("probe meter ready", Duration::from_secs(20), || async {
+        meter_reading(&km, "probe").await["ready"] == json!(true)
+    })
+    .await;
+    // background load at `rate` events/s in batches of 100
+    let url = km.url("/api/v1/events");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for w in 0..4u64 {
+        let (url, stop, sent) = (url.clone(), stop.clone(), sent.clone());
+        load.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let per_worker = rate / 4.0 / 100.0;
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_worker));
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let batch: Vec<Value> = (0..100)
+                    .map(|k| event_json(10_000_000 * (w as usize + 1) + i * 100 + k, "api.request"))
+                    .collect();
+                i += 1;
+                if client
+                    .post(&url)
+                    .json(&batch)
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false)
+                {
+                    sent.fetch_add(100, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let js = js_for(&nats).await;
+    let kv = js.get_key_value("meters-readings").await.unwrap();
+    let mut watch = kv.watch("r.probe.p.total").await.unwrap();
+    let client = reqwest::Client::new();
+    let mut lat = Vec::new();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut k = 0u64;
+    while Instant::now() < end {
+        k += 1;
+        let r = client
+            .post(km.url("/api/register-event"))
+            .json(&json!({"id": format!("p{k}"), "eventType": "probe", "subject": "p"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let acked = Instant::now();
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(10), watch.next())
+                .await
+                .expect("reading update")
+                .unwrap()
+                .unwrap();
+            let r: Value = serde_json::from_slice(&e.value).unwrap();
+            if r["acc"]["count"].as_u64() == Some(k) {
+                break;
+            }
+        }
+        lat.push(acked.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    caught_up(&js, "meters", Duration::from_secs(60)).await;
+    let r = meter_reading(&km, "load").await;
+    if r["events"].as_u64() != Some(sent.load(Ordering::Relaxed)) {
+        failures.push(format!(
+            "end-to-end: load meter has {} events, {} acknowledged",
+            r["events"],
+            sent.load(Ordering::Relaxed)
+        ));
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    (
+        p(0.5),
+        p(0.99),
+        lat.len(),
+        rss_kib(km.pid().unwrap()),
+        rss_kib(nats_pid(&nats)),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--baseline-server") {
+        baseline_server(args[2].clone(), args[3].parse().unwrap(), args[4].clone()).await;
+        return;
+    }
+    // `cargo bench` passes --bench; ignore it.
+    let reps = env_usize("BENCH_REPS", 3);
+    let n = env_usize("BENCH_EVENTS", 100_000);
+    let mut failures = Vec::new();
+    println!("KloudMeter benchmark: {n} events of ~250 bytes per run, {reps} repetitions, medians (min–max); rates in events/s; RSS is peak (VmHWM) in MiB");
+    println!();
+    println!("| scenario | baseline | baseline rate | kloudmeter rate | ratio | kloudmeter RSS | nats-server RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut batch = ingest_batch(reps, n, 8).await;
+    batch.print();
+    for mut r in ingest_single(reps, n / 5, 32).await {
+        r.print();
+    }
+    let mut a1 = aggregation(reps, n, 1, &mut failures).await;
+    a1.print();
+    let mut a10 = aggregation(reps, n, 10, &mut failures).await;
+    a10.print();
+    let half = median(&mut batch.km.clone()) / 2.0;
+    let (p50, p99, samples, krss, nrss) =
+        end_to_end(half, env_usize("BENCH_E2E_SECS", 10) as u64, &mut failures).await;
+    println!();
+    println!("end to end at {half:.0} events/s (half the batch ingest maximum): 2xx → KV reading p50 {p50:.1} ms, p99 {p99:.1} ms over {samples} probes; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB", krss as f64 / 1024.0, nrss as f64 / 1024.0);
+    if !failures.is_empty() {
+        eprintln!("WRONG READINGS:");
+        for f in &failures {
+            eprintln!("  {f}");
+        }
+        std::process::exit(1);
+    }
+    println!("all readings checked: exact");
+}
