@@ -49,10 +49,18 @@ pub struct Aggregator {
     by_type: ByType,
     cursor: u64,
     cursor_rev: Option<u64>,
+    /// Meters whose readings changed, for the status write-back (operator mode).
+    changed: Option<crate::status::Changed>,
 }
 
 impl Aggregator {
-    pub fn new(store: Store, registry: Registry, metrics: Metrics, dedup_window: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        registry: Registry,
+        metrics: Metrics,
+        dedup_window: Duration,
+        changed: Option<crate::status::Changed>,
+    ) -> Self {
         Aggregator {
             store,
             registry,
@@ -63,6 +71,7 @@ impl Aggregator {
             by_type: HashMap::new(),
             cursor: 0,
             cursor_rev: None,
+            changed,
         }
     }
 
@@ -171,7 +180,7 @@ impl Aggregator {
     /// Bring the set of aggregated meters in line with the registry: backfill new
     /// meters, rebuild changed ones, clean up deleted ones.
     async fn reconcile(&mut self) -> Result<()> {
-        self.metrics.reconciles.inc();
+        self.metrics.meter_syncs.inc();
         let live = self.registry.snapshot();
         let mut progress: HashMap<String, Progress> = HashMap::new();
         for item in self.store.scan(&self.store.state, "p.*").await? {
@@ -585,6 +594,13 @@ impl Aggregator {
             for (k, r, res) in results {
                 match res {
                     Ok(rev) => {
+                        if let Some(changed) = &self.changed {
+                            let meter = reading_meter(&k);
+                            let mut set = changed.lock().unwrap_or_else(|e| e.into_inner());
+                            if !set.contains(meter) {
+                                set.insert(meter.to_string());
+                            }
+                        }
                         self.cache.insert(k, (r, rev));
                     }
                     Err(e) => {
@@ -658,6 +674,7 @@ pub async fn supervise(
     registry: Registry,
     metrics: Metrics,
     dedup_window: Duration,
+    changed: Option<crate::status::Changed>,
     mut leading: watch::Receiver<bool>,
 ) {
     loop {
@@ -670,6 +687,7 @@ pub async fn supervise(
             registry.clone(),
             metrics.clone(),
             dedup_window,
+            changed.clone(),
         );
         if let Err(e) = agg.run(leading.clone()).await {
             tracing::error!(error = format!("{e:#}"), "aggregator stopped; restarting");

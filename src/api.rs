@@ -39,10 +39,26 @@ struct Inner {
     metrics: Metrics,
     cfg: Config,
     inflight: Semaphore,
+    kube: Option<KubeMode>,
+    kube_synced: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Operator mode: meters created or deleted through the API are Meter resources in
+/// the operator's namespace (the resource is the single source of truth).
+#[derive(Clone)]
+pub struct KubeMode {
+    pub client: kube::Client,
+    pub namespace: String,
 }
 
 impl AppState {
-    pub fn new(cfg: Config, registry: Registry, metrics: Metrics) -> Self {
+    pub fn new(
+        cfg: Config,
+        registry: Registry,
+        metrics: Metrics,
+        kube: Option<KubeMode>,
+        kube_synced: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         let inflight = Semaphore::new(cfg.max_inflight_events);
         AppState(Arc::new(Inner {
             store: OnceLock::new(),
@@ -50,7 +66,17 @@ impl AppState {
             metrics,
             cfg,
             inflight,
+            kube,
+            kube_synced,
         }))
+    }
+    /// A meter id as given in a request: in operator mode a bare name means the
+    /// operator's namespace.
+    fn resolve_id(&self, raw: &str) -> String {
+        match &self.0.kube {
+            Some(k) if !raw.contains('/') => format!("{}/{raw}", k.namespace),
+            _ => raw.to_string(),
+        }
     }
     /// Called once NATS is connected and set up; until then the API answers 503.
     pub fn set_store(&self, store: Store) {
@@ -211,12 +237,14 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
 async fn readyz(State(state): State<AppState>) -> Response {
     let nats = state.0.store.get().is_some_and(Store::connected);
     let meters = state.0.registry.is_synced();
-    let code = if nats && meters {
+    let kube = *state.0.kube_synced.borrow();
+    let code = if nats && meters && kube {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(json!({"nats": nats, "metersSynced": meters}))).into_response()
+    let body = json!({"nats": nats, "metersSynced": meters, "kubernetesSynced": kube});
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -329,8 +357,73 @@ async fn create_meter(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let def = parse_meter_json(&parse_json_body(body)?, None)?;
-    save_meter(state.store()?, &def).await?;
+    match &state.0.kube {
+        Some(k) => {
+            kube_apply_meter(k, &def, true).await?;
+        }
+        None => save_meter(state.store()?, &def).await?,
+    }
     Ok(ok_status(StatusCode::ACCEPTED))
+}
+
+fn kube_name(id: &str) -> ApiResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 253
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id.as_bytes()[id.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "id: must be a lowercase DNS-1123 name ([a-z0-9.-]) to become a Meter resource",
+        ))
+    }
+}
+
+fn kube_error(e: kube::Error) -> ApiError {
+    match e {
+        kube::Error::Api(s) if s.code == 404 => ApiError::not_found(format!("key: {}", s.message)),
+        kube::Error::Api(s) if s.code == 409 => {
+            ApiError::new(StatusCode::CONFLICT, format!("id: {}", s.message))
+        }
+        kube::Error::Api(s) if s.code == 422 || s.code == 400 => ApiError::bad_request(s.message),
+        other => ApiError::internal(other),
+    }
+}
+
+/// Create (or, with `replace`, create or replace the spec of) the Meter resource for
+/// an API-defined meter. Returns the meter as the API shows it (id `<namespace>/<name>`).
+async fn kube_apply_meter(k: &KubeMode, def: &MeterDef, replace: bool) -> ApiResult<MeterDef> {
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let (ns, name) = match def.id.split_once('/') {
+        Some((ns, name)) => (ns.to_string(), name.to_string()),
+        None => (k.namespace.clone(), def.id.clone()),
+    };
+    kube_name(&name)?;
+    let api: Api<crate::crd::Meter> = Api::namespaced(k.client.clone(), &ns);
+    let spec = crate::crd::MeterSpec::from_def(def);
+    if replace {
+        let patch = json!({"apiVersion": "kloudmeter.io/v1alpha1", "kind": "Meter", "metadata": {"name": name}, "spec": spec});
+        api.patch(
+            &name,
+            &PatchParams::apply("kloudmeter-api").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(kube_error)?;
+    } else {
+        let meter = crate::crd::Meter::new(&name, spec);
+        api.create(&PostParams::default(), &meter)
+            .await
+            .map_err(kube_error)?;
+    }
+    Ok(MeterDef {
+        id: crate::crd::meter_id(&ns, &name),
+        ..def.clone()
+    })
 }
 
 /// v1 create: 201, or 409 when a different meter already has the id.
@@ -339,6 +432,10 @@ async fn create_meter_v1(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let def = parse_meter_json(&parse_json_body(body)?, None)?;
+    if let Some(k) = &state.0.kube {
+        let created = kube_apply_meter(k, &def, false).await?;
+        return Ok((StatusCode::CREATED, Json(created)).into_response());
+    }
     let store = state.store()?;
     let body = serde_json::to_vec(&def).map_err(ApiError::internal)?;
     match store
@@ -378,6 +475,7 @@ fn required_key(q: KeyQuery) -> ApiResult<String> {
 }
 
 async fn get_meter(state: &AppState, id: &str) -> ApiResult<Json<MeterDef>> {
+    let id = &state.resolve_id(id);
     load_meter(state.store()?, id)
         .await?
         .map(Json)
@@ -385,6 +483,17 @@ async fn get_meter(state: &AppState, id: &str) -> ApiResult<Json<MeterDef>> {
 }
 
 async fn delete_meter(state: &AppState, id: &str) -> ApiResult<()> {
+    let id = &state.resolve_id(id);
+    if let Some(k) = &state.0.kube {
+        let (ns, name) = id
+            .split_once('/')
+            .unwrap_or((k.namespace.as_str(), id.as_str()));
+        let api: kube::Api<crate::crd::Meter> = kube::Api::namespaced(k.client.clone(), ns);
+        api.delete(name, &Default::default())
+            .await
+            .map_err(kube_error)?;
+        return Ok(());
+    }
     let store = state.store()?;
     if load_meter(store, id).await?.is_none() {
         return Err(ApiError::not_found(format!("key: no meter {id:?}")));
@@ -413,6 +522,19 @@ async fn put_meter(
             _ => {}
         }
         obj.insert("id".into(), Value::String(id.to_string()));
+    }
+    if let Some(k) = &state.0.kube {
+        let (ns, name) = id.split_once('/').unwrap_or((k.namespace.as_str(), id));
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("id".into(), Value::String(name.to_string()));
+        }
+        let def = parse_meter_json(&value, None)?;
+        let def = MeterDef {
+            id: format!("{ns}/{name}"),
+            ..def
+        };
+        let applied = kube_apply_meter(k, &def, true).await?;
+        return Ok((StatusCode::OK, Json(applied)).into_response());
     }
     let def = parse_meter_json(&value, None)?;
     save_meter(state.store()?, &def).await?;
@@ -585,7 +707,7 @@ async fn get_reading_seed(
     State(state): State<AppState>,
     Query(q): Query<KeyQuery>,
 ) -> ApiResult<Json<MeterReading>> {
-    let id = required_key(q)?;
+    let id = state.resolve_id(&required_key(q)?);
     let store = state.store()?;
     let def = load_meter(store, &id)
         .await?

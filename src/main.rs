@@ -18,6 +18,8 @@ enum Command {
     Run(Config),
     /// Create or update the stream and KV buckets, then exit.
     Setup(Config),
+    /// Print the Meter CustomResourceDefinition (YAML).
+    Crd,
 }
 
 /// One line naming the variable, instead of clap's multi-line report.
@@ -72,6 +74,10 @@ fn main() {
     let (cfg, setup_only) = match cli.command {
         Some(Command::Run(cfg)) => (cfg, false),
         Some(Command::Setup(cfg)) => (cfg, true),
+        Some(Command::Crd) => {
+            print!("{}", kloudmeter::crd::crd_yaml());
+            return;
+        }
         None => (cli.run, false),
     };
     if let Err(line) = cfg.validate() {

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub consumer_lag: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub leader: Gauge,
     pub reconciles: Counter,
+    pub meter_syncs: Counter,
     pub rebuilds: Counter,
     pub cursor: Gauge<u64, AtomicU64>,
 }
@@ -35,6 +36,7 @@ impl Default for Metrics {
             consumer_lag: Gauge::default(),
             leader: Gauge::default(),
             reconciles: Counter::default(),
+            meter_syncs: Counter::default(),
             rebuilds: Counter::default(),
             cursor: Gauge::default(),
         };

@@ -1,29 +1,82 @@
 //! Wiring of one `kloudmeter run` process: HTTP server, NATS setup, meter registry,
-//! leader election and aggregator, and graceful shutdown.
+//! leader election, aggregator, and (with Kubernetes) the Meter controller and status
+//! write-back; graceful shutdown on SIGTERM.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use tokio::sync::watch;
 
 use crate::aggregator;
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, KubeMode};
 use crate::config::{Config, KubernetesMode};
 use crate::leader::Election;
+use crate::lease::KubeLease;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
 
-pub async fn run(cfg: Config) -> Result<()> {
-    if cfg.kubernetes == KubernetesMode::True {
-        anyhow::bail!(
-            "KUBERNETES: operator mode is not available in this build; use false or auto"
-        );
+/// Name of the coordination.k8s.io Lease that elects the operator's leader.
+pub const LEASE_NAME: &str = "kloudmeter-leader";
+
+/// Decide whether to run as an operator (CONTRACT §2 `KUBERNETES`).
+async fn kube_client(mode: KubernetesMode) -> Result<Option<kube::Client>> {
+    match mode {
+        KubernetesMode::False => Ok(None),
+        KubernetesMode::True => {
+            let cfg = kube::Config::infer()
+                .await
+                .context("KUBERNETES=true: no in-cluster configuration or kubeconfig found")?;
+            Ok(Some(kube::Client::try_from(cfg).context(
+                "KUBERNETES=true: unusable Kubernetes configuration",
+            )?))
+        }
+        KubernetesMode::Auto => match kube::Config::infer().await {
+            Ok(cfg) => Ok(kube::Client::try_from(cfg).ok()),
+            Err(_) => Ok(None),
+        },
     }
+}
+
+/// The namespace the operator lives in: where it creates Meters for API calls and
+/// keeps its Lease.
+fn operator_namespace(client: &kube::Client) -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| client.default_namespace().to_string())
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    let client = kube_client(cfg.kubernetes).await?;
     let metrics = Metrics::default();
     let registry = Registry::default();
-    let state = AppState::new(cfg.clone(), registry.clone(), metrics.clone());
+    let (kube_synced_tx, kube_synced) = watch::channel(client.is_none());
+    let kube_mode = client.as_ref().map(|c| KubeMode {
+        client: c.clone(),
+        namespace: operator_namespace(c),
+    });
+    match &kube_mode {
+        Some(k) => {
+            tracing::info!(namespace = %k.namespace, watch = ?cfg.watch_namespace, "running as a Kubernetes operator")
+        }
+        None => tracing::info!("running standalone (meters in NATS KV)"),
+    }
+    let state = AppState::new(
+        cfg.clone(),
+        registry.clone(),
+        metrics.clone(),
+        kube_mode.clone(),
+        kube_synced,
+    );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let addr = SocketAddr::new(cfg.http_bind_address, cfg.http_server_port);
@@ -74,21 +127,56 @@ pub async fn run(cfg: Config) -> Result<()> {
             };
             let (leading_tx, leading_rx) = watch::channel(false);
             let holder = format!("{}-{}", hostname(), std::process::id());
+            let changed = kube_mode
+                .as_ref()
+                .map(|_| crate::status::Changed::default());
             let agg = tokio::spawn(aggregator::supervise(
                 store.clone(),
                 registry.clone(),
                 metrics.clone(),
                 cfg.dedup_window,
-                leading_rx,
+                changed.clone(),
+                leading_rx.clone(),
             ));
-            Election {
-                holder,
-                ttl: cfg.leader_ttl,
+            let operator = kube_mode.as_ref().map(|k| {
+                tokio::spawn(operate(
+                    k.client.clone(),
+                    store.clone(),
+                    registry.clone(),
+                    metrics.clone(),
+                    cfg.clone(),
+                    holder.clone(),
+                    changed.clone().unwrap_or_default(),
+                    leading_rx.clone(),
+                    kube_synced_tx,
+                ))
+            });
+            match &kube_mode {
+                Some(k) => {
+                    KubeLease::new(
+                        k.client.clone(),
+                        &k.namespace,
+                        LEASE_NAME,
+                        holder,
+                        cfg.leader_ttl,
+                    )
+                    .run(leading_tx, shutdown)
+                    .await
+                }
+                None => {
+                    Election {
+                        holder,
+                        ttl: cfg.leader_ttl,
+                    }
+                    .run(store.clone(), leading_tx, shutdown)
+                    .await
+                }
             }
-            .run(store.clone(), leading_tx, shutdown)
-            .await;
             // The election has ended (shutdown): the aggregator finishes its batch.
             let _ = tokio::time::timeout(Duration::from_secs(20), agg).await;
+            if let Some(op) = operator {
+                let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
+            }
             follower.abort();
             let _ = store.client.flush().await;
         })
@@ -100,6 +188,53 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(25), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(25), background).await;
     Ok(())
+}
+
+/// While leading: the Meter controller and the status write-back. A standby counts as
+/// synced (it serves the API from NATS and does not reconcile).
+#[allow(clippy::too_many_arguments)]
+async fn operate(
+    client: kube::Client,
+    store: Store,
+    registry: Registry,
+    metrics: Metrics,
+    cfg: Config,
+    holder: String,
+    changed: crate::status::Changed,
+    mut leading: watch::Receiver<bool>,
+    synced: watch::Sender<bool>,
+) {
+    let ctx = Arc::new(crate::controller::Ctx::new(
+        client.clone(),
+        store.clone(),
+        metrics.clone(),
+        holder,
+    ));
+    loop {
+        synced.send_replace(true);
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        synced.send_replace(false);
+        metrics.leader.set(1);
+        let writer = tokio::spawn(crate::status::run(
+            client.clone(),
+            store.clone(),
+            registry.clone(),
+            changed.clone(),
+            Duration::from_secs(cfg.meter_interval),
+            leading.clone(),
+        ));
+        crate::controller::run(
+            ctx.clone(),
+            cfg.watch_namespace.clone(),
+            leading.clone(),
+            synced.clone(),
+        )
+        .await;
+        let _ = writer.await;
+        tracing::info!("controller stopped");
+    }
 }
 
 fn hostname() -> String {

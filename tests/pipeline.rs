@@ -378,7 +378,7 @@ async fn meter_lifecycle_backfill_rebuild_delete() {
 
     // description only: no rebuild
     let rebuilds = km.metric("kloudmeter_rebuilds_total").await;
-    let reconciles = km.metric("kloudmeter_reconciles_total").await;
+    let reconciles = km.metric("kloudmeter_meter_syncs_total").await;
     let (s, _) = reqwest::Client::new().put(km.url("/api/v1/meters/m"))
         .json(&json!({"eventType": "api.request", "aggregation": "sum", "valueProperty": "$.a", "description": "new words"}))
         .send().await.map(|r| (r.status().as_u16(), ())).unwrap();
@@ -388,7 +388,7 @@ async fn meter_lifecycle_backfill_rebuild_delete() {
     })
     .await;
     wait_for("reconcile after the description change", T, || async {
-        km.metric("kloudmeter_reconciles_total").await > reconciles
+        km.metric("kloudmeter_meter_syncs_total").await > reconciles
     })
     .await;
     assert_eq!(km.metric("kloudmeter_rebuilds_total").await, rebuilds);

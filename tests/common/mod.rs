@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod control_plane;
+
 use async_nats::jetstream;
 use serde_json::Value;
 
@@ -179,11 +181,13 @@ impl Km {
                     break;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "kloudmeter not ready; log:\n{}",
-                self.logs()
-            );
+            if Instant::now() > deadline {
+                let body = match reqwest::get(self.url("/readyz")).await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                };
+                panic!("kloudmeter not ready ({body}); log:\n{}", self.logs());
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -1,0 +1,296 @@
+//! A real Kubernetes control plane on loopback: etcd and kube-apiserver from
+//! KUBEBUILDER_ASSETS (as envtest does), else from the cache `.ci/kube-assets.sh`
+//! fills. TLS with a CA made per run, a static admin token, random ports, a temp dir;
+//! both processes are stopped by PID on drop. A missing control plane is a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+pub fn assets_dir() -> PathBuf {
+    let dir = match std::env::var("KUBEBUILDER_ASSETS") {
+        Ok(d) if !d.is_empty() => PathBuf::from(d),
+        _ => Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/kloudmeter/kube"),
+    };
+    for bin in ["etcd", "kube-apiserver"] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{} missing (CI={}): run `bash .ci/kube-assets.sh` (task test does) or set KUBEBUILDER_ASSETS to a folder with etcd and kube-apiserver",
+            dir.join(bin).display(),
+            std::env::var("CI").unwrap_or_default()
+        );
+    }
+    dir
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct ControlPlane {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub kubeconfig: PathBuf,
+    pub token: String,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+}
+
+impl ControlPlane {
+    pub fn start() -> ControlPlane {
+        let assets = assets_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ossl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(d));
+        ossl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kloudmeter-test-ca",
+        ]);
+        ossl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ]);
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        ossl(&["genrsa", "-out", "sa.key", "2048"]);
+        ossl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+        let token = "kloudmeter-test-admin-token".to_string();
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{token},admin,admin,\"system:masters\"\n"),
+        )
+        .unwrap();
+
+        let (etcd_port, peer_port, port) = (free_port(), free_port(), free_port());
+        let etcd = Command::new(assets.join("etcd"))
+            .args(["--data-dir", &d.join("etcd").display().to_string()])
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{etcd_port}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{etcd_port}"),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+            ])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer_port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("starting etcd");
+        let path = |f: &str| d.join(f).display().to_string();
+        let apiserver = Command::new(assets.join("kube-apiserver"))
+            .args(["--etcd-servers", &format!("http://127.0.0.1:{etcd_port}")])
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+            ])
+            .args(["--secure-port", &port.to_string()])
+            .args([
+                "--tls-cert-file",
+                &path("server.crt"),
+                "--tls-private-key-file",
+                &path("server.key"),
+            ])
+            .args(["--client-ca-file", &path("ca.crt")])
+            .args(["--token-auth-file", &path("tokens.csv")])
+            .args(["--authorization-mode", "RBAC"])
+            .args(["--service-account-issuer", "https://kubernetes.default.svc"])
+            .args([
+                "--service-account-key-file",
+                &path("sa.pub"),
+                "--service-account-signing-key-file",
+                &path("sa.key"),
+            ])
+            .args(["--service-cluster-ip-range", "10.96.0.0/24"])
+            .args(["--cert-dir", &path("certs")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("apiserver.log")).unwrap())
+            .spawn()
+            .expect("starting kube-apiserver");
+        let ca = std::fs::read(d.join("ca.crt")).unwrap();
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n    namespace: default\ncurrent-context: test\n",
+                base64_encode(&ca)
+            ),
+        )
+        .unwrap();
+        let cp = ControlPlane {
+            dir,
+            port,
+            kubeconfig,
+            token,
+            etcd: Some(etcd),
+            apiserver: Some(apiserver),
+        };
+        cp.wait_ready(Duration::from_secs(60));
+        cp
+    }
+
+    fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "--cacert",
+                    &self.dir.path().join("ca.crt").display().to_string(),
+                ])
+                .args(["-H", &format!("Authorization: Bearer {}", self.token)])
+                .arg(format!("https://127.0.0.1:{}/readyz", self.port))
+                .output()
+                .unwrap();
+            if out.stdout == b"ok" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver not ready: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                std::fs::read_to_string(self.dir.path().join("apiserver.log"))
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let cfg =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .unwrap();
+        kube::Client::try_from(cfg).unwrap()
+    }
+
+    /// Run kubectl against this API server; returns stdout, panics with stderr on failure.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.kubectl_status(args);
+        assert!(ok, "kubectl {args:?}: {err}");
+        out
+    }
+
+    pub fn kubectl_status(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    /// kubectl with a manifest on stdin.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for c in [self.apiserver.take(), self.etcd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
