@@ -77,8 +77,13 @@ impl Default for Metrics {
         );
         r.register(
             "reconciles",
-            "Meter reconciles performed by the aggregator",
+            "Meter custom resource reconciles by the controller",
             m.reconciles.clone(),
+        );
+        r.register(
+            "meter_syncs",
+            "Times the aggregator brought its meters in line with the definitions",
+            m.meter_syncs.clone(),
         );
         r.register(
             "rebuilds",
