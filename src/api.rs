@@ -187,6 +187,8 @@ pub fn router(state: AppState) -> Router {
                 .delete(delete_meter_v1_ns),
         )
         .route("/api/v1/readings", get(readings_v1))
+        .route("/api/v1/meters/{id}/query", get(query_v1))
+        .route("/api/v1/meters/{namespace}/{name}/query", get(query_v1_ns))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
@@ -752,4 +754,157 @@ mod tests {
         assert!(!token_matches(b"secret1", b"secret"));
         assert!(!token_matches(b"", b"secret"));
     }
+}
+
+// ---- queries ----
+
+/// Most stored windows one query may read.
+const QUERY_KEY_LIMIT: usize = 500_000;
+
+async fn query_v1(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    run_query(&state, &id, pairs, &headers).await
+}
+
+async fn query_v1_ns(
+    State(state): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    run_query(&state, &format!("{ns}/{name}"), pairs, &headers).await
+}
+
+/// Subjects to answer for, with every group each has seen.
+async fn query_subjects(
+    store: &Store,
+    def: &MeterDef,
+    wanted: &[String],
+) -> ApiResult<Vec<(String, std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>)>> {
+    let mut totals: Vec<(String, Reading)> = Vec::new();
+    if wanted.is_empty() {
+        let filter = keys::subject_totals_filter(&def.id, None);
+        for item in store.scan(&store.readings, &filter).await.map_err(ApiError::internal)? {
+            if let Some(subject) = item.key.split('.').nth(2).and_then(keys::untoken) {
+                totals.push((subject, serde_json::from_slice(&item.value).map_err(ApiError::internal)?));
+            }
+        }
+    } else {
+        for subject in wanted {
+            let key = ReadingKey::SubjectTotal { meter: def.id.clone(), subject: subject.clone() }.kv_key();
+            if let Some(raw) = store.readings.get(key).await.map_err(ApiError::internal)? {
+                totals.push((subject.clone(), serde_json::from_slice(&raw).map_err(ApiError::internal)?));
+            }
+        }
+    }
+    Ok(totals
+        .into_iter()
+        .map(|(s, r)| {
+            let groups = if r.groups.is_empty() {
+                std::collections::BTreeMap::from([("_".to_string(), std::collections::BTreeMap::new())])
+            } else {
+                r.groups
+            };
+            (s, groups)
+        })
+        .collect())
+}
+
+async fn run_query(state: &AppState, id: &str, pairs: Vec<(String, String)>, headers: &HeaderMap) -> ApiResult<Response> {
+    use crate::query;
+    use futures::{StreamExt, TryStreamExt};
+    use std::collections::BTreeMap;
+    let id = state.resolve_id(id);
+    let store = state.store()?;
+    let def = load_meter(store, &id).await?.ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
+    let p = query::parse_query(&pairs, &def, Utc::now())?;
+    let windows = query::output_windows(&p);
+    let mut covers = Vec::with_capacity(windows.len());
+    for (a, b) in &windows {
+        let chunks = query::cover(a.timestamp(), b.timestamp(), def.window_size).map_err(|t| {
+            let base = format!("{:?}", def.window_size).to_uppercase();
+            let field = if t == p.from.timestamp() {
+                "from"
+            } else if t == p.to.timestamp() {
+                "to"
+            } else {
+                "windowTimeZone"
+            };
+            ApiError::bad_request(format!("{field}: window boundaries must fall on the meter's {base} windows"))
+        })?;
+        covers.push(chunks);
+    }
+    let subjects = query_subjects(store, &def, &p.subjects).await?;
+    // (window, subject, projected group) for every stored window to read
+    let mut plan: Vec<(usize, String, BTreeMap<String, Value>, String)> = Vec::new();
+    for (wi, chunks) in covers.iter().enumerate() {
+        for (subject, groups) in &subjects {
+            for (token, values) in groups {
+                if !query::group_matches(values, &p.filters) {
+                    continue;
+                }
+                let projected = query::project(values, &p.group_by);
+                for (rollup, start) in chunks {
+                    let key = ReadingKey::Window {
+                        meter: def.id.clone(),
+                        subject: subject.clone(),
+                        group: token.clone(),
+                        rollup: *rollup,
+                        start: *start,
+                    };
+                    plan.push((wi, subject.clone(), projected.clone(), key.kv_key()));
+                }
+            }
+        }
+        if plan.len() > QUERY_KEY_LIMIT {
+            return Err(ApiError::bad_request(format!(
+                "windowSize: the query would read more than {QUERY_KEY_LIMIT} stored windows; narrow from/to or use a coarser windowSize"
+            )));
+        }
+    }
+    let readings = store.readings.clone();
+    let fetched: Vec<(usize, String, BTreeMap<String, Value>, Option<Reading>)> = futures::stream::iter(plan)
+        .map(|(wi, subject, projected, key)| {
+            let readings = readings.clone();
+            async move {
+                let r = match readings.get(key).await.map_err(ApiError::internal)? {
+                    Some(raw) => Some(serde_json::from_slice::<Reading>(&raw).map_err(ApiError::internal)?),
+                    None => None,
+                };
+                Ok::<_, ApiError>((wi, subject, projected, r))
+            }
+        })
+        .buffer_unordered(256)
+        .try_collect()
+        .await?;
+    let mut merged: BTreeMap<(usize, String, String), (BTreeMap<String, Value>, crate::fold::Acc)> = BTreeMap::new();
+    for (wi, subject, projected, reading) in fetched {
+        let Some(reading) = reading else { continue };
+        let gkey = serde_json::to_string(&projected).unwrap_or_default();
+        merged
+            .entry((wi, subject, gkey))
+            .or_insert_with(|| (projected, crate::fold::Acc::default()))
+            .1
+            .merge(&reading.acc);
+    }
+    let rows = query::rows(&windows, merged, &def);
+    let wants_csv = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/csv"));
+    if wants_csv {
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], query::to_csv(&rows, &p.group_by)).into_response());
+    }
+    Ok(Json(json!({
+        "windowSize": p.window,
+        "windowTimeZone": p.tz.name(),
+        "from": query::rfc3339(p.from),
+        "to": query::rfc3339(p.to),
+        "data": rows,
+    }))
+    .into_response())
 }

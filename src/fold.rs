@@ -364,6 +364,10 @@ pub struct Reading {
     /// Summary only: distinct subjects seen.
     #[serde(default)]
     pub subjects: u64,
+    /// Subject totals only: every group seen for the subject (token to values), so that
+    /// queries can address its windows directly.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, BTreeMap<String, Value>>,
 }
 
 impl Reading {
@@ -388,12 +392,23 @@ pub fn keys_for(meter: &CompiledMeter, event: &Event, c: &Contribution) -> Vec<R
             meter: id.clone(),
             subject: event.subject.clone(),
         });
+        let t = event.time.timestamp();
         keys.push(ReadingKey::Window {
             meter: id.clone(),
             subject: event.subject.clone(),
             group: group_token.clone(),
-            start: meter.def.window_size.window_start(event.time.timestamp()),
+            rollup: None,
+            start: meter.def.window_size.window_start(t),
         });
+        for &rollup in meter.def.window_size.rollups() {
+            keys.push(ReadingKey::Window {
+                meter: id.clone(),
+                subject: event.subject.clone(),
+                group: group_token.clone(),
+                rollup: Some(rollup),
+                start: rollup.start(t),
+            });
+        }
     }
     keys
 }
@@ -468,8 +483,16 @@ pub fn apply(
             let r = readings.entry(key.clone()).or_default();
             r.acc = acc.clone();
             r.note_event(seq, time);
-            if matches!(key, ReadingKey::Window { .. }) {
-                r.group_by = group.clone();
+            match key {
+                ReadingKey::Window { .. } => r.group_by = group.clone(),
+                ReadingKey::SubjectTotal { .. } => {
+                    if let Contribution::Valid { group_token, .. } = c {
+                        if !group.is_empty() && !r.groups.contains_key(group_token) {
+                            r.groups.insert(group_token.clone(), group.clone());
+                        }
+                    }
+                }
+                ReadingKey::Summary { .. } => {}
             }
         }
     }

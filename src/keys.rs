@@ -107,12 +107,63 @@ pub enum ReadingKey {
         meter: String,
         subject: String,
     },
+    /// A window at the meter's own size (`rollup: None`), or a coarser UTC rollup kept
+    /// so that queries over long ranges read few keys.
     Window {
         meter: String,
         subject: String,
         group: String,
+        rollup: Option<Rollup>,
         start: i64,
     },
+}
+
+/// Coarser windows kept beside the meter's own, all in UTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rollup {
+    Hour,
+    Day,
+    Month,
+}
+
+impl Rollup {
+    /// Start (epoch seconds) of the UTC rollup window holding `epoch_seconds`.
+    pub fn start(self, epoch_seconds: i64) -> i64 {
+        match self {
+            Rollup::Hour => epoch_seconds.div_euclid(3600) * 3600,
+            Rollup::Day => epoch_seconds.div_euclid(86_400) * 86_400,
+            Rollup::Month => {
+                use chrono::{Datelike, TimeZone};
+                let t = chrono::DateTime::from_timestamp(epoch_seconds, 0).unwrap_or_default();
+                chrono::Utc
+                    .with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+                    .single()
+                    .map_or(epoch_seconds, |m| m.timestamp())
+            }
+        }
+    }
+
+    /// Start of the next rollup window after the one starting at `start`.
+    pub fn next(self, start: i64) -> i64 {
+        match self {
+            Rollup::Hour => start + 3600,
+            Rollup::Day => start + 86_400,
+            Rollup::Month => {
+                use chrono::{Datelike, TimeZone};
+                let t = chrono::DateTime::from_timestamp(start, 0).unwrap_or_default();
+                let (y, m) = if t.month() == 12 { (t.year() + 1, 1) } else { (t.year(), t.month() + 1) };
+                chrono::Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().map_or(start, |d| d.timestamp())
+            }
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Rollup::Hour => "h",
+            Rollup::Day => "d",
+            Rollup::Month => "M",
+        }
+    }
 }
 
 impl ReadingKey {
@@ -122,13 +173,9 @@ impl ReadingKey {
             ReadingKey::SubjectTotal { meter, subject } => {
                 format!("r.{}.{}.total", token(meter), token(subject))
             }
-            ReadingKey::Window {
-                meter,
-                subject,
-                group,
-                start,
-            } => {
-                format!("r.{}.{}.{}.{}", token(meter), token(subject), group, start)
+            ReadingKey::Window { meter, subject, group, rollup, start } => {
+                let prefix = rollup.map_or("", Rollup::prefix);
+                format!("r.{}.{}.{}.{prefix}{start}", token(meter), token(subject), group)
             }
         }
     }
@@ -212,9 +259,19 @@ mod tests {
             meter: "m".into(),
             subject: "c".into(),
             group: "_".into(),
+            rollup: None,
             start: 3600,
         }
         .kv_key();
         assert_eq!(w, "r.m.c._.3600");
+        let d = ReadingKey::Window {
+            meter: "m".into(),
+            subject: "c".into(),
+            group: "_".into(),
+            rollup: Some(Rollup::Day),
+            start: 0,
+        }
+        .kv_key();
+        assert_eq!(d, "r.m.c._.d0");
     }
 }

@@ -78,6 +78,16 @@ impl WindowSize {
             WindowSize::Day => 86_400,
         }
     }
+    /// The coarser UTC windows kept for meters of this size.
+    pub fn rollups(self) -> &'static [crate::keys::Rollup] {
+        use crate::keys::Rollup;
+        match self {
+            WindowSize::Minute => &[Rollup::Hour, Rollup::Day, Rollup::Month],
+            WindowSize::Hour => &[Rollup::Day, Rollup::Month],
+            WindowSize::Day => &[Rollup::Month],
+        }
+    }
+
     /// Start (epoch seconds, UTC) of the window holding `epoch_seconds`.
     pub fn window_start(self, epoch_seconds: i64) -> i64 {
         epoch_seconds.div_euclid(self.seconds()) * self.seconds()

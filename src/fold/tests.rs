@@ -58,6 +58,7 @@ fn window(m: &str, s: &str, g: &str, start: &str) -> ReadingKey {
         meter: m.into(),
         subject: s.into(),
         group: g.into(),
+        rollup: None,
         start,
     }
 }
@@ -223,7 +224,7 @@ fn windows_follow_the_meter_window_size() {
     );
     assert_eq!(
         s.keys()
-            .filter(|k| matches!(k, ReadingKey::Window { .. }))
+            .filter(|k| matches!(k, ReadingKey::Window { rollup: None, .. }))
             .count(),
         5
     );
@@ -410,17 +411,29 @@ proptest! {
     }
 
     #[test]
-    fn merged_windows_equal_the_subject_total(m in arb_meter(), events in arb_events()) {
+    fn merged_windows_equal_the_subject_total_and_rollups(m in arb_meter(), events in arb_events()) {
         let (store, _) = fold_all(&m, &events);
+        let agg = m.def.aggregation;
         let mut per_subject: HashMap<String, Acc> = HashMap::new();
+        // every rollup equals the merge of the base windows inside it
+        let mut per_rollup: HashMap<(String, String, crate::keys::Rollup, i64), Acc> = HashMap::new();
         for (k, r) in &store {
-            if let ReadingKey::Window { subject, .. } = k {
+            if let ReadingKey::Window { subject, group, rollup: None, start, .. } = k {
                 per_subject.entry(subject.clone()).or_default().merge(&r.acc);
+                for &ru in m.def.window_size.rollups() {
+                    per_rollup.entry((subject.clone(), group.clone(), ru, ru.start(*start))).or_default().merge(&r.acc);
+                }
             }
         }
-        for (subject, merged) in per_subject {
-            let t = &store[&total("m", &subject)];
-            prop_assert_eq!(merged.value(m.def.aggregation), t.acc.value(m.def.aggregation));
+        for (subject, merged) in &per_subject {
+            let t = &store[&total("m", subject)];
+            prop_assert_eq!(merged.value(agg), t.acc.value(agg));
+        }
+        let rollups = store.keys().filter(|k| matches!(k, ReadingKey::Window { rollup: Some(_), .. })).count();
+        prop_assert_eq!(rollups, per_rollup.len());
+        for ((subject, group, ru, start), merged) in per_rollup {
+            let key = ReadingKey::Window { meter: "m".into(), subject, group, rollup: Some(ru), start };
+            prop_assert_eq!(store[&key].acc.value(agg), merged.value(agg));
         }
     }
 }
