@@ -22,11 +22,19 @@ use crate::registry::Registry;
 use crate::store::Store;
 
 /// Most messages folded in one batch (one KV write per touched reading per batch).
-const BATCH: usize = 2000;
+const BATCH: usize = 10_000;
+/// How long a batch keeps gathering after its first message: bigger batches mean fewer
+/// reading writes per event (every touched reading is written once per batch).
+const LINGER: Duration = Duration::from_millis(25);
 /// KV operations kept in flight at once.
-const PIPELINE: usize = 512;
-/// Readings kept in memory between batches (evicted wholesale past this).
-const CACHE_LIMIT: usize = 50_000;
+const PIPELINE: usize = 4096;
+/// Readings kept in memory between flushes (clean ones are dropped past this).
+const CACHE_LIMIT: usize = 200_000;
+/// Changed readings are written (and the cursor advanced) at least this often, so
+/// readings in KV trail ingestion by well under a second.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// ...and as soon as this many readings are waiting to be written.
+const MAX_DIRTY: usize = 50_000;
 
 /// Per-meter record of the definition its readings were built for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,8 +50,15 @@ pub struct Aggregator {
     registry: Registry,
     metrics: Metrics,
     dedup_window_ns: i64,
-    /// Readings as last written, with their KV revision.
-    cache: HashMap<ReadingKey, (Reading, u64)>,
+    /// Current readings of the keys touched recently (written or waiting to be).
+    readings: HashMap<ReadingKey, Reading>,
+    /// KV revision of each cached reading that exists in KV (absent: not stored yet).
+    revisions: HashMap<ReadingKey, u64>,
+    /// Readings changed since the last flush.
+    dirty: HashSet<ReadingKey>,
+    /// Highest sequence applied to `readings` but not yet covered by the cursor.
+    pending: Option<u64>,
+    last_flush: std::time::Instant,
     /// Meters whose readings are complete up to `cursor`.
     active: HashMap<String, Arc<CompiledMeter>>,
     by_type: ByType,
@@ -66,7 +81,11 @@ impl Aggregator {
             registry,
             metrics,
             dedup_window_ns: i64::try_from(dedup_window.as_nanos()).unwrap_or(i64::MAX),
-            cache: HashMap::new(),
+            readings: HashMap::new(),
+            revisions: HashMap::new(),
+            dirty: HashSet::new(),
+            pending: None,
+            last_flush: std::time::Instant::now(),
             active: HashMap::new(),
             by_type: HashMap::new(),
             cursor: 0,
@@ -95,7 +114,7 @@ impl Aggregator {
             })
             .await
             .context("creating the aggregator's consumer")?;
-        let mut batches = consumer.messages().await?.ready_chunks(BATCH);
+        let mut messages = consumer.messages().await?;
         tracing::info!(
             cursor = self.cursor,
             meters = self.active.len(),
@@ -103,8 +122,12 @@ impl Aggregator {
         );
         loop {
             if !*leading.borrow() {
+                // Hand over cleanly: what was applied is written before we stop.
+                self.flush().await?;
                 return Ok(());
             }
+            let flush_due = self.last_flush + FLUSH_INTERVAL;
+            let has_pending = self.pending.is_some() || !self.dirty.is_empty();
             tokio::select! {
                 biased;
                 _ = leading.changed() => {}
@@ -112,14 +135,23 @@ impl Aggregator {
                     changed?;
                     self.reconcile().await?;
                 }
-                batch = batches.next() => {
-                    let Some(batch) = batch else { bail!("event consumer ended") };
+                _ = tokio::time::sleep_until(flush_due.into()), if has_pending => {
+                    self.flush().await?;
+                }
+                // Only the wait for the first message may be cancelled: once a batch has
+                // started, it is gathered and processed whole, so none is dropped.
+                first = messages.next() => {
+                    let Some(first) = first else { bail!("event consumer ended") };
+                    let batch = gather(first, &mut messages, BATCH, LINGER).await;
                     let batch: Vec<Message> = batch.into_iter().collect::<Result<_, _>>().map_err(|e| anyhow!("{e}"))?;
                     if meters_changed.has_changed().unwrap_or(false) {
                         meters_changed.borrow_and_update();
                         self.reconcile().await?;
                     }
                     self.process_batch(batch).await?;
+                    if self.dirty.len() >= MAX_DIRTY || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+                        self.flush().await?;
+                    }
                 }
             }
         }
@@ -181,6 +213,8 @@ impl Aggregator {
     /// meters, rebuild changed ones, clean up deleted ones.
     async fn reconcile(&mut self) -> Result<()> {
         self.metrics.meter_syncs.inc();
+        // Rebuilds and clean-ups work against KV and the cursor: settle both first.
+        self.flush().await?;
         let live = self.registry.snapshot();
         let mut progress: HashMap<String, Progress> = HashMap::new();
         for item in self.store.scan(&self.store.state, "p.*").await? {
@@ -238,7 +272,7 @@ impl Aggregator {
             .await
             .map_err(|e| tracing::warn!(meter = %id, error = %e, "could not purge dead letters"));
         self.store.state.purge(keys::progress_key(id)).await?;
-        self.cache.retain(|k, _| reading_meter(k) != id);
+        self.forget_meter(id);
         self.active.remove(id);
         Ok(())
     }
@@ -260,7 +294,7 @@ impl Aggregator {
             .put(&pkey, serde_json::to_vec(&incomplete)?.into())
             .await?;
         self.active.remove(&id);
-        self.cache.retain(|k, _| reading_meter(k) != id);
+        self.forget_meter(&id);
         self.store
             .purge_keys(&self.store.readings, &keys::meter_readings_filter(&id))
             .await?;
@@ -277,8 +311,9 @@ impl Aggregator {
                 .await?;
             let only: ByType = HashMap::from([(meter.def.event_type.clone(), vec![meter.clone()])]);
             if consumer.cached_info().num_pending > 0 {
-                let mut batches = consumer.messages().await?.ready_chunks(BATCH);
-                'replay: while let Some(batch) = batches.next().await {
+                let mut messages = consumer.messages().await?;
+                'replay: while let Some(first) = messages.next().await {
+                    let batch = gather(first, &mut messages, BATCH, LINGER).await;
                     let mut events = Vec::with_capacity(batch.len());
                     let mut finished = false;
                     for msg in batch {
@@ -299,12 +334,16 @@ impl Aggregator {
                     }
                     replayed += events.len();
                     self.apply_events(&events, &only).await?;
+                    if self.dirty.len() >= MAX_DIRTY {
+                        self.flush().await?;
+                    }
                     if finished {
                         break 'replay;
                     }
                 }
             }
         }
+        self.flush().await?;
         let done = Progress {
             hash: meter.hash.clone(),
             complete: true,
@@ -346,7 +385,9 @@ impl Aggregator {
                 positions.push(i);
             }
         }
+        let t0 = std::time::Instant::now();
         let decisions = self.settle_duplicates(&candidates).await?;
+        let t_dedup = t0.elapsed();
         let mut duplicate = vec![false; batch.len()];
         for (pos, d) in positions.iter().zip(&decisions) {
             duplicate[*pos] = *d == Decision::Duplicate;
@@ -371,7 +412,13 @@ impl Aggregator {
         let applied = self.apply_events(&events, &by_type).await;
         self.by_type = by_type;
         applied?;
-        self.commit_cursor(last_seq).await?;
+        self.pending = Some(last_seq);
+        tracing::debug!(
+            events = batch.len(),
+            dedup_ms = t_dedup.as_millis() as u64,
+            apply_ms = (t0.elapsed() - t_dedup).as_millis() as u64,
+            "batch"
+        );
         let dups = duplicate.iter().filter(|d| **d).count() as u64;
         self.metrics.events_duplicate.inc_by(dups);
         self.metrics
@@ -478,9 +525,8 @@ impl Aggregator {
         Ok(decisions)
     }
 
-    /// Fold events into the readings of the given meters and store what changed with
-    /// compare-and-swap. A lost race reloads the readings concerned and folds again,
-    /// which the sequence watermarks make harmless.
+    /// Fold events into the cached readings of the given meters, loading from KV the
+    /// readings not cached yet. Changed readings are written by [`Self::flush`].
     async fn apply_events(&mut self, events: &[(u64, Event)], meters: &ByType) -> Result<()> {
         if events.is_empty() {
             return Ok(());
@@ -498,100 +544,101 @@ impl Aggregator {
                 plan.push((*seq, e, m, c));
             }
         }
-        for attempt in 0..8 {
-            if self.cache.len() > CACHE_LIMIT {
-                self.cache.clear();
-            }
-            let missing: Vec<ReadingKey> = needed
-                .iter()
-                .filter(|k| !self.cache.contains_key(*k))
-                .cloned()
-                .collect();
-            let readings = self.store.readings.clone();
-            let loaded: Vec<(ReadingKey, Option<(Reading, u64)>)> = stream::iter(missing)
-                .map(|k| {
-                    let readings = readings.clone();
-                    async move {
-                        let entry = readings.entry(k.kv_key()).await?;
-                        let found = match entry {
-                            Some(e) if e.operation == kv::Operation::Put => {
-                                let r: Reading = serde_json::from_slice(&e.value)
-                                    .with_context(|| format!("decoding reading {}", k.kv_key()))?;
-                                Some((r, e.revision))
-                            }
-                            // absent, or deleted: a new reading (create fails if it races)
-                            _ => None,
-                        };
-                        Ok::<_, anyhow::Error>((k, found))
-                    }
-                })
-                .buffer_unordered(PIPELINE)
-                .try_collect()
-                .await?;
-            let mut work: HashMap<ReadingKey, Reading> = HashMap::with_capacity(needed.len());
-            let mut revisions: HashMap<ReadingKey, u64> = HashMap::new();
-            for (k, found) in loaded {
-                if let Some((r, rev)) = found {
-                    revisions.insert(k.clone(), rev);
-                    work.insert(k, r);
+        let missing: Vec<ReadingKey> = needed
+            .into_iter()
+            .filter(|k| !self.readings.contains_key(k))
+            .collect();
+        let store = self.store.readings.clone();
+        let loaded: Vec<(ReadingKey, Option<(Reading, u64)>)> = stream::iter(missing)
+            .map(|k| {
+                let store = store.clone();
+                async move {
+                    let found = match store.entry(k.kv_key()).await? {
+                        Some(e) if e.operation == kv::Operation::Put => {
+                            let r: Reading = serde_json::from_slice(&e.value)
+                                .with_context(|| format!("decoding reading {}", k.kv_key()))?;
+                            Some((r, e.revision))
+                        }
+                        // absent, or deleted: a new reading (its create fails if it races)
+                        _ => None,
+                    };
+                    Ok::<_, anyhow::Error>((k, found))
+                }
+            })
+            .buffer_unordered(PIPELINE)
+            .try_collect()
+            .await?;
+        for (k, found) in loaded {
+            match found {
+                Some((r, rev)) => {
+                    self.revisions.insert(k.clone(), rev);
+                    self.readings.insert(k, r);
+                }
+                None => {
+                    self.readings.insert(k, Reading::default());
                 }
             }
-            for k in &needed {
-                if let Some((r, rev)) = self.cache.remove(k) {
-                    revisions.insert(k.clone(), rev);
-                    work.insert(k.clone(), r);
-                }
-            }
-            let before: HashMap<ReadingKey, u64> =
-                work.iter().map(|(k, r)| (k.clone(), r.seq)).collect();
-            let mut dead_letters = Vec::new();
-            let mut invalid = 0u64;
-            for (seq, e, m, c) in &plan {
-                if let Applied::Invalid(why) = fold::apply(&mut work, m, *seq, e, c) {
+        }
+        let mut dead_letters = Vec::new();
+        let mut invalid = 0u64;
+        for (seq, e, m, c) in &plan {
+            match fold::apply(&mut self.readings, m, *seq, e, c) {
+                Applied::Counted => {}
+                Applied::AlreadyApplied => continue,
+                Applied::Invalid(why) => {
                     invalid += 1;
                     dead_letters.push((m.def.id.clone(), m.hash.clone(), *seq, why, *e));
                 }
             }
-            let dirty: Vec<(ReadingKey, Reading)> = work
-                .into_iter()
-                .filter_map(|(k, r)| {
-                    if before.get(&k) == Some(&r.seq) {
-                        // unchanged: straight back into the cache
-                        if let Some(rev) = revisions.get(&k) {
-                            self.cache.insert(k, (r, *rev));
-                        }
-                        None
-                    } else {
-                        Some((k, r))
-                    }
-                })
-                .collect();
-            let results: Vec<(ReadingKey, Reading, Result<u64>)> = stream::iter(dirty)
-                .map(|(k, r)| {
-                    let readings = readings.clone();
-                    let rev = revisions.get(&k).copied();
+            // every key the event touched is now ahead of KV
+            for k in fold::keys_for(m, e, c) {
+                if !self.dirty.contains(&k) {
+                    self.dirty.insert(k);
+                }
+            }
+        }
+        self.publish_dead_letters(dead_letters).await;
+        self.metrics.events_invalid.inc_by(invalid);
+        Ok(())
+    }
+
+    /// Write every changed reading with compare-and-swap, then advance the cursor over
+    /// what they include. A lost race (another leader wrote first) is an error: the
+    /// aggregator restarts from the stored cursor, and the sequence watermarks make
+    /// the replay harmless.
+    async fn flush(&mut self) -> Result<()> {
+        if !self.dirty.is_empty() {
+            let dirty: Vec<ReadingKey> = self.dirty.drain().collect();
+            let mut writes = Vec::with_capacity(dirty.len());
+            for k in dirty {
+                let Some(r) = self.readings.get(&k) else {
+                    continue;
+                };
+                writes.push((serde_json::to_vec(r)?, self.revisions.get(&k).copied(), k));
+            }
+            let store = self.store.readings.clone();
+            let results: Vec<(ReadingKey, Result<u64>)> = stream::iter(writes)
+                .map(|(body, rev, k)| {
+                    let store = store.clone();
                     async move {
-                        let res = match serde_json::to_vec(&r) {
-                            Err(e) => Err(anyhow!(e)),
-                            Ok(body) => match rev {
-                                Some(rev) => readings
-                                    .update(k.kv_key(), body.into(), rev)
-                                    .await
-                                    .map_err(|e| anyhow!(e)),
-                                None => readings
-                                    .create(k.kv_key(), body.into())
-                                    .await
-                                    .map_err(|e| anyhow!(e)),
-                            },
+                        let res = match rev {
+                            Some(rev) => store
+                                .update(k.kv_key(), body.into(), rev)
+                                .await
+                                .map_err(|e| anyhow!(e)),
+                            None => store
+                                .create(k.kv_key(), body.into())
+                                .await
+                                .map_err(|e| anyhow!(e)),
                         };
-                        (k, r, res)
+                        (k, res)
                     }
                 })
                 .buffer_unordered(PIPELINE)
                 .collect()
                 .await;
-            let mut conflicts = 0;
-            for (k, r, res) in results {
+            let mut failed = None;
+            for (k, res) in results {
                 match res {
                     Ok(rev) => {
                         if let Some(changed) = &self.changed {
@@ -601,24 +648,34 @@ impl Aggregator {
                                 set.insert(meter.to_string());
                             }
                         }
-                        self.cache.insert(k, (r, rev));
+                        self.revisions.insert(k, rev);
                     }
-                    Err(e) => {
-                        conflicts += 1;
-                        tracing::debug!(key = %k.kv_key(), error = %e, "reading write lost a race; reloading");
-                    }
+                    Err(e) => failed = Some((k, e)),
                 }
             }
-            self.publish_dead_letters(dead_letters).await;
-            if attempt == 0 {
-                self.metrics.events_invalid.inc_by(invalid);
+            if let Some((k, e)) = failed {
+                bail!(
+                    "writing reading {} failed ({e}); restarting from the stored cursor",
+                    k.kv_key()
+                );
             }
-            if conflicts == 0 {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
         }
-        bail!("readings kept changing underneath the aggregator")
+        if let Some(seq) = self.pending.take() {
+            self.commit_cursor(seq).await?;
+        }
+        self.last_flush = std::time::Instant::now();
+        if self.readings.len() > CACHE_LIMIT {
+            self.readings.clear();
+            self.revisions.clear();
+        }
+        Ok(())
+    }
+
+    /// Drop a meter's readings from memory (after its keys were purged from KV).
+    fn forget_meter(&mut self, id: &str) {
+        self.readings.retain(|k, _| reading_meter(k) != id);
+        self.revisions.retain(|k, _| reading_meter(k) != id);
+        self.dirty.retain(|k| reading_meter(k) != id);
     }
 
     async fn publish_dead_letters(&self, letters: Vec<(String, String, u64, String, &Event)>) {
@@ -648,6 +705,22 @@ impl Aggregator {
             }
         }
     }
+}
+
+/// A batch: `first`, then whatever else arrives within `linger`, up to `max`.
+async fn gather<S, T>(first: T, messages: &mut S, max: usize, linger: Duration) -> Vec<T>
+where
+    S: futures::Stream<Item = T> + Unpin,
+{
+    let mut out = vec![first];
+    let deadline = tokio::time::Instant::now() + linger;
+    while out.len() < max {
+        match tokio::time::timeout_at(deadline, messages.next()).await {
+            Ok(Some(m)) => out.push(m),
+            _ => break,
+        }
+    }
+    out
 }
 
 fn reading_meter(k: &ReadingKey) -> &str {

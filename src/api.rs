@@ -784,20 +784,39 @@ async fn query_subjects(
     store: &Store,
     def: &MeterDef,
     wanted: &[String],
-) -> ApiResult<Vec<(String, std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>)>> {
+) -> ApiResult<
+    Vec<(
+        String,
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>,
+    )>,
+> {
     let mut totals: Vec<(String, Reading)> = Vec::new();
     if wanted.is_empty() {
         let filter = keys::subject_totals_filter(&def.id, None);
-        for item in store.scan(&store.readings, &filter).await.map_err(ApiError::internal)? {
+        for item in store
+            .scan(&store.readings, &filter)
+            .await
+            .map_err(ApiError::internal)?
+        {
             if let Some(subject) = item.key.split('.').nth(2).and_then(keys::untoken) {
-                totals.push((subject, serde_json::from_slice(&item.value).map_err(ApiError::internal)?));
+                totals.push((
+                    subject,
+                    serde_json::from_slice(&item.value).map_err(ApiError::internal)?,
+                ));
             }
         }
     } else {
         for subject in wanted {
-            let key = ReadingKey::SubjectTotal { meter: def.id.clone(), subject: subject.clone() }.kv_key();
+            let key = ReadingKey::SubjectTotal {
+                meter: def.id.clone(),
+                subject: subject.clone(),
+            }
+            .kv_key();
             if let Some(raw) = store.readings.get(key).await.map_err(ApiError::internal)? {
-                totals.push((subject.clone(), serde_json::from_slice(&raw).map_err(ApiError::internal)?));
+                totals.push((
+                    subject.clone(),
+                    serde_json::from_slice(&raw).map_err(ApiError::internal)?,
+                ));
             }
         }
     }
@@ -805,7 +824,10 @@ async fn query_subjects(
         .into_iter()
         .map(|(s, r)| {
             let groups = if r.groups.is_empty() {
-                std::collections::BTreeMap::from([("_".to_string(), std::collections::BTreeMap::new())])
+                std::collections::BTreeMap::from([(
+                    "_".to_string(),
+                    std::collections::BTreeMap::new(),
+                )])
             } else {
                 r.groups
             };
@@ -814,13 +836,20 @@ async fn query_subjects(
         .collect())
 }
 
-async fn run_query(state: &AppState, id: &str, pairs: Vec<(String, String)>, headers: &HeaderMap) -> ApiResult<Response> {
+async fn run_query(
+    state: &AppState,
+    id: &str,
+    pairs: Vec<(String, String)>,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
     use crate::query;
     use futures::{StreamExt, TryStreamExt};
     use std::collections::BTreeMap;
     let id = state.resolve_id(id);
     let store = state.store()?;
-    let def = load_meter(store, &id).await?.ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
+    let def = load_meter(store, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
     let p = query::parse_query(&pairs, &def, Utc::now())?;
     let windows = query::output_windows(&p);
     let mut covers = Vec::with_capacity(windows.len());
@@ -834,7 +863,9 @@ async fn run_query(state: &AppState, id: &str, pairs: Vec<(String, String)>, hea
             } else {
                 "windowTimeZone"
             };
-            ApiError::bad_request(format!("{field}: window boundaries must fall on the meter's {base} windows"))
+            ApiError::bad_request(format!(
+                "{field}: window boundaries must fall on the meter's {base} windows"
+            ))
         })?;
         covers.push(chunks);
     }
@@ -867,21 +898,25 @@ async fn run_query(state: &AppState, id: &str, pairs: Vec<(String, String)>, hea
         }
     }
     let readings = store.readings.clone();
-    let fetched: Vec<(usize, String, BTreeMap<String, Value>, Option<Reading>)> = futures::stream::iter(plan)
-        .map(|(wi, subject, projected, key)| {
-            let readings = readings.clone();
-            async move {
-                let r = match readings.get(key).await.map_err(ApiError::internal)? {
-                    Some(raw) => Some(serde_json::from_slice::<Reading>(&raw).map_err(ApiError::internal)?),
-                    None => None,
-                };
-                Ok::<_, ApiError>((wi, subject, projected, r))
-            }
-        })
-        .buffer_unordered(256)
-        .try_collect()
-        .await?;
-    let mut merged: BTreeMap<(usize, String, String), (BTreeMap<String, Value>, crate::fold::Acc)> = BTreeMap::new();
+    let fetched: Vec<(usize, String, BTreeMap<String, Value>, Option<Reading>)> =
+        futures::stream::iter(plan)
+            .map(|(wi, subject, projected, key)| {
+                let readings = readings.clone();
+                async move {
+                    let r = match readings.get(key).await.map_err(ApiError::internal)? {
+                        Some(raw) => Some(
+                            serde_json::from_slice::<Reading>(&raw).map_err(ApiError::internal)?,
+                        ),
+                        None => None,
+                    };
+                    Ok::<_, ApiError>((wi, subject, projected, r))
+                }
+            })
+            .buffer_unordered(256)
+            .try_collect()
+            .await?;
+    let mut merged: BTreeMap<(usize, String, String), (BTreeMap<String, Value>, crate::fold::Acc)> =
+        BTreeMap::new();
     for (wi, subject, projected, reading) in fetched {
         let Some(reading) = reading else { continue };
         let gkey = serde_json::to_string(&projected).unwrap_or_default();
@@ -897,7 +932,11 @@ async fn run_query(state: &AppState, id: &str, pairs: Vec<(String, String)>, hea
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/csv"));
     if wants_csv {
-        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], query::to_csv(&rows, &p.group_by)).into_response());
+        return Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            query::to_csv(&rows, &p.group_by),
+        )
+            .into_response());
     }
     Ok(Json(json!({
         "windowSize": p.window,

@@ -151,8 +151,15 @@ impl Rollup {
             Rollup::Month => {
                 use chrono::{Datelike, TimeZone};
                 let t = chrono::DateTime::from_timestamp(start, 0).unwrap_or_default();
-                let (y, m) = if t.month() == 12 { (t.year() + 1, 1) } else { (t.year(), t.month() + 1) };
-                chrono::Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().map_or(start, |d| d.timestamp())
+                let (y, m) = if t.month() == 12 {
+                    (t.year() + 1, 1)
+                } else {
+                    (t.year(), t.month() + 1)
+                };
+                chrono::Utc
+                    .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+                    .single()
+                    .map_or(start, |d| d.timestamp())
             }
         }
     }
@@ -173,9 +180,20 @@ impl ReadingKey {
             ReadingKey::SubjectTotal { meter, subject } => {
                 format!("r.{}.{}.total", token(meter), token(subject))
             }
-            ReadingKey::Window { meter, subject, group, rollup, start } => {
+            ReadingKey::Window {
+                meter,
+                subject,
+                group,
+                rollup,
+                start,
+            } => {
                 let prefix = rollup.map_or("", Rollup::prefix);
-                format!("r.{}.{}.{}.{prefix}{start}", token(meter), token(subject), group)
+                format!(
+                    "r.{}.{}.{}.{prefix}{start}",
+                    token(meter),
+                    token(subject),
+                    group
+                )
             }
         }
     }

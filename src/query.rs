@@ -66,7 +66,11 @@ fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>, FieldError> {
 
 /// Parse query-string pairs (repeatable keys kept in order). Every error names its
 /// parameter.
-pub fn parse_query(pairs: &[(String, String)], meter: &MeterDef, now: DateTime<Utc>) -> Result<QueryParams, FieldError> {
+pub fn parse_query(
+    pairs: &[(String, String)],
+    meter: &MeterDef,
+    now: DateTime<Utc>,
+) -> Result<QueryParams, FieldError> {
     let mut from = None;
     let mut to = None;
     let mut window = None;
@@ -80,31 +84,45 @@ pub fn parse_query(pairs: &[(String, String)], meter: &MeterDef, now: DateTime<U
             "to" => to = Some(parse_time("to", v)?),
             "windowSize" => {
                 let w = QueryWindow::parse(v).ok_or_else(|| {
-                    FieldError::new("windowSize", format!("unknown window size {v:?} (MINUTE, HOUR, DAY, MONTH)"))
+                    FieldError::new(
+                        "windowSize",
+                        format!("unknown window size {v:?} (MINUTE, HOUR, DAY, MONTH)"),
+                    )
                 })?;
                 if w.rank() < meter_rank(meter.window_size) {
                     let base = format!("{:?}", meter.window_size).to_uppercase();
                     return Err(FieldError::new(
                         "windowSize",
-                        format!("{} is finer than the meter's windowSize {base}", v.to_uppercase()),
+                        format!(
+                            "{} is finer than the meter's windowSize {base}",
+                            v.to_uppercase()
+                        ),
                     ));
                 }
                 window = Some(w);
             }
             "windowTimeZone" => {
-                tz = v.parse::<Tz>().map_err(|_| FieldError::new("windowTimeZone", format!("unknown IANA time zone {v:?}")))?
+                tz = v.parse::<Tz>().map_err(|_| {
+                    FieldError::new("windowTimeZone", format!("unknown IANA time zone {v:?}"))
+                })?
             }
             "subject" => subjects.push(v.clone()),
             "groupBy" => {
                 if !meter.group_by.contains_key(v) {
-                    return Err(FieldError::new("groupBy", format!("unknown group key {v:?}")));
+                    return Err(FieldError::new(
+                        "groupBy",
+                        format!("unknown group key {v:?}"),
+                    ));
                 }
                 if !group_by.contains(v) {
                     group_by.push(v.clone());
                 }
             }
             other => {
-                if let Some(key) = other.strip_prefix("filterGroupBy[").and_then(|r| r.strip_suffix(']')) {
+                if let Some(key) = other
+                    .strip_prefix("filterGroupBy[")
+                    .and_then(|r| r.strip_suffix(']'))
+                {
                     if !meter.group_by.contains_key(key) {
                         return Err(FieldError::new(other, format!("unknown group key {key:?}")));
                     }
@@ -119,7 +137,15 @@ pub fn parse_query(pairs: &[(String, String)], meter: &MeterDef, now: DateTime<U
     if from >= to {
         return Err(FieldError::new("from", "must be before to"));
     }
-    Ok(QueryParams { from, to, window, tz, subjects, group_by, filters })
+    Ok(QueryParams {
+        from,
+        to,
+        window,
+        tz,
+        subjects,
+        group_by,
+        filters,
+    })
 }
 
 fn local_midnight(tz: Tz, date: NaiveDate) -> DateTime<Utc> {
@@ -148,7 +174,10 @@ fn window_bounds(w: QueryWindow, tz: Tz, t: DateTime<Utc>) -> (DateTime<Utc>, Da
         }
         QueryWindow::Day => {
             let date = local.date_naive();
-            (local_midnight(tz, date), local_midnight(tz, date.succ_opt().unwrap_or(date)))
+            (
+                local_midnight(tz, date),
+                local_midnight(tz, date.succ_opt().unwrap_or(date)),
+            )
         }
         QueryWindow::Month => {
             let first = NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or_default();
@@ -165,7 +194,9 @@ fn window_bounds(w: QueryWindow, tz: Tz, t: DateTime<Utc>) -> (DateTime<Utc>, Da
 
 /// The output windows, each clipped to [from, to).
 pub fn output_windows(p: &QueryParams) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
-    let Some(w) = p.window else { return vec![(p.from, p.to)] };
+    let Some(w) = p.window else {
+        return vec![(p.from, p.to)];
+    };
     let mut out = Vec::new();
     let mut t = p.from;
     while t < p.to {
@@ -193,7 +224,11 @@ pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<(Option<Rollup>, i6
     let mut out = Vec::new();
     let mut t = a;
     while t < b {
-        let rollup = base.rollups().iter().rev().find(|ru| ru.start(t) == t && ru.next(t) <= b);
+        let rollup = base
+            .rollups()
+            .iter()
+            .rev()
+            .find(|ru| ru.start(t) == t && ru.next(t) <= b);
         match rollup {
             Some(ru) => {
                 out.push((Some(*ru), t));
@@ -237,7 +272,9 @@ pub fn group_matches(values: &BTreeMap<String, Value>, filters: &BTreeMap<String
 
 /// Keep only the requested dimensions of a group.
 pub fn project(values: &BTreeMap<String, Value>, dims: &[String]) -> BTreeMap<String, Value> {
-    dims.iter().map(|d| (d.clone(), values.get(d).cloned().unwrap_or(Value::Null))).collect()
+    dims.iter()
+        .map(|d| (d.clone(), values.get(d).cloned().unwrap_or(Value::Null)))
+        .collect()
 }
 
 /// Rows from merged accumulators keyed by (window index, subject, projected group).
@@ -276,7 +313,11 @@ pub fn to_csv(rows: &[Row], dims: &[String]) -> String {
     }
     out.push_str(",value\n");
     for r in rows {
-        let mut cols = vec![field(&r.window_start), field(&r.window_end), field(&r.subject)];
+        let mut cols = vec![
+            field(&r.window_start),
+            field(&r.window_end),
+            field(&r.subject),
+        ];
         for d in dims {
             let v = match r.group_by.get(d) {
                 Some(Value::String(s)) => s.clone(),

@@ -210,7 +210,10 @@ async fn every_aggregation_end_to_end() {
     use futures::StreamExt;
     while let Some(k) = keys.next().await {
         let k = k.unwrap();
-        let base_window = k.rsplit('.').next().is_some_and(|t| t.parse::<i64>().is_ok());
+        let base_window = k
+            .rsplit('.')
+            .next()
+            .is_some_and(|t| t.parse::<i64>().is_ok());
         if k.starts_with("r.sum-by-model.") && k.split('.').count() == 5 && base_window {
             let r: Value = serde_json::from_slice(&kv.get(&k).await.unwrap().unwrap()).unwrap();
             let start: i64 = k.rsplit('.').next().unwrap().parse().unwrap();

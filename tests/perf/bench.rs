@@ -435,7 +435,9 @@ async fn aggregation(reps: usize, n: usize, meters: usize, failures: &mut Vec<St
                 .await
                 .unwrap();
         }
-        let km = Km::start(&nats, "meters", &[]).await;
+        let log_level =
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
+        let km = Km::start(&nats, "meters", &[("LOG_LEVEL", log_level.as_str())]).await;
         let (mut first, mut t_first) = (None, Instant::now());
         let t_end;
         loop {
@@ -458,6 +460,16 @@ async fn aggregation(reps: usize, n: usize, meters: usize, failures: &mut Vec<St
         let done = n as u64 - first.unwrap_or(0);
         row.km
             .push(done as f64 / (t_end - t_first).as_secs_f64().max(1e-6));
+        if std::env::var("BENCH_LOG").is_ok() {
+            for line in km
+                .logs()
+                .lines()
+                .filter(|l| l.contains("\"batch\""))
+                .take(12)
+            {
+                eprintln!("{line}");
+            }
+        }
         row.km_rss = row.km_rss.max(rss_kib(km.pid().unwrap()));
         row.nats_rss = row.nats_rss.max(rss_kib(nats_pid(&nats)));
         for m in 0..meters {
@@ -602,20 +614,35 @@ async fn main() {
     println!();
     println!("| scenario | baseline | baseline rate | kloudmeter rate | ratio | kloudmeter RSS | nats-server RSS |");
     println!("|---|---|---|---|---|---|---|");
-    let mut batch = ingest_batch(reps, n, 8).await;
-    batch.print();
-    for mut r in ingest_single(reps, n / 5, 32).await {
-        r.print();
+    // BENCH_ONLY=ingest,aggregation,e2e picks scenarios (default: all)
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let want = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
+    let mut half = env_usize("BENCH_E2E_RATE", 0) as f64;
+    if want("ingest") {
+        let mut batch = ingest_batch(reps, n, 8).await;
+        batch.print();
+        for mut r in ingest_single(reps, n / 5, 32).await {
+            r.print();
+        }
+        half = median(&mut batch.km.clone()) / 2.0;
     }
-    let mut a1 = aggregation(reps, n, 1, &mut failures).await;
-    a1.print();
-    let mut a10 = aggregation(reps, n, 10, &mut failures).await;
-    a10.print();
-    let half = median(&mut batch.km.clone()) / 2.0;
-    let (p50, p99, samples, krss, nrss) =
-        end_to_end(half, env_usize("BENCH_E2E_SECS", 10) as u64, &mut failures).await;
-    println!();
-    println!("end to end at {half:.0} events/s (half the batch ingest maximum): 2xx → KV reading p50 {p50:.1} ms, p99 {p99:.1} ms over {samples} probes; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB", krss as f64 / 1024.0, nrss as f64 / 1024.0);
+    if want("aggregation") {
+        aggregation(reps, n, 1, &mut failures).await.print();
+        aggregation(reps, n, 10, &mut failures).await.print();
+    }
+    if want("e2e") {
+        if half == 0.0 {
+            half = 20_000.0;
+        }
+        let secs = env_usize("BENCH_E2E_SECS", 10) as u64;
+        let (p50, p99, samples, krss, nrss) = end_to_end(half, secs, &mut failures).await;
+        println!();
+        println!(
+            "end to end at {half:.0} events/s (half the batch ingest maximum): 2xx -> KV reading p50 {p50:.1} ms, p99 {p99:.1} ms over {samples} probes; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB",
+            krss as f64 / 1024.0,
+            nrss as f64 / 1024.0
+        );
+    }
     if !failures.is_empty() {
         eprintln!("WRONG READINGS:");
         for f in &failures {
