@@ -41,10 +41,29 @@ pub struct ControlPlane {
     pub token: String,
     etcd: Option<Child>,
     apiserver: Option<Child>,
+    controller_manager: Option<Child>,
+}
+
+/// Extras some tests need.
+#[derive(Default)]
+pub struct Options {
+    /// Log every request (Metadata level) to `audit.log` in the temp dir.
+    pub audit: bool,
+    /// Run kube-controller-manager too (garbage collection, ServiceAccount tokens,
+    /// ReplicaSets); no kubelet runs, so Pods stay Pending.
+    pub controller_manager: bool,
 }
 
 impl ControlPlane {
     pub fn start() -> ControlPlane {
+        Self::start_with(Options::default())
+    }
+
+    pub fn audit_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
+    }
+
+    pub fn start_with(opts: Options) -> ControlPlane {
         let assets = assets_dir();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -135,7 +154,12 @@ impl ControlPlane {
             .spawn()
             .expect("starting etcd");
         let path = |f: &str| d.join(f).display().to_string();
-        let apiserver = Command::new(assets.join("kube-apiserver"))
+        std::fs::write(d.join("audit-policy.yaml"), "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n").unwrap();
+        let mut apiserver = Command::new(assets.join("kube-apiserver"));
+        if opts.audit {
+            apiserver.args(["--audit-policy-file", &path("audit-policy.yaml"), "--audit-log-path", &path("audit.log")]);
+        }
+        let apiserver = apiserver
             .args(["--etcd-servers", &format!("http://127.0.0.1:{etcd_port}")])
             .args([
                 "--bind-address",
@@ -176,15 +200,31 @@ impl ControlPlane {
             ),
         )
         .unwrap();
-        let cp = ControlPlane {
+        let mut cp = ControlPlane {
             dir,
             port,
             kubeconfig,
             token,
             etcd: Some(etcd),
             apiserver: Some(apiserver),
+            controller_manager: None,
         };
         cp.wait_ready(Duration::from_secs(60));
+        if opts.controller_manager {
+            let bin = assets.join("kube-controller-manager");
+            assert!(bin.is_file(), "{} missing: run `bash .ci/kube-assets.sh`", bin.display());
+            let d = cp.dir.path();
+            let cm = Command::new(bin)
+                .args(["--kubeconfig", &cp.kubeconfig.display().to_string()])
+                .args(["--service-account-private-key-file", &d.join("sa.key").display().to_string()])
+                .args(["--root-ca-file", &d.join("ca.crt").display().to_string()])
+                .args(["--leader-elect=false", "--port=0", "--secure-port=0", "--use-service-account-credentials=false"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join("controller-manager.log")).unwrap())
+                .spawn()
+                .expect("starting kube-controller-manager");
+            cp.controller_manager = Some(cm);
+        }
         cp
     }
 
@@ -279,7 +319,7 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        for c in [self.apiserver.take(), self.etcd.take()]
+        for c in [self.controller_manager.take(), self.apiserver.take(), self.etcd.take()]
             .into_iter()
             .flatten()
         {
