@@ -743,20 +743,15 @@ async fn readings_v1(
     Ok(Json(json!({"data": data})))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::token_matches;
-
-    #[test]
-    fn token_comparison() {
-        assert!(token_matches(b"secret", b"secret"));
-        assert!(!token_matches(b"secreT", b"secret"));
-        assert!(!token_matches(b"secret1", b"secret"));
-        assert!(!token_matches(b"", b"secret"));
-    }
-}
-
 // ---- queries ----
+
+/// One stored window read for a query: (output window, subject, projected group, reading).
+type Fetched = (
+    usize,
+    String,
+    std::collections::BTreeMap<String, Value>,
+    Option<Reading>,
+);
 
 /// Most stored windows one query may read.
 const QUERY_KEY_LIMIT: usize = 500_000;
@@ -898,25 +893,23 @@ async fn run_query(
         }
     }
     let readings = store.readings.clone();
-    let fetched: Vec<(usize, String, BTreeMap<String, Value>, Option<Reading>)> =
-        futures::stream::iter(plan)
-            .map(|(wi, subject, projected, key)| {
-                let readings = readings.clone();
-                async move {
-                    let r = match readings.get(key).await.map_err(ApiError::internal)? {
-                        Some(raw) => Some(
-                            serde_json::from_slice::<Reading>(&raw).map_err(ApiError::internal)?,
-                        ),
-                        None => None,
-                    };
-                    Ok::<_, ApiError>((wi, subject, projected, r))
-                }
-            })
-            .buffer_unordered(256)
-            .try_collect()
-            .await?;
-    let mut merged: BTreeMap<(usize, String, String), (BTreeMap<String, Value>, crate::fold::Acc)> =
-        BTreeMap::new();
+    let fetched: Vec<Fetched> = futures::stream::iter(plan)
+        .map(|(wi, subject, projected, key)| {
+            let readings = readings.clone();
+            async move {
+                let r = match readings.get(key).await.map_err(ApiError::internal)? {
+                    Some(raw) => {
+                        Some(serde_json::from_slice::<Reading>(&raw).map_err(ApiError::internal)?)
+                    }
+                    None => None,
+                };
+                Ok::<_, ApiError>((wi, subject, projected, r))
+            }
+        })
+        .buffer_unordered(256)
+        .try_collect()
+        .await?;
+    let mut merged: query::Merged = BTreeMap::new();
     for (wi, subject, projected, reading) in fetched {
         let Some(reading) = reading else { continue };
         let gkey = serde_json::to_string(&projected).unwrap_or_default();
@@ -946,4 +939,17 @@ async fn run_query(
         "data": rows,
     }))
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secreT", b"secret"));
+        assert!(!token_matches(b"secret1", b"secret"));
+        assert!(!token_matches(b"", b"secret"));
+    }
 }

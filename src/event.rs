@@ -344,3 +344,140 @@ mod tests {
         assert_eq!(err.to_string(), "body: must be a single event object");
     }
 }
+
+/// Hostile input: whatever the bytes, parsing returns a value or an error naming a
+/// field, never panics; and what it accepts is stored under collision-free keys.
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn json_text() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            Just("NaN".to_string()),
+            Just("Infinity".to_string()),
+            Just("-0".to_string()),
+            Just("1e999999".to_string()),
+            Just("123456789012345678901234567890.5".to_string()),
+            "\"[^\"\\\\]{0,12}\"".prop_map(|s| s),
+            Just("\"*.>\"".to_string()),
+            Just("\"a b\"".to_string()),
+            Just("\"\\ud800\"".to_string()),
+        ];
+        leaf.prop_recursive(6, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec(
+                    (
+                        prop::sample::select(vec![
+                            "id",
+                            "eventType",
+                            "type",
+                            "subject",
+                            "time",
+                            "data",
+                            "source",
+                            "specversion",
+                            "x"
+                        ]),
+                        inner
+                    ),
+                    0..7
+                )
+                .prop_map(|kv| format!(
+                    "{{{}}}",
+                    kv.iter()
+                        .map(|(k, v)| format!("\"{k}\":{v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            for kind in [BodyKind::Json, BodyKind::CloudEvent, BodyKind::CloudEventBatch] {
+                let _ = parse_events(&bytes, kind, true, now());
+            }
+        }
+
+        #[test]
+        fn arbitrary_json_is_accepted_whole_or_refused_by_field(text in json_text()) {
+            for kind in [BodyKind::Json, BodyKind::CloudEvent, BodyKind::CloudEventBatch] {
+                match parse_events(text.as_bytes(), kind, true, now()) {
+                    Ok(events) => {
+                        for e in events {
+                            prop_assert!(!e.id.is_empty() && !e.subject.is_empty() && !e.event_type.is_empty());
+                            prop_assert!(e.data.is_object());
+                            // the subject the event is stored on is one escaped token
+                            let subject = crate::keys::Names::new("s").event_subject(&e.event_type);
+                            prop_assert_eq!(subject.matches('.').count(), 2);
+                            prop_assert!(!subject.contains(['*', '>', ' ']));
+                        }
+                    }
+                    Err(err) => prop_assert!(!err.field.is_empty() && !err.message.is_empty()),
+                }
+            }
+        }
+
+        #[test]
+        fn tokens_are_injective_and_safe(a in "\\PC{0,40}", b in "\\PC{0,40}") {
+            let (ta, tb) = (crate::keys::token(&a), crate::keys::token(&b));
+            prop_assert!(ta.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-' || c == b'='));
+            prop_assert_eq!(ta == tb, a == b);
+            prop_assert_eq!(crate::keys::untoken(&ta), Some(a.clone()));
+        }
+
+        #[test]
+        fn meter_definitions_and_jsonpaths_never_panic(
+            path in "\\$?[\\[\\]\\.\\*a-z0-9'\"?@()=<>!, $]{0,30}",
+            agg in "[a-zA-Z_]{0,12}",
+        ) {
+            let body = serde_json::json!({"id": "m", "eventType": "t", "aggregation": agg, "valueProperty": path, "groupBy": {"g": path}});
+            if let Ok(def) = crate::meter::parse_meter_json(&body, None) {
+                let m = crate::meter::CompiledMeter::compile(&def).unwrap();
+                let e = Event { id: "1".into(), source: None, event_type: "t".into(), subject: "s".into(), time: now(),
+                    data: serde_json::json!({"a": [1, {"b": "2"}], "c": {"d": [[]]}, "e": "NaN"}) };
+                let _ = crate::fold::contribution(&m, &e);
+            }
+        }
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_strings_are_refused_or_accepted_without_panic() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(
+            parse_events(deep.as_bytes(), BodyKind::Json, true, now())
+                .unwrap_err()
+                .field,
+            "body"
+        );
+        let big = format!(
+            "{{\"id\":\"{}\",\"eventType\":\"t\",\"subject\":\"s\"}}",
+            "x".repeat(1 << 20)
+        );
+        assert_eq!(
+            parse_events(big.as_bytes(), BodyKind::Json, true, now())
+                .unwrap_err()
+                .field,
+            "id"
+        );
+        let bad_utf8 = b"{\"id\":\"\xff\xfe\",\"eventType\":\"t\",\"subject\":\"s\"}";
+        assert_eq!(
+            parse_events(bad_utf8, BodyKind::Json, true, now())
+                .unwrap_err()
+                .field,
+            "body"
+        );
+    }
+}

@@ -277,10 +277,13 @@ pub fn project(values: &BTreeMap<String, Value>, dims: &[String]) -> BTreeMap<St
         .collect()
 }
 
+/// Merged accumulators keyed by (output window, subject, projected group as JSON).
+pub type Merged = BTreeMap<(usize, String, String), (BTreeMap<String, Value>, Acc)>;
+
 /// Rows from merged accumulators keyed by (window index, subject, projected group).
 pub fn rows(
     windows: &[(DateTime<Utc>, DateTime<Utc>)],
-    merged: BTreeMap<(usize, String, String), (BTreeMap<String, Value>, Acc)>,
+    merged: Merged,
     meter: &MeterDef,
 ) -> Vec<Row> {
     merged

@@ -25,7 +25,13 @@ struct Workload {
 }
 
 fn workload(n_requests: usize) -> Workload {
-    let mut w = Workload { requests: vec![], sums: BTreeMap::new(), counted: 0, repeats: 0, invalid: 0 };
+    let mut w = Workload {
+        requests: vec![],
+        sums: BTreeMap::new(),
+        counted: 0,
+        repeats: 0,
+        invalid: 0,
+    };
     let mut n = 0usize;
     for r in 0..n_requests {
         let single = r % 4 == 0;
@@ -37,8 +43,16 @@ fn workload(n_requests: usize) -> Workload {
             let k = if repeat { n - 9 } else { n };
             let subject = format!("c{}", k % 4);
             // every 7th event is late (last week), every 13th has no numeric value
-            let time = if k % 7 == 0 { "2026-11-17T08:00:00Z" } else { "2026-11-24T10:00:00Z" };
-            let data = if k % 13 == 0 { json!({"v": "n/a"}) } else { json!({"v": (k % 5) as i64 + 1}) };
+            let time = if k % 7 == 0 {
+                "2026-11-17T08:00:00Z"
+            } else {
+                "2026-11-24T10:00:00Z"
+            };
+            let data = if k % 13 == 0 {
+                json!({"v": "n/a"})
+            } else {
+                json!({"v": (k % 5) as i64 + 1})
+            };
             if repeat {
                 w.repeats += 1;
             } else if k % 13 == 0 {
@@ -49,7 +63,11 @@ fn workload(n_requests: usize) -> Workload {
             }
             batch.push(json!({"id": format!("ev-{k}"), "eventType": "chaos", "subject": subject, "time": time, "data": data}));
         }
-        w.requests.push(if single { (true, batch.remove(0)) } else { (false, Value::Array(batch)) });
+        w.requests.push(if single {
+            (true, batch.remove(0))
+        } else {
+            (false, Value::Array(batch))
+        });
     }
     w
 }
@@ -58,8 +76,11 @@ fn workload(n_requests: usize) -> Workload {
 async fn nothing_lost_or_doubled_under_kills_restarts_and_two_processes() {
     let mut nats = Nats::start();
     let mut a = Km::start(&nats, "chaos", &[]).await;
-    let mut b: Option<Km> = None;
-    let (s, _) = post(&a.url("/api/create-meter"), &json!({"id": "chaos", "eventType": "chaos", "aggregation": "sum", "valueProperty": "$.v"})).await;
+    let (s, _) = post(
+        &a.url("/api/create-meter"),
+        &json!({"id": "chaos", "eventType": "chaos", "aggregation": "sum", "valueProperty": "$.v"}),
+    )
+    .await;
     assert_eq!(s, 202);
     let w = workload(240);
     let progress = Arc::new(AtomicUsize::new(0));
@@ -69,13 +90,26 @@ async fn nothing_lost_or_doubled_under_kills_restarts_and_two_processes() {
         let (progress, retries) = (progress.clone(), retries.clone());
         let requests = w.requests.clone();
         tokio::spawn(async move {
-            let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .unwrap();
             let deadline = Instant::now() + Duration::from_secs(240);
             for (i, (single, body)) in requests.iter().enumerate() {
-                let path = if *single { "/api/register-event" } else { "/api/v1/events" };
+                let path = if *single {
+                    "/api/register-event"
+                } else {
+                    "/api/v1/events"
+                };
                 loop {
                     let url = format!("http://127.0.0.1:{a_port}{path}");
-                    let ok = client.post(&url).json(body).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+                    let ok = client
+                        .post(&url)
+                        .json(body)
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false);
                     if ok {
                         break;
                     }
@@ -89,12 +123,17 @@ async fn nothing_lost_or_doubled_under_kills_restarts_and_two_processes() {
     };
     let at = |n: usize| {
         let p = progress.clone();
-        async move { wait_for("generator progress", T, || async { p.load(Ordering::SeqCst) >= n }).await }
+        async move {
+            wait_for("generator progress", T, || async {
+                p.load(Ordering::SeqCst) >= n
+            })
+            .await
+        }
     };
     let (mut kills, mut restarts) = (0, 0);
     // a second process joins, then the first is killed repeatedly; NATS restarts twice
     at(20).await;
-    b = Some(Km::start(&nats, "chaos", &[]).await);
+    let mut b = Some(Km::start(&nats, "chaos", &[]).await);
     for step in [40, 60, 80, 100, 120] {
         at(step).await;
         a.restart().await; // kill -9 and start again
@@ -111,23 +150,50 @@ async fn nothing_lost_or_doubled_under_kills_restarts_and_two_processes() {
     }
     gen.await.unwrap();
     caught_up(&nats.client().await, "chaos", T).await;
-    wait_for("readyz", T, || async { get(&a.url("/readyz")).await.0 == 200 }).await;
-    let want: BTreeMap<String, String> = w.sums.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+    wait_for("readyz", T, || async {
+        get(&a.url("/readyz")).await.0 == 200
+    })
+    .await;
+    let want: BTreeMap<String, String> = w
+        .sums
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect();
     let got = subject_values(&a, "chaos").await;
     let r = meter_reading(&a, "chaos").await;
-    let q = get(&a.url("/api/v1/meters/chaos/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z")).await.1;
-    let from_query: BTreeMap<String, String> = q["data"].as_array().unwrap().iter().map(|r| (r["subject"].as_str().unwrap().into(), r["value"].as_str().unwrap().into())).collect();
+    let q =
+        get(&a.url("/api/v1/meters/chaos/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z"))
+            .await
+            .1;
+    let from_query: BTreeMap<String, String> = q["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["subject"].as_str().unwrap().into(),
+                r["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
     let mismatches = want.iter().filter(|(k, v)| got.get(*k) != Some(v)).count()
         + usize::from(r["events"] != json!(w.counted))
         + usize::from(r["invalidEvents"] != json!(w.invalid))
         + usize::from(from_query != want);
-    let sent: usize = w.requests.iter().map(|(s, b)| if *s { 1 } else { b.as_array().unwrap().len() }).sum();
+    let sent: usize = w
+        .requests
+        .iter()
+        .map(|(s, b)| if *s { 1 } else { b.as_array().unwrap().len() })
+        .sum();
     eprintln!(
         "chaos: events sent {sent} (acknowledged {sent}), repeated ids {}, invalid {}, counted {}, client retries {}, kill -9 {kills}, nats restarts {restarts}, mismatches {mismatches}",
         w.repeats, w.invalid, w.counted, retries.load(Ordering::SeqCst)
     );
     assert_eq!(got, want);
-    assert_eq!((r["events"].clone(), r["invalidEvents"].clone()), (json!(w.counted), json!(w.invalid)));
+    assert_eq!(
+        (r["events"].clone(), r["invalidEvents"].clone()),
+        (json!(w.counted), json!(w.invalid))
+    );
     assert_eq!(from_query, want);
     assert_eq!(mismatches, 0);
     assert!(kills >= 5 && restarts >= 2);
@@ -139,21 +205,50 @@ async fn nats_outage_gives_quick_503s_and_recovers_by_itself() {
     let km = Km::start(&nats, "outage", &[]).await;
     nats.stop();
     // the client notices the disconnect; from then on ingestion fails fast
-    wait_for("readyz to fail", T, || async { get(&km.url("/readyz")).await.0 == 503 }).await;
+    wait_for("readyz to fail", T, || async {
+        get(&km.url("/readyz")).await.0 == 503
+    })
+    .await;
     let started = Instant::now();
-    let r = reqwest::Client::new().post(km.url("/api/register-event")).json(&json!({"id": "1", "eventType": "t", "subject": "s"})).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(km.url("/api/register-event"))
+        .json(&json!({"id": "1", "eventType": "t", "subject": "s"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
-    assert!(started.elapsed() < Duration::from_secs(2), "503 took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "503 took {:?}",
+        started.elapsed()
+    );
     nats.restart();
-    wait_for("readyz to recover", T, || async { get(&km.url("/readyz")).await.0 == 200 }).await;
-    let (s, _) = post(&km.url("/api/create-meter"), &json!({"id": "m", "eventType": "t", "aggregation": "count"})).await;
+    wait_for("readyz to recover", T, || async {
+        get(&km.url("/readyz")).await.0 == 200
+    })
+    .await;
+    let (s, _) = post(
+        &km.url("/api/create-meter"),
+        &json!({"id": "m", "eventType": "t", "aggregation": "count"}),
+    )
+    .await;
     assert_eq!(s, 202);
-    let (s, _) = post(&km.url("/api/register-event"), &json!({"id": "1", "eventType": "t", "subject": "s"})).await;
+    let (s, _) = post(
+        &km.url("/api/register-event"),
+        &json!({"id": "1", "eventType": "t", "subject": "s"}),
+    )
+    .await;
     assert_eq!(s, 202);
     caught_up(&nats.client().await, "outage", T).await;
-    wait_for("meter m ready", T, || async { meter_reading(&km, "m").await["ready"] == json!(true) }).await;
-    assert_eq!(subject_values(&km, "m").await, BTreeMap::from([("s".to_string(), "1".to_string())]));
+    wait_for("meter m ready", T, || async {
+        meter_reading(&km, "m").await["ready"] == json!(true)
+    })
+    .await;
+    assert_eq!(
+        subject_values(&km, "m").await,
+        BTreeMap::from([("s".to_string(), "1".to_string())])
+    );
 }
 
 #[tokio::test]
@@ -162,27 +257,55 @@ async fn a_slow_jetstream_fills_the_ingestion_cap_and_sheds_load_with_503() {
     let km = Km::start(&nats, "cap", &[("MAX_INFLIGHT_EVENTS", "10")]).await;
     // freeze nats-server: the connection stays up, acknowledgements stop
     let pid = nats.pid().unwrap().to_string();
-    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
     let url = km.url("/api/v1/events");
-    let batch: Vec<Value> = (0..10).map(|i| json!({"id": format!("b{i}"), "eventType": "t", "subject": "s"})).collect();
+    let batch: Vec<Value> = (0..10)
+        .map(|i| json!({"id": format!("b{i}"), "eventType": "t", "subject": "s"}))
+        .collect();
     let holder = {
         let (url, batch) = (url.clone(), batch.clone());
-        tokio::spawn(async move { reqwest::Client::new().post(&url).json(&batch).send().await.unwrap().status().as_u16() })
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(&url)
+                .json(&batch)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
     };
     // once the first request holds every permit, the next is refused at once
     let started = Instant::now();
     let mut shed = None;
     while started.elapsed() < Duration::from_secs(5) {
-        let r = reqwest::Client::new().post(&url).json(&json!({"id": "x", "eventType": "t", "subject": "s"})).send().await.unwrap();
+        let r = reqwest::Client::new()
+            .post(&url)
+            .json(&json!({"id": "x", "eventType": "t", "subject": "s"}))
+            .send()
+            .await
+            .unwrap();
         if r.status().as_u16() == 503 {
-            shed = Some((r.headers().get("retry-after").cloned(), r.json::<Value>().await.unwrap()));
+            shed = Some((
+                r.headers().get("retry-after").cloned(),
+                r.json::<Value>().await.unwrap(),
+            ));
             break;
         }
     }
-    std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
     let (retry_after, body) = shed.expect("a 503 while JetStream is frozen");
     assert_eq!(retry_after.unwrap(), "1");
-    assert_eq!(body["message"], json!("ingestion is at capacity; retry shortly"));
+    assert_eq!(
+        body["message"],
+        json!("ingestion is at capacity; retry shortly")
+    );
     // the held request completes once JetStream answers again (or times out with a 503)
     let status = holder.await.unwrap();
     assert!(status == 202 || status == 503, "{status}");

@@ -35,6 +35,7 @@ fn pair(a: &str, b: &str) -> (String, String) {
 }
 
 #[test]
+#[allow(clippy::type_complexity)]
 fn bad_parameters_name_themselves() {
     let cases: &[(&[(&str, &str)], &str, &str)] = &[
         (&[], "HOUR", "from: is required"),

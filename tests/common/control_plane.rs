@@ -154,10 +154,19 @@ impl ControlPlane {
             .spawn()
             .expect("starting etcd");
         let path = |f: &str| d.join(f).display().to_string();
-        std::fs::write(d.join("audit-policy.yaml"), "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n").unwrap();
+        std::fs::write(
+            d.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n",
+        )
+        .unwrap();
         let mut apiserver = Command::new(assets.join("kube-apiserver"));
         if opts.audit {
-            apiserver.args(["--audit-policy-file", &path("audit-policy.yaml"), "--audit-log-path", &path("audit.log")]);
+            apiserver.args([
+                "--audit-policy-file",
+                &path("audit-policy.yaml"),
+                "--audit-log-path",
+                &path("audit.log"),
+            ]);
         }
         let apiserver = apiserver
             .args(["--etcd-servers", &format!("http://127.0.0.1:{etcd_port}")])
@@ -212,13 +221,25 @@ impl ControlPlane {
         cp.wait_ready(Duration::from_secs(60));
         if opts.controller_manager {
             let bin = assets.join("kube-controller-manager");
-            assert!(bin.is_file(), "{} missing: run `bash .ci/kube-assets.sh`", bin.display());
+            assert!(
+                bin.is_file(),
+                "{} missing: run `bash .ci/kube-assets.sh`",
+                bin.display()
+            );
             let d = cp.dir.path();
             let cm = Command::new(bin)
                 .args(["--kubeconfig", &cp.kubeconfig.display().to_string()])
-                .args(["--service-account-private-key-file", &d.join("sa.key").display().to_string()])
+                .args([
+                    "--service-account-private-key-file",
+                    &d.join("sa.key").display().to_string(),
+                ])
                 .args(["--root-ca-file", &d.join("ca.crt").display().to_string()])
-                .args(["--leader-elect=false", "--port=0", "--secure-port=0", "--use-service-account-credentials=false"])
+                .args([
+                    "--leader-elect=false",
+                    "--port=0",
+                    "--secure-port=0",
+                    "--use-service-account-credentials=false",
+                ])
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(d.join("controller-manager.log")).unwrap())
                 .spawn()
@@ -319,9 +340,13 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        for c in [self.controller_manager.take(), self.apiserver.take(), self.etcd.take()]
-            .into_iter()
-            .flatten()
+        for c in [
+            self.controller_manager.take(),
+            self.apiserver.take(),
+            self.etcd.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let mut c = c;
             let _ = c.kill();
