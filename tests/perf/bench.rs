@@ -599,6 +599,88 @@ async fn end_to_end(
     )
 }
 
+/// Query latency over a month of history: `n` events over 30 days for 1,000 subjects.
+async fn query_latency(n: usize, failures: &mut Vec<String>) {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "meters", &[]).await;
+    let def = json!({"id": "tokens", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
+    let (s, _) = post(&km.url("/api/v1/meters"), &def).await;
+    assert_eq!(s, 201);
+    let start = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z")
+        .unwrap()
+        .timestamp();
+    let span = 30 * 86_400i64;
+    let mut expected = 0i64;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|chunk| {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|&i| {
+                    let t = start + (i as i64 * 7919) % span;
+                    let tokens = (i % 1000) as i64 + 1;
+                    expected += tokens;
+                    json!({"id": format!("q{i}"), "eventType": "api.request", "subject": format!("customer-{:04}", i % 1000),
+                        "time": chrono::DateTime::from_timestamp(t, 0).unwrap().to_rfc3339(), "data": {"tokens": tokens, "model": format!("m{}", (i / 1000) % 4)}})
+                })
+                .collect();
+            serde_json::to_vec(&batch).unwrap()
+        })
+        .collect();
+    let loading = Instant::now();
+    http_load(km.url("/api/v1/events"), Arc::new(bodies), 8, 100).await;
+    caught_up(&js_for(&nats).await, "meters", Duration::from_secs(1800)).await;
+    let loaded = loading.elapsed();
+    let client = reqwest::Client::new();
+    let mut run = |url: String| {
+        let client = client.clone();
+        async move {
+            let mut lat = Vec::new();
+            let mut last = Value::Null;
+            for _ in 0..100 {
+                let t = Instant::now();
+                let r = client.get(&url).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                last = r.json().await.unwrap();
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            (lat[49], lat[98], last)
+        }
+    };
+    let one = km.url("/api/v1/meters/tokens/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=DAY&subject=customer-0042");
+    let (p50a, p99a, body_a) = run(one).await;
+    let all =
+        km.url("/api/v1/meters/tokens/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z");
+    let (p50b, p99b, body_b) = run(all).await;
+    let rows_a = body_a["data"].as_array().map_or(0, Vec::len);
+    let total: rust_decimal::Decimal = body_b["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r["value"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    if total != rust_decimal::Decimal::from(expected)
+        || body_b["data"].as_array().unwrap().len() != 1000
+    {
+        failures.push(format!("query: month total {total}, want {expected}"));
+    }
+    println!();
+    println!("queries over {n} events (30 days, 1,000 subjects, 4 models, HOUR meter; loaded and aggregated in {:.0} s):", loaded.as_secs_f64());
+    println!(
+        "  one subject, 30 days at DAY windows ({rows_a} rows): p50 {p50a:.1} ms, p99 {p99a:.1} ms"
+    );
+    println!("  all 1,000 subjects' totals over the month: p50 {p50b:.1} ms, p99 {p99b:.1} ms; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB",
+        rss_kib(km.pid().unwrap()) as f64 / 1024.0, rss_kib(nats_pid(&nats)) as f64 / 1024.0);
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -629,6 +711,9 @@ async fn main() {
     if want("aggregation") {
         aggregation(reps, n, 1, &mut failures).await.print();
         aggregation(reps, n, 10, &mut failures).await.print();
+    }
+    if want("query") {
+        query_latency(env_usize("BENCH_QUERY_EVENTS", 1_000_000), &mut failures).await;
     }
     if want("e2e") {
         if half == 0.0 {
