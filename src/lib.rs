@@ -15,6 +15,7 @@ pub mod leader;
 pub mod lease;
 pub mod meter;
 pub mod metrics;
+pub mod openapi;
 pub mod query;
 pub mod registry;
 pub mod run;

@@ -15,7 +15,7 @@ use crate::fold::Acc;
 use crate::keys::Rollup;
 use crate::meter::{MeterDef, WindowSize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum QueryWindow {
     Minute,
@@ -192,14 +192,20 @@ fn window_bounds(w: QueryWindow, tz: Tz, t: DateTime<Utc>) -> (DateTime<Utc>, Da
     }
 }
 
-/// The output windows, each clipped to [from, to).
-pub fn output_windows(p: &QueryParams) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+/// Most output windows one query may ask for.
+pub const MAX_WINDOWS: usize = 10_000;
+
+/// The output windows, each clipped to [from, to); `None` past [`MAX_WINDOWS`].
+pub fn output_windows(p: &QueryParams) -> Option<Vec<(DateTime<Utc>, DateTime<Utc>)>> {
     let Some(w) = p.window else {
-        return vec![(p.from, p.to)];
+        return Some(vec![(p.from, p.to)]);
     };
     let mut out = Vec::new();
     let mut t = p.from;
     while t < p.to {
+        if out.len() >= MAX_WINDOWS {
+            return None;
+        }
         let (_, end) = window_bounds(w, p.tz, t);
         let end = end.min(p.to);
         if end <= t {
@@ -208,7 +214,18 @@ pub fn output_windows(p: &QueryParams) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
         out.push((t, end));
         t = end;
     }
-    out
+    Some(out)
+}
+
+/// A query answer (JSON form).
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Answer {
+    pub window_size: Option<QueryWindow>,
+    pub window_time_zone: String,
+    pub from: String,
+    pub to: String,
+    pub data: Vec<Row>,
 }
 
 /// Stored windows that together are exactly [a, b): coarsest UTC rollups first.
@@ -244,7 +261,7 @@ pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<(Option<Rollup>, i6
 }
 
 /// One row of a query answer.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Row {
     pub window_start: String,

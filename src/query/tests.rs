@@ -25,6 +25,7 @@ fn q(pairs: &[(&str, &str)], window: &str) -> Result<QueryParams, FieldError> {
 
 fn windows(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     output_windows(&q(pairs, "HOUR").unwrap())
+        .unwrap()
         .into_iter()
         .map(|(a, b)| (rfc3339(a), rfc3339(b)))
         .collect()
@@ -224,7 +225,7 @@ fn cover_uses_the_coarsest_stored_windows() {
         "HOUR",
     )
     .unwrap();
-    let (s, e) = output_windows(&p)[0];
+    let (s, e) = output_windows(&p).unwrap()[0];
     assert!(cover(s.timestamp(), e.timestamp(), WindowSize::Hour).is_err());
     assert_eq!(
         cover(s.timestamp(), e.timestamp(), WindowSize::Minute)

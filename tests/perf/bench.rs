@@ -633,7 +633,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
     caught_up(&js_for(&nats).await, "meters", Duration::from_secs(1800)).await;
     let loaded = loading.elapsed();
     let client = reqwest::Client::new();
-    let mut run = |url: String| {
+    let run = |url: String| {
         let client = client.clone();
         async move {
             let mut lat = Vec::new();
