@@ -212,6 +212,12 @@ pub fn subject_totals_filter(meter: &str, subject: Option<&str>) -> String {
     }
 }
 
+/// Key filter for one stored window of every subject and group of a meter.
+pub fn window_filter(meter: &str, rollup: Option<Rollup>, start: i64) -> String {
+    let prefix = rollup.map_or("", Rollup::prefix);
+    format!("r.{}.*.*.{prefix}{start}", token(meter))
+}
+
 pub fn meter_key(meter: &str) -> String {
     format!("m.{}", token(meter))
 }

@@ -602,7 +602,8 @@ async fn end_to_end(
 /// Query latency over a month of history: `n` events over 30 days for 1,000 subjects.
 async fn query_latency(n: usize, failures: &mut Vec<String>) {
     let nats = Nats::start();
-    let km = Km::start(&nats, "meters", &[]).await;
+    let log_level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
+    let km = Km::start(&nats, "meters", &[("LOG_LEVEL", log_level.as_str())]).await;
     let def = json!({"id": "tokens", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
     let (s, _) = post(&km.url("/api/v1/meters"), &def).await;
     assert_eq!(s, 201);
@@ -671,6 +672,16 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
         || body_b["data"].as_array().unwrap().len() != 1000
     {
         failures.push(format!("query: month total {total}, want {expected}"));
+    }
+    if std::env::var("BENCH_LOG").is_ok() {
+        for line in km
+            .logs()
+            .lines()
+            .filter(|l| l.contains("\"query\""))
+            .step_by(10)
+        {
+            eprintln!("{line}");
+        }
     }
     println!();
     println!("queries over {n} events (30 days, 1,000 subjects, 4 models, HOUR meter; loaded and aggregated in {:.0} s):", loaded.as_secs_f64());
