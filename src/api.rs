@@ -893,7 +893,33 @@ async fn run_query(
         covers.push(chunks);
     }
     let t0 = std::time::Instant::now();
-    let subjects = query_subjects(store, &def, &p.subjects).await?;
+    let mut chunk_list: Vec<(Option<keys::Rollup>, i64)> =
+        covers.iter().flatten().copied().collect();
+    chunk_list.sort();
+    chunk_list.dedup();
+    // Every subject over few stored windows: one snapshot read per stored window (all
+    // subjects and groups at once) is far cheaper than a get per subject, and runs
+    // beside the read of the subject list.
+    let scan_mode = p.subjects.is_empty() && chunk_list.len() <= 64;
+    let scan_all = async {
+        if !scan_mode {
+            return Ok(Vec::new());
+        }
+        futures::stream::iter(chunk_list.clone())
+            .map(|(rollup, start)| {
+                let filter = keys::window_filter(&def.id, rollup, start);
+                async move {
+                    store
+                        .scan(&store.readings, &filter)
+                        .await
+                        .map_err(ApiError::internal)
+                }
+            })
+            .buffer_unordered(8)
+            .try_collect::<Vec<Vec<crate::store::KvItem>>>()
+            .await
+    };
+    let (subjects, scans) = futures::try_join!(query_subjects(store, &def, &p.subjects), scan_all)?;
     let t_subjects = t0.elapsed();
     // refuse before building anything too large to answer
     let chunks: usize = covers.iter().map(Vec::len).sum();
@@ -931,25 +957,7 @@ async fn run_query(
         }
     }
     let readings = store.readings.clone();
-    let mut chunks: Vec<(Option<keys::Rollup>, i64)> = covers.iter().flatten().copied().collect();
-    chunks.sort();
-    chunks.dedup();
-    let fetched: Vec<Fetched> = if p.subjects.is_empty() && chunks.len() <= 64 {
-        // Every subject over few stored windows: one snapshot read per stored window (all
-        // subjects and groups at once) is far cheaper than a get per subject.
-        let scans: Vec<Vec<crate::store::KvItem>> = futures::stream::iter(chunks)
-            .map(|(rollup, start)| {
-                let filter = keys::window_filter(&def.id, rollup, start);
-                async move {
-                    store
-                        .scan(&store.readings, &filter)
-                        .await
-                        .map_err(ApiError::internal)
-                }
-            })
-            .buffer_unordered(8)
-            .try_collect()
-            .await?;
+    let fetched: Vec<Fetched> = if scan_mode {
         let mut found: std::collections::HashMap<String, bytes::Bytes> =
             std::collections::HashMap::new();
         for item in scans.into_iter().flatten() {

@@ -599,6 +599,84 @@ async fn end_to_end(
     )
 }
 
+fn rss_now_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Soak: a steady rate for a long time with DEDUP_WINDOW=24h, RSS of both processes every
+/// 10 s; memory should plateau rather than grow with the number of events.
+async fn soak(rate: f64, secs: u64, failures: &mut Vec<String>) {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "meters", &[("DEDUP_WINDOW", "24h")]).await;
+    let (s, _) = post(&km.url("/api/create-meter"), &json!({"id": "load", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}})).await;
+    assert_eq!(s, 202);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for w in 0..4u64 {
+        let (url, stop, sent) = (km.url("/api/v1/events"), stop.clone(), sent.clone());
+        load.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(400.0 / rate));
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let batch: Vec<Value> = (0..100)
+                    .map(|k| {
+                        event_json(100_000_000 * (w as usize + 1) + i * 100 + k, "api.request")
+                    })
+                    .collect();
+                i += 1;
+                if client
+                    .post(&url)
+                    .json(&batch)
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false)
+                {
+                    sent.fetch_add(100, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    println!();
+    println!("soak at {rate:.0} events/s for {secs} s, DEDUP_WINDOW=24h: RSS (MiB) every 10 s");
+    println!("| t (s) | events sent | kloudmeter RSS | nats-server RSS |");
+    println!("|---|---|---|---|");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        println!(
+            "| {:.0} | {} | {:.1} | {:.1} |",
+            started.elapsed().as_secs_f64(),
+            sent.load(Ordering::Relaxed),
+            rss_now_kib(km.pid().unwrap()) as f64 / 1024.0,
+            rss_now_kib(nats_pid(&nats)) as f64 / 1024.0
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    caught_up(&js_for(&nats).await, "meters", Duration::from_secs(1800)).await;
+    let r = meter_reading(&km, "load").await;
+    if r["events"].as_u64() != Some(sent.load(Ordering::Relaxed)) {
+        failures.push(format!(
+            "soak: {} events aggregated, {} acknowledged",
+            r["events"],
+            sent.load(Ordering::Relaxed)
+        ));
+    }
+}
+
 /// Query latency over a month of history: `n` events over 30 days for 1,000 subjects.
 async fn query_latency(n: usize, failures: &mut Vec<String>) {
     let nats = Nats::start();
@@ -722,6 +800,15 @@ async fn main() {
     if want("aggregation") {
         aggregation(reps, n, 1, &mut failures).await.print();
         aggregation(reps, n, 10, &mut failures).await.print();
+    }
+    // not part of the default run: BENCH_ONLY=soak (task soak)
+    if only.split(',').any(|o| o == "soak") {
+        soak(
+            env_usize("BENCH_SOAK_RATE", 11_000) as f64,
+            env_usize("BENCH_SOAK_SECS", 600) as u64,
+            &mut failures,
+        )
+        .await;
     }
     if want("query") {
         query_latency(env_usize("BENCH_QUERY_EVENTS", 1_000_000), &mut failures).await;
