@@ -85,7 +85,10 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     assert_eq!(s, 202);
     let url = km.url("/openapi.json");
     let out = tokio::task::spawn_blocking(move || {
+        // schemathesis keeps a cache in its working directory: not in the checkout
+        let scratch = tempfile::tempdir().unwrap();
         std::process::Command::new(st)
+            .current_dir(scratch.path())
             .args(["run", &url])
             .args(["--checks", "not_a_server_error,response_schema_conformance"])
             .args(["--max-examples", "25", "--workers", "2", "--no-color"])
