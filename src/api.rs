@@ -3,7 +3,6 @@
 //! NATS layer; no aggregation happens here.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -196,6 +195,7 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<AppState> {
 }
 
 pub fn router(state: AppState) -> Router {
+    let request_timeout = state.0.cfg.request_timeout;
     let mut by_path: std::collections::BTreeMap<&str, axum::routing::MethodRouter<AppState>> =
         Default::default();
     for r in crate::openapi::ROUTES {
@@ -220,7 +220,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(30),
+            request_timeout,
         ))
         .with_state(state)
 }

@@ -88,6 +88,13 @@ pub struct Config {
     /// line of defence; the durable one is DEDUP_WINDOW).
     #[arg(long, env = "JETSTREAM_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
     pub jetstream_duplicate_window: Duration,
+    /// How long a client may take to send its request headers before the connection is
+    /// closed (slow clients cannot hold connections forever).
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// Longest a request may take before it is answered 503 (nothing waits forever).
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
     /// Most events in flight to JetStream from ingestion before new requests get 503.
     #[arg(long, env = "MAX_INFLIGHT_EVENTS", default_value_t = 20_000)]
     pub max_inflight_events: usize,

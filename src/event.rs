@@ -453,6 +453,28 @@ mod hostile {
         }
     }
 
+    /// The kept corpus (tests/corpus): hostile bodies found or written so far. Each is
+    /// refused with a named field, except those named `accepted-*`.
+    #[test]
+    fn the_kept_corpus_is_refused_by_field_or_accepted() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let body = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let got = parse_events(&body, BodyKind::Json, true, now());
+            if name.starts_with("accepted-") {
+                assert!(got.is_ok(), "{name}: {got:?}");
+            } else {
+                let err = got.expect_err(&name);
+                assert!(!err.field.is_empty() && !err.message.is_empty(), "{name}");
+            }
+            seen += 1;
+        }
+        assert!(seen >= 10, "corpus has {seen} entries");
+    }
+
     #[test]
     fn deep_nesting_and_huge_strings_are_refused_or_accepted_without_panic() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));

@@ -19,5 +19,6 @@ pub mod openapi;
 pub mod query;
 pub mod registry;
 pub mod run;
+pub mod server;
 pub mod status;
 pub mod store;

@@ -86,12 +86,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     tracing::info!(%addr, "HTTP API listening");
     let mut http_shutdown = shutdown_rx.clone();
     let app = api::router(state.clone());
+    let header_timeout = cfg.http_header_timeout;
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|s| *s).await;
-            })
-            .await
+        let stop = async move {
+            let _ = http_shutdown.wait_for(|s| *s).await;
+        };
+        crate::server::serve(listener, app, header_timeout, stop, Duration::from_secs(25)).await
     });
 
     // Start-up work that needs NATS runs beside the server, so probes answer meanwhile.

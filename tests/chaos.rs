@@ -308,3 +308,31 @@ async fn a_slow_jetstream_fills_the_ingestion_cap_and_sheds_load_with_503() {
     // the other one waited for JetStream and timed out with a 503 too: nothing hangs
     assert!(answers.iter().all(|a| a.0 == 503), "{answers:?}");
 }
+
+#[tokio::test]
+async fn no_request_waits_longer_than_the_request_timeout() {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "rt", &[("REQUEST_TIMEOUT", "1s")]).await;
+    let pid = nats.pid().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    let started = Instant::now();
+    let r = reqwest::Client::new()
+        .post(km.url("/api/register-event"))
+        .json(&json!({"id": "1", "eventType": "t", "subject": "s"}))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "answered after {took:?}"
+    );
+}

@@ -356,3 +356,36 @@ fn invalid_configuration_stops_startup_with_one_line() {
     let _ = Duration::ZERO;
     let _ = Value::Null;
 }
+
+#[tokio::test]
+async fn a_slow_client_is_cut_off_and_blocks_nobody() {
+    use std::io::{Read, Write};
+    let nats = Nats::start();
+    let km = Km::start(&nats, "slow", &[("HTTP_HEADER_TIMEOUT", "1s")]).await;
+    // a client that starts a request and never finishes its headers
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", km.port)).unwrap();
+    slow.write_all(b"POST /api/register-event HTTP/1.1\r\nHost: x\r\nContent-Type: app")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    // meanwhile the API answers others
+    let (s, _) = get(&km.url("/api/meters")).await;
+    assert_eq!(s, 200);
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "the slow connection stayed open {waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed before the timeout: {waited:?}"
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
