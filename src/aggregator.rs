@@ -540,8 +540,9 @@ impl Aggregator {
                 .unwrap_or_default()
             {
                 let c = fold::contribution(m, e);
-                needed.extend(fold::keys_for(m, e, &c));
-                plan.push((*seq, e, m, c));
+                let keys = fold::keys_for(m, e, &c);
+                needed.extend(keys.iter().cloned());
+                plan.push((*seq, e, m, c, keys));
             }
         }
         let missing: Vec<ReadingKey> = needed
@@ -581,8 +582,8 @@ impl Aggregator {
         }
         let mut dead_letters = Vec::new();
         let mut invalid = 0u64;
-        for (seq, e, m, c) in &plan {
-            match fold::apply(&mut self.readings, m, *seq, e, c) {
+        for (seq, e, m, c, keys) in &plan {
+            match fold::apply_keyed(&mut self.readings, keys, *seq, e, c) {
                 Applied::Counted => {}
                 Applied::AlreadyApplied => continue,
                 Applied::Invalid(why) => {
@@ -591,9 +592,9 @@ impl Aggregator {
                 }
             }
             // every key the event touched is now ahead of KV
-            for k in fold::keys_for(m, e, c) {
-                if !self.dirty.contains(&k) {
-                    self.dirty.insert(k);
+            for k in keys {
+                if !self.dirty.contains(k) {
+                    self.dirty.insert(k.clone());
                 }
             }
         }

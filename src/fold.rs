@@ -433,7 +433,18 @@ pub fn apply(
     event: &Event,
     c: &Contribution,
 ) -> Applied {
-    let keys = keys_for(meter, event, c);
+    apply_keyed(readings, &keys_for(meter, event, c), seq, event, c)
+}
+
+/// [`apply`] with the event's keys already computed by [`keys_for`] (the aggregator
+/// needs them before and after applying, so it derives them once).
+pub fn apply_keyed(
+    readings: &mut HashMap<ReadingKey, Reading>,
+    keys: &[ReadingKey],
+    seq: u64,
+    event: &Event,
+    c: &Contribution,
+) -> Applied {
     let summary_key = &keys[0];
     let summary_seq = readings.get(summary_key).map_or(0, |r| r.seq);
     let (value, group) = match c {
@@ -451,7 +462,7 @@ pub fn apply(
     let time = event.time;
     // Compute every new accumulator first, so an overflow leaves all three untouched.
     let mut next = Vec::with_capacity(3);
-    for key in &keys {
+    for key in keys {
         let cur = readings.get(key);
         if cur.is_some_and(|r| r.seq >= seq) {
             next.push(None);
