@@ -392,9 +392,6 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 204);
     cp.kubectl(&["delete", "meter", "bad", "-n", "team-a", "--timeout=60s"]);
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
     let holder = cp.kubectl(&[
         "-n",
         "kloudmeter",
@@ -405,7 +402,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
     ]);
     assert_eq!(
         holder,
-        format!("{host}-{}", km.pid().unwrap()),
+        holder_of(km.pid().unwrap()),
         "the operator holds its Lease"
     );
     // every request the operator made was allowed, and every granted verb was used

@@ -277,36 +277,13 @@ async fn api_token_guards_api_but_not_health() {
         401
     );
     // every /api/** route the description lists refuses a request without the token
-    let doc: Value = c
-        .get(km.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     let mut walked = 0;
-    for (path, ops) in doc["paths"].as_object().unwrap() {
-        for method in ops.as_object().unwrap().keys() {
-            let url = km.url(
-                &path
-                    .replace("{id}", "x")
-                    .replace("{namespace}", "ns")
-                    .replace("{name}", "n"),
-            );
-            let req = match method.as_str() {
-                "get" => c.get(&url),
-                "post" => c.post(&url).json(&json!({})),
-                "put" => c.put(&url).json(&json!({})),
-                _ => c.delete(&url),
-            };
-            let status = req.send().await.unwrap().status().as_u16();
-            if path.starts_with("/api/") {
-                assert_eq!(status, 401, "{method} {path}");
-                walked += 1;
-            } else {
-                assert_ne!(status, 401, "{method} {path} must stay open");
-            }
+    for (method, path, status, _) in walk_described_routes(&km, &c).await {
+        if path.starts_with("/api/") {
+            assert_eq!(status, 401, "{method} {path}");
+            walked += 1;
+        } else {
+            assert_ne!(status, 401, "{method} {path} must stay open");
         }
     }
     assert_eq!(

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[tokio::test]
 async fn every_route_is_described_and_every_described_route_is_served() {
@@ -19,32 +19,13 @@ async fn every_route_is_described_and_every_described_route_is_served() {
     // the router is built from the same list, so the two cannot differ
     let listed: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
     assert_eq!(listed, kloudmeter::openapi::ROUTES.len());
-    let client = reqwest::Client::new();
-    for (path, ops) in paths {
-        for method in ops.as_object().unwrap().keys() {
-            let url = km.url(
-                &path
-                    .replace("{id}", "x")
-                    .replace("{namespace}", "ns")
-                    .replace("{name}", "n"),
-            );
-            let req = match method.as_str() {
-                "get" => client.get(&url),
-                "post" => client.post(&url).json(&json!({})),
-                "put" => client.put(&url).json(&json!({})),
-                "delete" => client.delete(&url),
-                other => panic!("unexpected method {other}"),
-            };
-            let r = req.send().await.unwrap();
-            let status = r.status().as_u16();
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            assert_ne!(status, 405, "{method} {path}");
-            assert_ne!(
-                body["message"],
-                json!("path: no such endpoint"),
-                "{method} {path} is not served"
-            );
-        }
+    for (method, path, status, body) in walk_described_routes(&km, &reqwest::Client::new()).await {
+        assert_ne!(status, 405, "{method} {path}");
+        assert_ne!(
+            body["message"],
+            json!("path: no such endpoint"),
+            "{method} {path} is not served"
+        );
     }
     // and an unlisted path is not
     let (s, body) = get(&km.url("/api/v2/anything")).await;

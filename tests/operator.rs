@@ -69,7 +69,7 @@ async fn operator_against_a_real_api_server() {
         "kloudmeter",
         "lease/kloudmeter-leader",
         "{.spec.holderIdentity}",
-        &format!("{}-{}", hostname(), a.pid().unwrap()),
+        &holder_of(a.pid().unwrap()),
     )
     .await;
 
@@ -432,7 +432,7 @@ async fn operator_against_a_real_api_server() {
         "kloudmeter",
         "lease/kloudmeter-leader",
         "{.spec.holderIdentity}",
-        &format!("{}-{}", hostname(), b.pid().unwrap()),
+        &holder_of(b.pid().unwrap()),
     )
     .await;
     wait_kubectl(
@@ -501,10 +501,4 @@ async fn operator_against_a_real_api_server() {
         );
     }
     drop(b);
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "kloudmeter".into())
 }

@@ -369,3 +369,54 @@ pub async fn meter_reading(km: &Km, meter: &str) -> Value {
     assert_eq!(status, 200, "{body}");
     body
 }
+
+/// One request to every route `/openapi.json` describes (path parameters filled with
+/// placeholders, `{}` as the body of writes): (method, path, status, JSON body).
+pub async fn walk_described_routes(
+    km: &Km,
+    client: &reqwest::Client,
+) -> Vec<(String, String, u16, Value)> {
+    let doc: Value = client
+        .get(km.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let url = km.url(
+                &path
+                    .replace("{id}", "x")
+                    .replace("{namespace}", "ns")
+                    .replace("{name}", "n"),
+            );
+            let req = match method.as_str() {
+                "get" => client.get(&url),
+                "post" => client.post(&url).json(&serde_json::json!({})),
+                "put" => client.put(&url).json(&serde_json::json!({})),
+                "delete" => client.delete(&url),
+                other => panic!("unexpected method {other}"),
+            };
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            out.push((
+                method.clone(),
+                path.clone(),
+                status,
+                r.json().await.unwrap_or(Value::Null),
+            ));
+        }
+    }
+    out
+}
+
+/// The Lease/NATS-lease holder name a kloudmeter process started by [`Km`] uses.
+pub fn holder_of(pid: u32) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("{host}-{pid}")
+}
