@@ -12,7 +12,8 @@ use futures::{stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::dedup::{self, Candidate, Decision, Record};
+use crate::claims::Claims;
+use crate::dedup::{self, Candidate, Decision};
 use crate::event::Event;
 use crate::fold::{self, Applied, Reading};
 use crate::keys::{self, ReadingKey, CURSOR_KEY, DEDUP_HEADER};
@@ -50,6 +51,7 @@ pub struct Aggregator {
     registry: Registry,
     metrics: Metrics,
     dedup_window_ns: i64,
+    claims: Arc<tokio::sync::Mutex<Claims>>,
     /// Current readings of the keys touched recently (written or waiting to be).
     readings: HashMap<ReadingKey, Reading>,
     /// KV revision of each cached reading that exists in KV (absent: not stored yet).
@@ -74,6 +76,7 @@ impl Aggregator {
         registry: Registry,
         metrics: Metrics,
         dedup_window: Duration,
+        claims: Arc<tokio::sync::Mutex<Claims>>,
         changed: Option<crate::status::Changed>,
     ) -> Self {
         Aggregator {
@@ -81,6 +84,7 @@ impl Aggregator {
             registry,
             metrics,
             dedup_window_ns: i64::try_from(dedup_window.as_nanos()).unwrap_or(i64::MAX),
+            claims,
             readings: HashMap::new(),
             revisions: HashMap::new(),
             dirty: HashSet::new(),
@@ -98,6 +102,9 @@ impl Aggregator {
     /// turns false.
     pub async fn run(mut self, mut leading: watch::Receiver<bool>) -> Result<()> {
         self.registry.wait_synced().await;
+        // Decide from the whole claim history, including a previous leader's last claims.
+        let read = self.claims.lock().await.catch_up().await?;
+        tracing::debug!(claims = read, "claim log caught up");
         self.load_cursor().await?;
         let mut meters_changed = self.registry.subscribe();
         meters_changed.borrow_and_update();
@@ -430,78 +437,23 @@ impl Aggregator {
         Ok(())
     }
 
-    /// Claim each event id in the dedup bucket and decide which events are repeats;
+    /// Decide which events are repeats from the claim log, record the new claims, and
     /// delete the repeats from the stream, so that backfills and rebuilds never see them.
     async fn settle_duplicates(&mut self, batch: &[Candidate]) -> Result<Vec<Decision>> {
         if batch.is_empty() {
             return Ok(vec![]);
         }
-        let mut first: HashMap<&str, &Candidate> = HashMap::new();
-        for c in batch {
-            first.entry(c.key.as_str()).or_insert(c);
-        }
-        let kv = self.store.dedup.clone();
-        // Optimistic claim by the first occurrence; on conflict, read the existing claim.
-        let loaded: Vec<(String, Option<(Record, u64)>)> =
-            stream::iter(first.into_values().cloned())
-                .map(|c| {
-                    let kv = kv.clone();
-                    async move {
-                        let rec = Record {
-                            seq: c.seq,
-                            time_ns: c.time_ns,
-                        };
-                        match kv.create(&c.key, rec.encode().into()).await {
-                            Ok(rev) => Ok::<_, anyhow::Error>((c.key, Some((rec, rev)))),
-                            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                                let entry = kv.entry(c.key.clone()).await?;
-                                let found = entry
-                                    .filter(|e| e.operation == kv::Operation::Put)
-                                    .and_then(|e| {
-                                        Record::decode(&e.value).map(|r| (r, e.revision))
-                                    });
-                                Ok((c.key, found))
-                            }
-                            Err(e) => Err(anyhow!(e).context("claiming an event id")),
-                        }
-                    }
-                })
-                .buffer_unordered(PIPELINE)
-                .try_collect()
-                .await?;
-        let mut stored = HashMap::new();
-        let mut revisions = HashMap::new();
-        for (key, found) in loaded {
-            if let Some((rec, rev)) = found {
-                stored.insert(key.clone(), rec);
-                revisions.insert(key, rev);
-            }
-        }
+        let mut keys: Vec<dedup::IdKey> = batch.iter().map(|c| c.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut claims = self.claims.lock().await;
+        let stored = claims.lookup(keys).await?;
         let (decisions, changed) = dedup::decide(batch, &stored, self.dedup_window_ns);
-        stream::iter(changed)
-            .map(|(key, rec)| {
-                let kv = kv.clone();
-                let rev = revisions.get(&key).copied();
-                async move {
-                    let value = rec.encode().into();
-                    match rev {
-                        Some(rev) => kv
-                            .update(&key, value, rev)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| anyhow!(e)),
-                        None => kv
-                            .create(&key, value)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| anyhow!(e)),
-                    }
-                }
-            })
-            .buffer_unordered(PIPELINE)
-            .try_collect::<Vec<()>>()
+        claims
+            .record(changed.into_iter().collect())
             .await
-            .context("storing event id claims")?;
+            .context("recording event id claims")?;
+        drop(claims);
         let dup_seqs: Vec<u64> = batch
             .iter()
             .zip(&decisions)
@@ -748,6 +700,7 @@ pub async fn supervise(
     registry: Registry,
     metrics: Metrics,
     dedup_window: Duration,
+    claims: Arc<tokio::sync::Mutex<Claims>>,
     changed: Option<crate::status::Changed>,
     mut leading: watch::Receiver<bool>,
 ) {
@@ -761,6 +714,7 @@ pub async fn supervise(
             registry.clone(),
             metrics.clone(),
             dedup_window,
+            claims.clone(),
             changed.clone(),
         );
         if let Err(e) = agg.run(leading.clone()).await {

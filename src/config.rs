@@ -95,6 +95,11 @@ pub struct Config {
     /// Longest a request may take before it is answered 503 (nothing waits forever).
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Folder for this process's local index of event-id claims (a cache of the claim
+    /// log in NATS, rebuilt from it when missing). Unset: a fresh temporary folder, so
+    /// every start reads the claim log again.
+    #[arg(long, env = "DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
     /// Most events in flight to JetStream from ingestion before new requests get 503.
     #[arg(long, env = "MAX_INFLIGHT_EVENTS", default_value_t = 20_000)]
     pub max_inflight_events: usize,

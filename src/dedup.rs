@@ -8,25 +8,14 @@
 
 use std::collections::HashMap;
 
+/// An event's dedup key: the first 16 bytes of the SHA-256 of `source`+`id`.
+pub type IdKey = [u8; 16];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record {
     pub seq: u64,
     /// Receipt time (the stream's timestamp), nanoseconds since the epoch.
     pub time_ns: i64,
-}
-
-impl Record {
-    pub fn encode(&self) -> String {
-        format!("{} {}", self.seq, self.time_ns)
-    }
-    pub fn decode(raw: &[u8]) -> Option<Record> {
-        let text = std::str::from_utf8(raw).ok()?;
-        let (seq, t) = text.split_once(' ')?;
-        Some(Record {
-            seq: seq.parse().ok()?,
-            time_ns: t.parse().ok()?,
-        })
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +27,7 @@ pub enum Decision {
 /// One event of a batch, in stream order.
 #[derive(Clone, Debug)]
 pub struct Candidate {
-    pub key: String,
+    pub key: IdKey,
     pub seq: u64,
     pub time_ns: i64,
 }
@@ -48,15 +37,15 @@ pub struct Candidate {
 /// because a decision changed them.
 pub fn decide(
     batch: &[Candidate],
-    stored: &HashMap<String, Record>,
+    stored: &HashMap<IdKey, Record>,
     window_ns: i64,
-) -> (Vec<Decision>, HashMap<String, Record>) {
-    let mut state: HashMap<&str, Record> = HashMap::new();
-    let mut changed: HashMap<String, Record> = HashMap::new();
+) -> (Vec<Decision>, HashMap<IdKey, Record>) {
+    let mut state: HashMap<IdKey, Record> = HashMap::new();
+    let mut changed: HashMap<IdKey, Record> = HashMap::new();
     let mut decisions = Vec::with_capacity(batch.len());
     for c in batch {
         let current = state
-            .get(c.key.as_str())
+            .get(&c.key)
             .copied()
             .or_else(|| stored.get(&c.key).copied());
         let unique = match current {
@@ -74,9 +63,9 @@ pub fn decide(
                 time_ns: c.time_ns,
             };
             if current != Some(rec) {
-                changed.insert(c.key.clone(), rec);
+                changed.insert(c.key, rec);
             }
-            state.insert(c.key.as_str(), rec);
+            state.insert(c.key, rec);
             decisions.push(Decision::Unique);
         } else {
             decisions.push(Decision::Duplicate);
@@ -90,9 +79,15 @@ mod tests {
     use super::*;
     use Decision::*;
 
+    fn k(name: &str) -> IdKey {
+        let mut key = [0u8; 16];
+        key[..name.len()].copy_from_slice(name.as_bytes());
+        key
+    }
+
     fn c(key: &str, seq: u64, t: i64) -> Candidate {
         Candidate {
-            key: key.into(),
+            key: k(key),
             seq,
             time_ns: t,
         }
@@ -112,20 +107,20 @@ mod tests {
         // a@5 is 15ns after a@4: counted again.
         assert_eq!(d, vec![Unique, Unique, Duplicate, Unique, Unique]);
         assert_eq!(
-            changed["a"],
+            changed[&k("a")],
             Record {
                 seq: 5,
                 time_ns: 25
             }
         );
-        assert_eq!(changed["b"], Record { seq: 2, time_ns: 5 });
+        assert_eq!(changed[&k("b")], Record { seq: 2, time_ns: 5 });
     }
 
     #[test]
     fn stored_records_decide_across_batches_and_replays() {
         let mut stored = HashMap::new();
         stored.insert(
-            "a".to_string(),
+            k("a"),
             Record {
                 seq: 7,
                 time_ns: 100,
@@ -139,15 +134,5 @@ mod tests {
         );
         let (d, _) = decide(&[c("a", 3, 50)], &stored, 1000);
         assert_eq!(d, vec![Unique]);
-    }
-
-    #[test]
-    fn records_encode_round_trip() {
-        let r = Record {
-            seq: 42,
-            time_ns: -7,
-        };
-        assert_eq!(Record::decode(r.encode().as_bytes()), Some(r));
-        assert_eq!(Record::decode(b"garbage"), None);
     }
 }

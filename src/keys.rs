@@ -75,8 +75,12 @@ impl Names {
     pub fn readings_bucket(&self) -> String {
         format!("{}-readings", self.stream)
     }
-    pub fn dedup_bucket(&self) -> String {
-        format!("{}-dedup", self.stream)
+    /// The claim log: which stream sequence first claimed each event id (see `claims`).
+    pub fn claims_stream(&self) -> String {
+        format!("{}-claims", self.stream)
+    }
+    pub fn claims_subject(&self) -> String {
+        format!("{}.claims", self.stream)
     }
     pub fn state_bucket(&self) -> String {
         format!("{}-state", self.stream)
@@ -232,13 +236,50 @@ pub const LEADER_KEY: &str = "aggregator";
 /// Header carrying the hashed deduplication key of an event.
 pub const DEDUP_HEADER: &str = "Km-Dedup";
 
-pub fn dedup_key(hash_hex: &str) -> String {
-    format!("d.{hash_hex}")
+/// The 16-byte dedup key carried (hex-encoded) in an event's [`DEDUP_HEADER`]. A header
+/// that is not 32 hex digits (written by hand into the stream) is hashed instead, so every
+/// value still maps to one fixed key.
+pub fn dedup_key(header: &str) -> crate::dedup::IdKey {
+    let mut key = [0u8; 16];
+    let bytes = header.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    if bytes.len() == 32 {
+        let mut ok = true;
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            match (hex(pair[0]), hex(pair[1])) {
+                (Some(hi), Some(lo)) => key[i] = hi << 4 | lo,
+                _ => ok = false,
+            }
+        }
+        if ok {
+            return key;
+        }
+    }
+    use sha2::Digest as _;
+    key.copy_from_slice(&sha2::Sha256::digest(bytes)[..16]);
+    key
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dedup_keys_decode_hex_and_hash_anything_else() {
+        let hex = "00ff10a0b1c2d3e4f5060708090a0b0c";
+        assert_eq!(
+            dedup_key(hex),
+            [
+                0x00, 0xff, 0x10, 0xa0, 0xb1, 0xc2, 0xd3, 0xe4, 0xf5, 0x06, 0x07, 0x08, 0x09, 0x0a,
+                0x0b, 0x0c
+            ]
+        );
+        assert_eq!(dedup_key(&hex.to_uppercase()), dedup_key(hex));
+        // not hex, or not 32 digits: hashed, and distinct from each other
+        let odd = ["zz".repeat(16), "abc".into(), String::new(), "é".repeat(16)];
+        let keys: std::collections::HashSet<_> = odd.iter().map(|h| dedup_key(h)).collect();
+        assert_eq!(keys.len(), odd.len());
+    }
 
     #[test]
     fn token_round_trips_and_escapes_wildcards() {

@@ -57,6 +57,7 @@ fn operator_namespace(client: &kube::Client) -> String {
 
 pub async fn run(cfg: Config) -> Result<()> {
     let client = kube_client(cfg.kubernetes).await?;
+    let index = Arc::new(crate::claims::LocalIndex::open(cfg.data_dir.as_deref())?);
     let metrics = Metrics::default();
     let registry = Registry::default();
     let (kube_synced_tx, kube_synced) = watch::channel(client.is_none());
@@ -125,7 +126,31 @@ pub async fn run(cfg: Config) -> Result<()> {
                     }
                 })
             };
+            // The claim index is read up to date before this process may lead, so that a
+            // new leader decides duplicates from the whole history at once.
+            let claims = loop {
+                let attached =
+                    crate::claims::Claims::attach(index.clone(), &store, cfg.dedup_window).await;
+                match attached {
+                    Ok(mut c) => match c.catch_up().await {
+                        Ok(n) => {
+                            tracing::info!(claims = n, "claim log read");
+                            break Arc::new(tokio::sync::Mutex::new(c));
+                        }
+                        Err(e) => tracing::error!(
+                            error = format!("{e:#}"),
+                            "reading the claim log failed; retrying"
+                        ),
+                    },
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "opening the claim index failed; retrying"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            };
             let (leading_tx, leading_rx) = watch::channel(false);
+            let standby = tokio::spawn(follow_claims(claims.clone(), leading_rx.clone()));
             let holder = format!("{}-{}", hostname(), std::process::id());
             let changed = kube_mode
                 .as_ref()
@@ -135,6 +160,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 registry.clone(),
                 metrics.clone(),
                 cfg.dedup_window,
+                claims.clone(),
                 changed.clone(),
                 leading_rx.clone(),
             ));
@@ -178,6 +204,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
             }
             follower.abort();
+            standby.abort();
             let _ = store.client.flush().await;
         })
     };
@@ -188,6 +215,29 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(25), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(25), background).await;
     Ok(())
+}
+
+/// A standby keeps its claim index following the log, so that it can take over warm.
+async fn follow_claims(
+    claims: Arc<tokio::sync::Mutex<crate::claims::Claims>>,
+    leading: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if *leading.borrow() {
+            continue;
+        }
+        // The leader's aggregator holds the lock; a standby never waits for it.
+        let Ok(mut c) = claims.try_lock() else {
+            continue;
+        };
+        if let Err(e) = c.catch_up().await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "following the claim log failed; retrying"
+            );
+        }
+    }
 }
 
 /// While leading: the Meter controller and the status write-back. A standby counts as

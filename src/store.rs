@@ -20,7 +20,7 @@ pub struct Store {
     pub events: stream::Stream,
     pub meters: kv::Store,
     pub readings: kv::Store,
-    pub dedup: kv::Store,
+    pub claims: stream::Stream,
     pub state: kv::Store,
     pub leader: kv::Store,
 }
@@ -86,6 +86,24 @@ impl Store {
         .await
         .with_context(|| format!("creating or updating stream {}", names.deadletter_stream()))?;
 
+        // Claims are read back for DEDUP_WINDOW after they are made; the extra retention
+        // covers an aggregator that lags behind the clock (disk only, no server memory).
+        let claims_age = (cfg.dedup_window * 2).max(cfg.dedup_window + Duration::from_secs(3600));
+        js.create_or_update_stream(stream::Config {
+            name: names.claims_stream(),
+            description: Some(
+                "KloudMeter claim log: the stream sequence that first claimed each event id".into(),
+            ),
+            subjects: vec![names.claims_subject()],
+            storage: stream::StorageType::File,
+            max_age: claims_age,
+            duplicate_window: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating or updating stream {}", names.claims_stream()))?;
+        let claims = js.get_stream(names.claims_stream()).await?;
+
         let bucket = |name: String, history: i64, max_age: Duration, what: &str| kv::Config {
             bucket: name,
             description: what.to_string(),
@@ -117,13 +135,6 @@ impl Store {
             "KloudMeter readings",
         ))
         .await?;
-        let dedup = mk(bucket(
-            names.dedup_bucket(),
-            1,
-            cfg.dedup_window,
-            "KloudMeter event-id claims",
-        ))
-        .await?;
         let state = mk(bucket(
             names.state_bucket(),
             1,
@@ -145,7 +156,7 @@ impl Store {
             events,
             meters,
             readings,
-            dedup,
+            claims,
             state,
             leader,
         })

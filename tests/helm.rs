@@ -249,6 +249,16 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         ),
         (json!(true), json!(false), json!(["ALL"]))
     );
+    // the claim index lives on a writable volume, the root filesystem stays read-only
+    let data = cp.kubectl(&[
+        "-n",
+        "kloudmeter",
+        "get",
+        "deployment/kloudmeter",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].env[?(@.name=='DATA_DIR')].value} {.spec.template.spec.containers[0].volumeMounts[0].mountPath} {.spec.template.spec.volumes[0].emptyDir}",
+    ]);
+    assert_eq!(data, "/var/lib/kloudmeter /var/lib/kloudmeter {}");
 
     // upgrade: more replicas and a generated API token that survives further upgrades
     helm_ok(
