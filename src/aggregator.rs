@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use async_nats::jetstream::{consumer, kv, Message};
+use async_nats::jetstream::{consumer, kv, message::PublishMessage, Message};
 use futures::{stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -567,29 +567,39 @@ impl Aggregator {
                 let Some(r) = self.readings.get(&k) else {
                     continue;
                 };
-                writes.push((serde_json::to_vec(r)?, self.revisions.get(&k).copied(), k));
+                writes.push((
+                    bytes::Bytes::from(serde_json::to_vec(r)?),
+                    self.revisions.get(&k).copied(),
+                    k,
+                ));
             }
-            let store = self.store.readings.clone();
-            let results: Vec<(ReadingKey, Result<u64>)> = stream::iter(writes)
+            let prefix = format!("$KV.{}.", self.store.readings.name);
+            let messages = writes
+                .iter()
                 .map(|(body, rev, k)| {
-                    let store = store.clone();
-                    async move {
-                        let res = match rev {
-                            Some(rev) => store
-                                .update(k.kv_key(), body.into(), rev)
-                                .await
-                                .map_err(|e| anyhow!(e)),
-                            None => store
-                                .create(k.kv_key(), body.into())
-                                .await
-                                .map_err(|e| anyhow!(e)),
-                        };
-                        (k, res)
-                    }
+                    // a new key must not exist yet: expected last subject sequence 0
+                    let publish = PublishMessage::build()
+                        .payload(body.clone())
+                        .expected_last_subject_sequence(rev.unwrap_or(0));
+                    (format!("{prefix}{}", k.kv_key()), publish)
                 })
-                .buffer_unordered(PIPELINE)
-                .collect()
-                .await;
+                .collect();
+            let outcomes = self.store.publish_all(messages, PIPELINE).await;
+            let mut results: Vec<(ReadingKey, Result<u64>)> = Vec::with_capacity(writes.len());
+            for ((body, rev, k), outcome) in writes.into_iter().zip(outcomes) {
+                let res = match (outcome, rev) {
+                    (Ok(seq), _) => Ok(seq),
+                    // A new key over a delete marker: the KV create knows that case.
+                    (Err(_), None) => self
+                        .store
+                        .readings
+                        .create(k.kv_key(), body)
+                        .await
+                        .map_err(|e| anyhow!(e)),
+                    (Err(e), Some(_)) => Err(anyhow!(e)),
+                };
+                results.push((k, res));
+            }
             let mut failed = None;
             for (k, res) in results {
                 match res {

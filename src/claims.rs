@@ -43,7 +43,7 @@ const PER_MESSAGE: usize = 16_384;
 const OVERLAY_LIMIT: usize = 100_000;
 const PERSIST_EVERY: Duration = Duration::from_secs(2);
 /// The local index's page cache: its whole memory cost, whatever the window holds.
-const CACHE_BYTES: usize = 32 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 /// Most expired claims removed per transaction (the rest go next time).
 const PURGE_LIMIT: usize = 200_000;
 /// Stream timestamps may step back a little (clock adjustments): keep claims this much
