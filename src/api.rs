@@ -655,7 +655,7 @@ async fn meter_reading(
     with_subjects: bool,
 ) -> ApiResult<MeterReading> {
     let key = ReadingKey::Summary {
-        meter: def.id.clone(),
+        meter: def.id.as_str().into(),
     }
     .kv_key();
     let summary: Reading = match store.readings.get(key).await.map_err(ApiError::internal)? {
@@ -826,8 +826,8 @@ async fn query_subjects(
     } else {
         for subject in wanted {
             let key = ReadingKey::SubjectTotal {
-                meter: def.id.clone(),
-                subject: subject.clone(),
+                meter: def.id.as_str().into(),
+                subject: subject.as_str().into(),
             }
             .kv_key();
             if let Some(raw) = store.readings.get(key).await.map_err(ApiError::internal)? {
@@ -940,9 +940,9 @@ async fn run_query(
                 let projected = query::project(values, &p.group_by);
                 for (rollup, start) in chunks {
                     let key = ReadingKey::Window {
-                        meter: def.id.clone(),
-                        subject: subject.clone(),
-                        group: token.clone(),
+                        meter: def.id.as_str().into(),
+                        subject: subject.as_str().into(),
+                        group: token.as_str().into(),
                         rollup: *rollup,
                         start: *start,
                     };

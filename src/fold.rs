@@ -7,6 +7,7 @@
 //! stream (after a crash, or by a second leader) changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::BuildHasher;
 use std::str::FromStr;
 
 use base64::Engine;
@@ -385,17 +386,21 @@ impl Reading {
 /// The keys an event touches for a meter: always the summary; when valid, the subject's
 /// all-time total and its window.
 pub fn keys_for(meter: &CompiledMeter, event: &Event, c: &Contribution) -> Vec<ReadingKey> {
-    let id = &meter.def.id;
-    let mut keys = vec![ReadingKey::Summary { meter: id.clone() }];
+    // shared, not copied: each key holds the same three strings
+    let id = &meter.id;
+    let mut keys = Vec::with_capacity(2 + 1 + meter.def.window_size.rollups().len());
+    keys.push(ReadingKey::Summary { meter: id.clone() });
     if let Contribution::Valid { group_token, .. } = c {
+        let subject: std::sync::Arc<str> = event.subject.as_str().into();
+        let group_token: std::sync::Arc<str> = group_token.as_str().into();
         keys.push(ReadingKey::SubjectTotal {
             meter: id.clone(),
-            subject: event.subject.clone(),
+            subject: subject.clone(),
         });
         let t = event.time.timestamp();
         keys.push(ReadingKey::Window {
             meter: id.clone(),
-            subject: event.subject.clone(),
+            subject: subject.clone(),
             group: group_token.clone(),
             rollup: None,
             start: meter.def.window_size.window_start(t),
@@ -403,7 +408,7 @@ pub fn keys_for(meter: &CompiledMeter, event: &Event, c: &Contribution) -> Vec<R
         for &rollup in meter.def.window_size.rollups() {
             keys.push(ReadingKey::Window {
                 meter: id.clone(),
-                subject: event.subject.clone(),
+                subject: subject.clone(),
                 group: group_token.clone(),
                 rollup: Some(rollup),
                 start: rollup.start(t),
@@ -411,6 +416,19 @@ pub fn keys_for(meter: &CompiledMeter, event: &Event, c: &Contribution) -> Vec<R
         }
     }
     keys
+}
+
+/// The reading under `key`, created empty if absent; the key is cloned only then.
+fn slot<'a, S: BuildHasher>(
+    readings: &'a mut HashMap<ReadingKey, Reading, S>,
+    key: &ReadingKey,
+) -> &'a mut Reading {
+    if !readings.contains_key(key) {
+        readings.insert(key.clone(), Reading::default());
+    }
+    readings
+        .get_mut(key)
+        .unwrap_or_else(|| unreachable!("inserted just above"))
 }
 
 /// What applying one event did, for counters and the dead-letter subject.
@@ -426,8 +444,8 @@ pub enum Applied {
 /// Apply one event (stream sequence `seq`) to the readings of one meter. Readings absent
 /// from `readings` are created. Applying an event whose sequence a reading already holds
 /// is a no-op for that reading.
-pub fn apply(
-    readings: &mut HashMap<ReadingKey, Reading>,
+pub fn apply<S: BuildHasher>(
+    readings: &mut HashMap<ReadingKey, Reading, S>,
     meter: &CompiledMeter,
     seq: u64,
     event: &Event,
@@ -438,8 +456,8 @@ pub fn apply(
 
 /// [`apply`] with the event's keys already computed by [`keys_for`] (the aggregator
 /// needs them before and after applying, so it derives them once).
-pub fn apply_keyed(
-    readings: &mut HashMap<ReadingKey, Reading>,
+pub fn apply_keyed<S: BuildHasher>(
+    readings: &mut HashMap<ReadingKey, Reading, S>,
     keys: &[ReadingKey],
     seq: u64,
     event: &Event,
@@ -452,7 +470,7 @@ pub fn apply_keyed(
             if seq <= summary_seq {
                 return Applied::AlreadyApplied;
             }
-            let s = readings.entry(summary_key.clone()).or_default();
+            let s = slot(readings, summary_key);
             s.seq = seq;
             s.invalid_events += 1;
             return Applied::Invalid(why.clone());
@@ -475,7 +493,7 @@ pub fn apply_keyed(
                 if seq <= summary_seq {
                     return Applied::AlreadyApplied;
                 }
-                let s = readings.entry(summary_key.clone()).or_default();
+                let s = slot(readings, summary_key);
                 s.seq = seq;
                 s.invalid_events += 1;
                 return Applied::Invalid(
@@ -491,7 +509,7 @@ pub fn apply_keyed(
     // event is the subject's first, which stays true when the event is replayed.
     for (key, acc) in keys.iter().zip(next.iter()).skip(1) {
         if let Some(acc) = acc {
-            let r = readings.entry(key.clone()).or_default();
+            let r = slot(readings, key);
             r.acc = acc.clone();
             r.note_event(seq, time);
             match key {
@@ -509,7 +527,7 @@ pub fn apply_keyed(
     }
     let new_subject = readings.get(&keys[1]).is_some_and(|r| r.first_seq == seq);
     if let Some(acc) = next[0].take() {
-        let s = readings.entry(summary_key.clone()).or_default();
+        let s = slot(readings, summary_key);
         s.acc = acc;
         s.note_event(seq, time);
         if new_subject {

@@ -5,6 +5,7 @@
 //! and two different inputs never share a key.
 
 use std::fmt::Write;
+use std::sync::Arc;
 
 /// Escape arbitrary text into one NATS token / KV key segment.
 /// `[A-Za-z0-9_-]` pass through; every other byte becomes `=XX` (upper-case hex).
@@ -105,18 +106,18 @@ pub enum Window {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ReadingKey {
     Summary {
-        meter: String,
+        meter: Arc<str>,
     },
     SubjectTotal {
-        meter: String,
-        subject: String,
+        meter: Arc<str>,
+        subject: Arc<str>,
     },
     /// A window at the meter's own size (`rollup: None`), or a coarser UTC rollup kept
     /// so that queries over long ranges read few keys.
     Window {
-        meter: String,
-        subject: String,
-        group: String,
+        meter: Arc<str>,
+        subject: Arc<str>,
+        group: Arc<str>,
         rollup: Option<Rollup>,
         start: i64,
     },

@@ -239,6 +239,8 @@ pub fn parse_meter_json(
 #[derive(Clone, Debug)]
 pub struct CompiledMeter {
     pub def: MeterDef,
+    /// `def.id`, shared by every reading key of the meter.
+    pub id: std::sync::Arc<str>,
     pub hash: String,
     pub value_path: Option<JpQuery>,
     pub group_paths: Vec<(String, JpQuery)>,
@@ -296,6 +298,7 @@ impl CompiledMeter {
             group_paths.push((name.clone(), compile_path(&field, path)?));
         }
         Ok(CompiledMeter {
+            id: def.id.as_str().into(),
             hash: def.semantic_hash(),
             def: def.clone(),
             value_path,

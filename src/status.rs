@@ -95,12 +95,7 @@ async fn write(
     let agg = meter.def.aggregation;
     let summary: Reading = match store
         .readings
-        .get(
-            ReadingKey::Summary {
-                meter: id.to_string(),
-            }
-            .kv_key(),
-        )
+        .get(ReadingKey::Summary { meter: id.into() }.kv_key())
         .await?
     {
         Some(raw) => serde_json::from_slice(&raw)?,

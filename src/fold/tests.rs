@@ -419,9 +419,9 @@ proptest! {
         let mut per_rollup: HashMap<(String, String, crate::keys::Rollup, i64), Acc> = HashMap::new();
         for (k, r) in &store {
             if let ReadingKey::Window { subject, group, rollup: None, start, .. } = k {
-                per_subject.entry(subject.clone()).or_default().merge(&r.acc);
+                per_subject.entry(subject.to_string()).or_default().merge(&r.acc);
                 for &ru in m.def.window_size.rollups() {
-                    per_rollup.entry((subject.clone(), group.clone(), ru, ru.start(*start))).or_default().merge(&r.acc);
+                    per_rollup.entry((subject.to_string(), group.to_string(), ru, ru.start(*start))).or_default().merge(&r.acc);
                 }
             }
         }
@@ -432,7 +432,7 @@ proptest! {
         let rollups = store.keys().filter(|k| matches!(k, ReadingKey::Window { rollup: Some(_), .. })).count();
         prop_assert_eq!(rollups, per_rollup.len());
         for ((subject, group, ru, start), merged) in per_rollup {
-            let key = ReadingKey::Window { meter: "m".into(), subject, group, rollup: Some(ru), start };
+            let key = ReadingKey::Window { meter: "m".into(), subject: subject.into(), group: group.into(), rollup: Some(ru), start };
             prop_assert_eq!(store[&key].acc.value(agg), merged.value(agg));
         }
     }
