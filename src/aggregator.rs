@@ -29,13 +29,19 @@ const BATCH: usize = 10_000;
 const LINGER: Duration = Duration::from_millis(25);
 /// KV operations kept in flight at once.
 const PIPELINE: usize = 4096;
+/// Events folded per step of a batch (bounds the memory of the per-event plan).
+const APPLY_CHUNK: usize = 1_000;
 /// Readings kept in memory between flushes (clean ones are dropped past this).
 const CACHE_LIMIT: usize = 200_000;
 /// Changed readings are written (and the cursor advanced) at least this often, so
 /// readings in KV trail ingestion by well under a second.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 /// ...and as soon as this many readings are waiting to be written.
-const MAX_DIRTY: usize = 50_000;
+const MAX_DIRTY: usize = 100_000;
+/// While a backlog is being worked off (more than a batch waiting), flushes come this
+/// often instead: every flush rewrites each touched reading once, so fewer flushes mean
+/// fewer writes per event, and catching up sooner is what brings latency back down.
+const BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Per-meter record of the definition its readings were built for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,6 +76,8 @@ pub struct Aggregator {
     by_type: ByType,
     cursor: u64,
     cursor_rev: Option<u64>,
+    /// Messages waiting after the last batch.
+    lag: u64,
     /// Meters whose readings changed, for the status write-back (operator mode).
     changed: Option<crate::status::Changed>,
 }
@@ -98,6 +106,7 @@ impl Aggregator {
             by_type: HashMap::new(),
             cursor: 0,
             cursor_rev: None,
+            lag: 0,
             changed,
         }
     }
@@ -160,7 +169,8 @@ impl Aggregator {
                         self.reconcile().await?;
                     }
                     self.process_batch(batch).await?;
-                    if self.dirty.len() >= MAX_DIRTY || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+                    let every = if self.lag > BATCH as u64 { BACKLOG_FLUSH_INTERVAL } else { FLUSH_INTERVAL };
+                    if self.dirty.len() >= MAX_DIRTY || self.last_flush.elapsed() >= every {
                         self.flush().await?;
                     }
                 }
@@ -375,6 +385,7 @@ impl Aggregator {
         };
         let last_info = last.info().map_err(|e| anyhow!("{e}"))?;
         let (last_seq, lag) = (last_info.stream_sequence, last_info.pending);
+        self.lag = lag;
 
         let mut candidates = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
@@ -484,6 +495,15 @@ impl Aggregator {
     /// Fold events into the cached readings of the given meters, loading from KV the
     /// readings not cached yet. Changed readings are written by [`Self::flush`].
     async fn apply_events(&mut self, events: &[(u64, Event)], meters: &ByType) -> Result<()> {
+        // In slices, so the per-event plan (keys, contributions) stays small in memory
+        // whatever the batch size and number of meters.
+        for chunk in events.chunks(APPLY_CHUNK) {
+            self.apply_chunk(chunk, meters).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_chunk(&mut self, events: &[(u64, Event)], meters: &ByType) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }

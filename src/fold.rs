@@ -418,17 +418,13 @@ pub fn keys_for(meter: &CompiledMeter, event: &Event, c: &Contribution) -> Vec<R
     keys
 }
 
-/// The reading under `key`, created empty if absent; the key is cloned only then.
+/// The reading under `key`, created empty if absent (keys share their strings, so the
+/// clone is three reference counts, not a copy).
 fn slot<'a, S: BuildHasher>(
     readings: &'a mut HashMap<ReadingKey, Reading, S>,
     key: &ReadingKey,
 ) -> &'a mut Reading {
-    if !readings.contains_key(key) {
-        readings.insert(key.clone(), Reading::default());
-    }
-    readings
-        .get_mut(key)
-        .unwrap_or_else(|| unreachable!("inserted just above"))
+    readings.entry(key.clone()).or_default()
 }
 
 /// What applying one event did, for counters and the dead-letter subject.
@@ -507,13 +503,18 @@ pub fn apply_keyed<S: BuildHasher>(
     }
     // Subject total and window first: the summary learns from the total whether this
     // event is the subject's first, which stays true when the event is replayed.
-    for (key, acc) in keys.iter().zip(next.iter()).skip(1) {
-        if let Some(acc) = acc {
+    for (key, acc) in keys.iter().zip(next.iter_mut()).skip(1) {
+        if let Some(acc) = acc.take() {
             let r = slot(readings, key);
-            r.acc = acc.clone();
+            r.acc = acc;
             r.note_event(seq, time);
             match key {
-                ReadingKey::Window { .. } => r.group_by = group.clone(),
+                // a window's group never changes (its key is derived from it)
+                ReadingKey::Window { .. } => {
+                    if r.group_by != *group {
+                        r.group_by = group.clone();
+                    }
+                }
                 ReadingKey::SubjectTotal { .. } => {
                     if let Contribution::Valid { group_token, .. } = c {
                         if !group.is_empty() && !r.groups.contains_key(group_token) {
@@ -525,6 +526,7 @@ pub fn apply_keyed<S: BuildHasher>(
             }
         }
     }
+    // (also when the total was already written before a crash and only the summary not)
     let new_subject = readings.get(&keys[1]).is_some_and(|r| r.first_seq == seq);
     if let Some(acc) = next[0].take() {
         let s = slot(readings, summary_key);
