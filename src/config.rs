@@ -113,6 +113,11 @@ impl Config {
         if self.leader_ttl < Duration::from_secs(1) {
             return Err("LEADER_TTL: must be at least 1s".into());
         }
+        if let Some(dir) = &self.data_dir {
+            if dir.exists() && !dir.is_dir() {
+                return Err(format!("DATA_DIR: {} is not a folder", dir.display()));
+            }
+        }
         if self.max_inflight_events == 0 {
             return Err("MAX_INFLIGHT_EVENTS: must be at least 1".into());
         }

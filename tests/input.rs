@@ -318,6 +318,7 @@ fn invalid_configuration_stops_startup_with_one_line() {
         ("HTTP_SERVER_PORT", "70000"),
         ("KUBERNETES", "maybe"),
         ("METER_NATS_STREAM", "a.b"),
+        ("DATA_DIR", "/dev/null"),
     ];
     for (var, value) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kloudmeter"))
