@@ -37,7 +37,14 @@ impl Event {
         }
         h.update(self.id.as_bytes());
         let digest = h.finalize();
-        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+        // hex by hand: this runs once per ingested event
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(32);
+        for b in &digest[..16] {
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
+        out
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -286,6 +293,12 @@ mod tests {
         let mut a2 = a.clone();
         a2.data = json!({"other": 1});
         assert_eq!(a.dedup_hash(), a2.dedup_hash());
+        // the hex is the first 16 bytes of SHA-256("i" + id), lower case
+        let reference: String = Sha256::digest(b"i1")[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(a.dedup_hash(), reference);
         assert_eq!(a.dedup_hash().len(), 32);
     }
 
