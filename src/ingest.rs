@@ -20,16 +20,22 @@ pub async fn publish(store: &Store, events: &[Event]) -> Result<(), String> {
     }
     let work = async {
         let mut acks = Vec::with_capacity(events.len());
+        // batches are usually of one event type: escape it into a subject once
+        let mut subject: Option<(&str, async_nats::Subject)> = None;
         for e in events {
             let mut headers = HeaderMap::new();
             headers.insert(DEDUP_HEADER, e.dedup_hash().as_str());
+            let to = match &subject {
+                Some((t, s)) if *t == e.event_type => s.clone(),
+                _ => {
+                    let s = async_nats::Subject::from(store.names.event_subject(&e.event_type));
+                    subject = Some((e.event_type.as_str(), s.clone()));
+                    s
+                }
+            };
             let ack = store
                 .js
-                .publish_with_headers(
-                    store.names.event_subject(&e.event_type),
-                    headers,
-                    e.to_bytes().into(),
-                )
+                .publish_with_headers(to, headers, e.to_bytes().into())
                 .await
                 .map_err(|err| format!("publishing to JetStream: {err}"))?;
             acks.push(ack);
