@@ -389,8 +389,10 @@ impl Aggregator {
 
         let mut candidates = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
+        let mut seqs = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
             let info = msg.info().map_err(|e| anyhow!("{e}"))?;
+            seqs.push(info.stream_sequence);
             let key = msg
                 .headers
                 .as_ref()
@@ -416,11 +418,10 @@ impl Aggregator {
         }
 
         let mut events = Vec::with_capacity(batch.len());
-        for (msg, dup) in batch.iter().zip(&duplicate) {
+        for ((msg, dup), &seq) in batch.iter().zip(&duplicate).zip(&seqs) {
             if *dup {
                 continue;
             }
-            let seq = msg.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
             let type_token = msg.subject.as_str().rsplit('.').next().unwrap_or_default();
             let has_meter =
                 keys::untoken(type_token).is_some_and(|t| self.by_type.contains_key(&t));

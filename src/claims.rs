@@ -119,7 +119,15 @@ pub struct Claims {
     newest_ns: i64,
     /// Applied claims not yet in the index file (bounded by OVERLAY_LIMIT).
     overlay: HashMap<IdKey, Record>,
+    /// The previous overlay while a background transaction writes it to the index file.
+    writing: Option<Writing>,
     last_persist: Instant,
+}
+
+struct Writing {
+    task: tokio::task::JoinHandle<Result<()>>,
+    claims: Arc<HashMap<IdKey, Record>>,
+    applied: u64,
 }
 
 impl Claims {
@@ -168,6 +176,7 @@ impl Claims {
             stream_created_ns: created,
             newest_ns: i64::try_from(newest).unwrap_or(i64::MAX),
             overlay: HashMap::new(),
+            writing: None,
             last_persist: Instant::now(),
         })
     }
@@ -206,7 +215,7 @@ impl Claims {
                     count += claims.len();
                     self.apply(seq, &claims);
                     if self.overlay.len() >= OVERLAY_LIMIT {
-                        self.persist().await?;
+                        self.start_persist().await?;
                     }
                     if left == 0 || seq >= last {
                         break;
@@ -225,7 +234,8 @@ impl Claims {
         let mut found = HashMap::with_capacity(keys.len());
         let mut rest = Vec::new();
         for k in keys {
-            match self.overlay.get(&k) {
+            let writing = self.writing.as_ref().and_then(|w| w.claims.get(&k));
+            match self.overlay.get(&k).or(writing) {
                 Some(r) => {
                     found.insert(k, *r);
                 }
@@ -292,70 +302,66 @@ impl Claims {
     }
 
     async fn maybe_persist(&mut self) -> Result<()> {
+        if self.writing.as_ref().is_some_and(|w| w.task.is_finished()) {
+            self.finish_persist().await?;
+        }
+        let unwritten = self.applied > self.writing.as_ref().map_or(self.persisted, |w| w.applied);
         if self.overlay.len() >= OVERLAY_LIMIT
-            || (self.applied > self.persisted && self.last_persist.elapsed() >= PERSIST_EVERY)
+            || (unwritten && self.last_persist.elapsed() >= PERSIST_EVERY)
         {
-            self.persist().await?;
+            self.start_persist().await?;
         }
         Ok(())
     }
 
-    /// Move the overlay into the index file in one transaction, with the log position it
-    /// reflects, and drop claims that left the window.
+    /// Write everything applied so far to the index file and wait for it.
     pub async fn persist(&mut self) -> Result<()> {
-        let overlay = std::mem::take(&mut self.overlay);
+        self.start_persist().await?;
+        self.finish_persist().await
+    }
+
+    /// Start moving the overlay into the index file in one background transaction, with
+    /// the log position it reflects, dropping claims that left the window. The aggregator
+    /// goes on meanwhile (look-ups see the claims being written); one write at a time.
+    async fn start_persist(&mut self) -> Result<()> {
+        self.finish_persist().await?;
+        if self.overlay.is_empty() && self.applied == self.persisted {
+            return Ok(());
+        }
+        let frozen = Arc::new(std::mem::take(&mut self.overlay));
         let (applied, newest) = (self.applied, self.newest_ns);
         let cutoff = newest
             .saturating_sub(self.window_ns)
             .saturating_sub(CLOCK_MARGIN_NS);
         let db = self.index.db.clone();
-        let result = blocking(move || {
-            let txn = db.begin_write()?;
-            {
-                let mut claims = txn.open_table(CLAIMS)?;
-                let mut expiry = txn.open_table(EXPIRY)?;
-                let mut entries: Vec<(IdKey, Record)> = overlay.into_iter().collect();
-                // sorted inserts touch each page once
-                entries.sort_unstable_by_key(|(k, _)| *k);
-                for (k, r) in &entries {
-                    let t = u64::try_from(r.time_ns).unwrap_or(0);
-                    claims.insert(k, (r.seq, t))?;
-                    expiry.insert((t, k), ())?;
-                }
-                let cutoff = u64::try_from(cutoff).unwrap_or(0);
-                let mut old: Vec<(u64, IdKey)> = Vec::new();
-                for item in expiry.range::<(u64, &[u8; 16])>(..(cutoff, &[0u8; 16]))? {
-                    let (key, _) = item?;
-                    let (t, k) = key.value();
-                    old.push((t, *k));
-                    if old.len() >= PURGE_LIMIT {
-                        break;
-                    }
-                }
-                for (t, k) in &old {
-                    expiry.remove((*t, k))?;
-                    // a later claim of the same id has its own expiry entry
-                    let current = claims.get(k)?.map(|v| v.value().1);
-                    if current == Some(*t) {
-                        claims.remove(k)?;
-                    }
-                }
-                let mut meta = txn.open_table(META)?;
-                meta.insert(META_APPLIED, applied)?;
-                meta.insert(META_NEWEST, u64::try_from(newest).unwrap_or(0))?;
-            }
-            txn.commit()?;
-            Ok(())
-        })
-        .await;
-        match result {
+        let claims = frozen.clone();
+        let task =
+            tokio::task::spawn_blocking(move || write(&db, &claims, applied, newest, cutoff));
+        self.writing = Some(Writing {
+            task,
+            claims: frozen,
+            applied,
+        });
+        self.last_persist = Instant::now();
+        Ok(())
+    }
+
+    async fn finish_persist(&mut self) -> Result<()> {
+        let Some(w) = self.writing.take() else {
+            return Ok(());
+        };
+        let outcome = match w.task.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow!("claim index task failed: {e}")),
+        };
+        match outcome {
             Ok(()) => {
-                self.persisted = applied;
-                self.last_persist = Instant::now();
+                self.persisted = w.applied;
                 Ok(())
             }
             Err(e) => {
-                // The overlay is gone: read those claims from the log again.
+                // Those claims are not in the file: read them from the log again.
+                self.overlay.clear();
                 self.applied = self.persisted;
                 Err(e.context("writing the local claim index"))
             }
@@ -367,6 +373,53 @@ impl Claims {
         let db = self.index.db.clone();
         blocking(move || Ok(db.begin_read()?.open_table(CLAIMS)?.len()?)).await
     }
+}
+
+/// One transaction: the claims, their expiry entries, the log position, and the purge of
+/// claims older than `cutoff`.
+fn write(
+    db: &Database,
+    overlay: &HashMap<IdKey, Record>,
+    applied: u64,
+    newest: i64,
+    cutoff: i64,
+) -> Result<()> {
+    let txn = db.begin_write()?;
+    {
+        let mut claims = txn.open_table(CLAIMS)?;
+        let mut expiry = txn.open_table(EXPIRY)?;
+        let mut entries: Vec<(&IdKey, &Record)> = overlay.iter().collect();
+        // sorted inserts touch each page once
+        entries.sort_unstable_by_key(|(k, _)| **k);
+        for (k, r) in entries {
+            let t = u64::try_from(r.time_ns).unwrap_or(0);
+            claims.insert(k, (r.seq, t))?;
+            expiry.insert((t, k), ())?;
+        }
+        let cutoff = u64::try_from(cutoff).unwrap_or(0);
+        let mut old: Vec<(u64, IdKey)> = Vec::new();
+        for item in expiry.range::<(u64, &[u8; 16])>(..(cutoff, &[0u8; 16]))? {
+            let (key, _) = item?;
+            let (t, k) = key.value();
+            old.push((t, *k));
+            if old.len() >= PURGE_LIMIT {
+                break;
+            }
+        }
+        for (t, k) in &old {
+            expiry.remove((*t, k))?;
+            // a later claim of the same id has its own expiry entry
+            let current = claims.get(k)?.map(|v| v.value().1);
+            if current == Some(*t) {
+                claims.remove(k)?;
+            }
+        }
+        let mut meta = txn.open_table(META)?;
+        meta.insert(META_APPLIED, applied)?;
+        meta.insert(META_NEWEST, u64::try_from(newest).unwrap_or(0))?;
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
