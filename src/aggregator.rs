@@ -29,6 +29,8 @@ const BATCH: usize = 10_000;
 const LINGER: Duration = Duration::from_millis(25);
 /// KV operations kept in flight at once.
 const PIPELINE: usize = 4096;
+/// Readings serialised and published per step of a flush.
+const FLUSH_SLICE: usize = 8_192;
 /// Events folded per step of a batch (bounds the memory of the per-event plan).
 const APPLY_CHUNK: usize = 1_000;
 /// Readings kept in memory between flushes (clean ones are dropped past this).
@@ -588,41 +590,43 @@ impl Aggregator {
     async fn flush(&mut self) -> Result<()> {
         if !self.dirty.is_empty() {
             let dirty: Vec<ReadingKey> = self.dirty.drain().collect();
-            let mut writes = Vec::with_capacity(dirty.len());
-            for k in dirty {
-                let Some(r) = self.readings.get(&k) else {
-                    continue;
-                };
-                writes.push((
-                    bytes::Bytes::from(serde_json::to_vec(r)?),
-                    self.revisions.get(&k).copied(),
-                    k,
-                ));
-            }
             let prefix = format!("$KV.{}.", self.store.readings.name);
-            let messages = writes
-                .iter()
-                .map(|(body, rev, k)| {
-                    // a new key must not exist yet: expected last subject sequence 0
-                    let publish = PublishMessage::build()
-                        .payload(body.clone())
-                        .expected_last_subject_sequence(rev.unwrap_or(0));
-                    (format!("{prefix}{}", k.kv_key()), publish)
-                })
-                .collect();
-            let outcomes = self.store.publish_all(messages, PIPELINE).await;
-            let mut results: Vec<(ReadingKey, Result<u64>)> = Vec::with_capacity(writes.len());
-            for ((body, rev, k), outcome) in writes.into_iter().zip(outcomes) {
-                let res = match (outcome, rev) {
+            // serialised a slice at a time, so a large flush never sits in memory whole
+            let mut outcomes = Vec::with_capacity(dirty.len());
+            for slice in dirty.chunks(FLUSH_SLICE) {
+                let messages: Vec<Result<(String, PublishMessage)>> = slice
+                    .iter()
+                    .map(|k| {
+                        let r = self.readings.get(k).ok_or_else(|| {
+                            anyhow!("reading {} left the cache unwritten", k.kv_key())
+                        })?;
+                        let body = serde_json::to_vec(r)?;
+                        // a new key must not exist yet: expected last subject sequence 0
+                        let rev = self.revisions.get(k).copied().unwrap_or(0);
+                        let publish = PublishMessage::build()
+                            .payload(body.into())
+                            .expected_last_subject_sequence(rev);
+                        Ok((format!("{prefix}{}", k.kv_key()), publish))
+                    })
+                    .collect();
+                outcomes.extend(self.store.publish_all(messages, PIPELINE).await);
+            }
+            let mut results: Vec<(ReadingKey, Result<u64>)> = Vec::with_capacity(dirty.len());
+            for (k, outcome) in dirty.into_iter().zip(outcomes) {
+                let res = match (outcome, self.revisions.contains_key(&k)) {
                     (Ok(seq), _) => Ok(seq),
                     // A new key over a delete marker: the KV create knows that case.
-                    (Err(_), None) => self
-                        .store
-                        .readings
-                        .create(k.kv_key(), body)
-                        .await
-                        .map_err(|e| anyhow!(e)),
-                    (Err(e), Some(_)) => Err(anyhow!(e)),
+                    (Err(_), false) => match self.readings.get(&k).map(serde_json::to_vec) {
+                        Some(Ok(body)) => self
+                            .store
+                            .readings
+                            .create(k.kv_key(), body.into())
+                            .await
+                            .map_err(|e| anyhow!(e)),
+                        Some(Err(e)) => Err(e.into()),
+                        None => Err(anyhow!("not cached")),
+                    },
+                    (Err(e), true) => Err(e),
                 };
                 results.push((k, res));
             }

@@ -10,9 +10,9 @@ use futures::StreamExt;
 
 use crate::config::Config;
 
-type Pending = Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>;
+type Pending = Result<jetstream::context::PublishAckFuture>;
 
-async fn settle(pending: Pending) -> Result<u64, jetstream::context::PublishError> {
+async fn settle(pending: Pending) -> Result<u64> {
     Ok(pending?.await?.sequence)
 }
 use crate::keys::Names;
@@ -234,26 +234,31 @@ impl Store {
 
 impl Store {
     /// Publish many messages with at most `window` acknowledgements outstanding, awaiting
-    /// them oldest first (they arrive in order). One outcome per message, in input order.
-    /// Cheaper per message than a future per write: no task set to poll, no per-write
-    /// KV round of its own.
+    /// them oldest first (they arrive in order). An item that is an error is not published
+    /// and keeps its place. One outcome per item, in
+    /// order: the stream sequence of the stored message.
     pub async fn publish_all(
         &self,
-        messages: Vec<(String, PublishMessage)>,
+        messages: Vec<Result<(String, PublishMessage)>>,
         window: usize,
-    ) -> Vec<Result<u64, jetstream::context::PublishError>> {
-        let mut outcomes = Vec::with_capacity(messages.len());
+    ) -> Vec<Result<u64>> {
+        let mut outcomes = Vec::new();
         let mut waiting = std::collections::VecDeque::with_capacity(window);
-        for (subject, message) in messages {
+        for item in messages {
             if waiting.len() >= window {
                 if let Some(ack) = waiting.pop_front() {
                     outcomes.push(settle(ack).await);
                 }
             }
-            match self.js.send_publish(subject, message).await {
-                Ok(ack) => waiting.push_back(Ok(ack)),
-                Err(e) => waiting.push_back(Err(e)),
-            }
+            let pending = match item {
+                Ok((subject, message)) => self
+                    .js
+                    .send_publish(subject, message)
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            waiting.push_back(pending);
         }
         for ack in waiting {
             outcomes.push(settle(ack).await);
