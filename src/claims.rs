@@ -153,14 +153,7 @@ impl Claims {
             }
             drop(meta);
             drop(txn);
-            let txn = db.begin_write()?;
-            txn.delete_table(CLAIMS)?;
-            txn.delete_table(EXPIRY)?;
-            txn.delete_table(META)?;
-            txn.open_table(CLAIMS)?;
-            txn.open_table(EXPIRY)?;
-            txn.open_table(META)?.insert(META_STREAM, created)?;
-            txn.commit()?;
+            wipe(&db, created)?;
             Ok((0, 0))
         })
         .await?;
@@ -185,12 +178,19 @@ impl Claims {
     pub async fn catch_up(&mut self) -> Result<usize> {
         let info = self.stream.info().await.context("reading the claim log")?;
         let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0);
-        let last = info.state.last_sequence;
+        let (last, messages) = (info.state.last_sequence, info.state.messages);
         if created != self.stream_created_ns || last < self.applied {
-            bail!("the claim log was recreated underneath this process; restart it");
+            // The log was recreated (or purged) underneath us: start the index afresh.
+            tracing::warn!("the claim log was recreated; rebuilding the local claim index");
+            let _ = self.finish_persist().await;
+            let db = self.index.db.clone();
+            blocking(move || wipe(&db, created)).await?;
+            self.overlay.clear();
+            (self.applied, self.persisted, self.newest_ns) = (0, 0, 0);
+            self.stream_created_ns = created;
         }
         let mut count = 0;
-        if last > self.applied && info.state.messages > 0 {
+        if last > self.applied && messages > 0 {
             let consumer = self
                 .stream
                 .create_consumer(consumer::pull::OrderedConfig {
@@ -373,6 +373,19 @@ impl Claims {
         let db = self.index.db.clone();
         blocking(move || Ok(db.begin_read()?.open_table(CLAIMS)?.len()?)).await
     }
+}
+
+/// Empty the index and record which log it will follow.
+fn wipe(db: &Database, created: u64) -> Result<()> {
+    let txn = db.begin_write()?;
+    txn.delete_table(CLAIMS)?;
+    txn.delete_table(EXPIRY)?;
+    txn.delete_table(META)?;
+    txn.open_table(CLAIMS)?;
+    txn.open_table(EXPIRY)?;
+    txn.open_table(META)?.insert(META_STREAM, created)?;
+    txn.commit()?;
+    Ok(())
 }
 
 /// One transaction: the claims, their expiry entries, the log position, and the purge of

@@ -141,9 +141,23 @@ async fn the_index_survives_a_restart_but_not_a_new_log() {
     let js = nats.client().await;
     js.delete_stream("persist-claims").await.unwrap();
     let store = self::store(&nats, "persist").await;
-    let c = Claims::attach(index, &store, WINDOW).await.unwrap();
+    let mut c = Claims::attach(index, &store, WINDOW).await.unwrap();
     assert_eq!(c.stored().await.unwrap(), 0);
     assert!(c.lookup(vec![key(1)]).await.unwrap().is_empty());
+
+    // ...also when that happens while the process runs: it follows the new log
+    c.record(vec![(key(5), rec(1, T0))]).await.unwrap();
+    c.persist().await.unwrap();
+    js.delete_stream("persist-claims").await.unwrap();
+    let store = self::store(&nats, "persist").await;
+    let mut other = Claims::attach(Arc::new(LocalIndex::open(None).unwrap()), &store, WINDOW)
+        .await
+        .unwrap();
+    other.record(vec![(key(6), rec(2, T0))]).await.unwrap();
+    assert_eq!(c.catch_up().await.unwrap(), 1);
+    let seen = c.lookup(vec![key(5), key(6)]).await.unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[&key(6)], rec(2, T0));
 }
 
 #[tokio::test]
