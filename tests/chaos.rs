@@ -165,17 +165,8 @@ async fn nothing_lost_or_doubled_under_kills_restarts_and_two_processes() {
         get(&a.url("/api/v1/meters/chaos/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z"))
             .await
             .1;
-    let from_query: BTreeMap<String, String> = q["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["subject"].as_str().unwrap().into(),
-                r["value"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let from_query: BTreeMap<String, String> =
+        row_pairs(&q, "subject", "value").into_iter().collect();
     let mismatches = want.iter().filter(|(k, v)| got.get(*k) != Some(v)).count()
         + usize::from(r["events"] != json!(w.counted))
         + usize::from(r["invalidEvents"] != json!(w.invalid))

@@ -223,23 +223,17 @@ async fn install_upgrade_uninstall_and_least_privilege() {
             "{obj} missing after install"
         );
     }
-    let port = cp.kubectl(&[
-        "-n",
+    let port = cp.jsonpath(
         "kloudmeter",
-        "get",
         "service/kloudmeter",
-        "-o",
-        "jsonpath={.spec.ports[0].name}={.spec.ports[0].port}",
-    ]);
+        "{.spec.ports[0].name}={.spec.ports[0].port}",
+    );
     assert_eq!(port, "http=8080");
-    let sc = cp.kubectl(&[
-        "-n",
+    let sc = cp.jsonpath(
         "kloudmeter",
-        "get",
         "deployment/kloudmeter",
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].securityContext}",
-    ]);
+        "{.spec.template.spec.containers[0].securityContext}",
+    );
     let sc: Value = serde_json::from_str(&sc).unwrap();
     assert_eq!(
         (
@@ -250,14 +244,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (json!(true), json!(false), json!(["ALL"]))
     );
     // the claim index lives on a writable volume, the root filesystem stays read-only
-    let data = cp.kubectl(&[
-        "-n",
-        "kloudmeter",
-        "get",
-        "deployment/kloudmeter",
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].env[?(@.name=='DATA_DIR')].value} {.spec.template.spec.containers[0].volumeMounts[0].mountPath} {.spec.template.spec.volumes[0].emptyDir}",
-    ]);
+    let data = cp.jsonpath("kloudmeter", "deployment/kloudmeter", "{.spec.template.spec.containers[0].env[?(@.name=='DATA_DIR')].value} {.spec.template.spec.containers[0].volumeMounts[0].mountPath} {.spec.template.spec.volumes[0].emptyDir}");
     assert_eq!(data, "/var/lib/kloudmeter /var/lib/kloudmeter {}");
 
     // upgrade: more replicas and a generated API token that survives further upgrades
@@ -276,24 +263,10 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         ],
     );
     assert_eq!(
-        cp.kubectl(&[
-            "-n",
-            "kloudmeter",
-            "get",
-            "deployment/kloudmeter",
-            "-o",
-            "jsonpath={.spec.replicas}"
-        ]),
+        cp.jsonpath("kloudmeter", "deployment/kloudmeter", "{.spec.replicas}"),
         "2"
     );
-    let token = cp.kubectl(&[
-        "-n",
-        "kloudmeter",
-        "get",
-        "secret/kloudmeter-api-token",
-        "-o",
-        "jsonpath={.data.token}",
-    ]);
+    let token = cp.jsonpath("kloudmeter", "secret/kloudmeter-api-token", "{.data.token}");
     assert_eq!(token.len(), 56);
     helm_ok(
         Some(&cp),
@@ -312,14 +285,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         ],
     );
     assert_eq!(
-        cp.kubectl(&[
-            "-n",
-            "kloudmeter",
-            "get",
-            "secret/kloudmeter-api-token",
-            "-o",
-            "jsonpath={.data.token}"
-        ]),
+        cp.jsonpath("kloudmeter", "secret/kloudmeter-api-token", "{.data.token}"),
         token
     );
 
@@ -362,14 +328,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
     let (s, _) = post(&km.url("/api/v1/events"), &json!([{"id": "1", "eventType": "call", "subject": "c"}, {"id": "2", "eventType": "call", "subject": "c"}])).await;
     assert_eq!(s, 202);
     wait_for("status written with the chart's rights", T, || async {
-        cp.kubectl(&[
-            "-n",
-            "team-a",
-            "get",
-            "meter/calls",
-            "-o",
-            "jsonpath={.status.value}",
-        ]) == "2"
+        cp.jsonpath("team-a", "meter/calls", "{.status.value}") == "2"
     })
     .await;
     // an invalid meter, reconciled twice: an Event, then a patch of its series
@@ -377,14 +336,8 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         let m = format!("apiVersion: kloudmeter.io/v1alpha1\nkind: Meter\nmetadata: {{name: bad, namespace: team-a}}\nspec: {{eventType: call, aggregation: sum, description: {desc}}}\n");
         assert!(cp.kubectl_stdin(&["apply", "-f", "-"], &m).0);
         wait_for("InvalidSpec", T, || async {
-            cp.kubectl(&[
-                "-n",
-                "team-a",
-                "get",
-                "meter/bad",
-                "-o",
-                "jsonpath={.status.observedGeneration}",
-            ]) == if desc == "one" { "1" } else { "2" }
+            cp.jsonpath("team-a", "meter/bad", "{.status.observedGeneration}")
+                == if desc == "one" { "1" } else { "2" }
         })
         .await;
     }
@@ -402,14 +355,11 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 204);
     cp.kubectl(&["delete", "meter", "bad", "-n", "team-a", "--timeout=60s"]);
-    let holder = cp.kubectl(&[
-        "-n",
+    let holder = cp.jsonpath(
         "kloudmeter",
-        "get",
         "lease/kloudmeter-leader",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]);
+        "{.spec.holderIdentity}",
+    );
     assert_eq!(
         holder,
         holder_of(km.pid().unwrap()),
@@ -475,14 +425,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
     // Meters and the CRD stay (Helm never deletes CRDs); a Meter still carries the
     // finalizer, which is removed by hand once no operator runs (README)
     assert_eq!(
-        cp.kubectl(&[
-            "-n",
-            "team-a",
-            "get",
-            "meter/calls",
-            "-o",
-            "jsonpath={.metadata.finalizers}"
-        ]),
+        cp.jsonpath("team-a", "meter/calls", "{.metadata.finalizers}"),
         "[\"kloudmeter.io/cleanup\"]"
     );
     cp.kubectl(&[

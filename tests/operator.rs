@@ -11,14 +11,8 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
 
-fn jsonpath(cp: &ControlPlane, ns: &str, what: &str, path: &str) -> String {
-    let (_, out, _) =
-        cp.kubectl_status(&["-n", ns, "get", what, "-o", &format!("jsonpath={path}")]);
-    out
-}
-
 async fn wait_kubectl(cp: &ControlPlane, what: &str, ns: &str, obj: &str, path: &str, want: &str) {
-    wait_for(what, T, || async { jsonpath(cp, ns, obj, path) == want }).await;
+    wait_for(what, T, || async { cp.try_jsonpath(ns, obj, path) == want }).await;
 }
 
 /// The Meter manifest of the README's Kubernetes section (so the README stays true).
@@ -180,10 +174,10 @@ async fn operator_against_a_real_api_server() {
     // --- the reconcile count stays flat while status write-backs happen ---
     let reconciles = a.metric("kloudmeter_reconciles_total").await;
     for i in 0..3 {
-        let before = jsonpath(&cp, "team-a", "meter/llm-tokens", "{.status.lastUpdated}");
+        let before = cp.try_jsonpath("team-a", "meter/llm-tokens", "{.status.lastUpdated}");
         post_ok(&a, json!([{"id": format!("flat{i}"), "eventType": "api.request", "subject": "customer-3", "data": {"tokens": 1}}])).await;
         wait_for("a status write-back", T, || async {
-            jsonpath(&cp, "team-a", "meter/llm-tokens", "{.status.lastUpdated}") != before
+            cp.try_jsonpath("team-a", "meter/llm-tokens", "{.status.lastUpdated}") != before
         })
         .await;
     }
@@ -248,10 +242,12 @@ async fn operator_against_a_real_api_server() {
         )
         .await;
         assert_eq!(
-            jsonpath(&cp, "team-b", &obj, "{.status.conditions[0].status}"),
+            cp.try_jsonpath("team-b", &obj, "{.status.conditions[0].status}"),
             "False"
         );
-        assert!(jsonpath(&cp, "team-b", &obj, "{.status.conditions[0].message}").starts_with(msg));
+        assert!(cp
+            .try_jsonpath("team-b", &obj, "{.status.conditions[0].message}")
+            .starts_with(msg));
         wait_for("an InvalidSpec event", T, || async {
             let ev = cp.kubectl(&[
                 "get",
@@ -344,7 +340,7 @@ async fn operator_against_a_real_api_server() {
     .await;
     assert_eq!((s, body["id"].clone()), (201, json!("kloudmeter/api-made")));
     assert_eq!(
-        jsonpath(&cp, "kloudmeter", "meter/api-made", "{.spec.aggregation}"),
+        cp.try_jsonpath("kloudmeter", "meter/api-made", "{.spec.aggregation}"),
         "count"
     );
     wait_kubectl(
@@ -359,12 +355,7 @@ async fn operator_against_a_real_api_server() {
     let (s, _) = post(&a.url("/api/create-meter"), &json!({"id": "seed-made", "eventType": "edit", "aggregation": "sum", "valueProperty": "$.a"})).await;
     assert_eq!(s, 202);
     assert_eq!(
-        jsonpath(
-            &cp,
-            "kloudmeter",
-            "meter/seed-made",
-            "{.spec.valueProperty}"
-        ),
+        cp.try_jsonpath("kloudmeter", "meter/seed-made", "{.spec.valueProperty}"),
         "$.a"
     );
     let (s, _) = post(

@@ -361,17 +361,7 @@ async fn days_follow_the_zone_across_dst_and_months_cross_the_year() {
     assert_eq!(got, want);
     // New York around its change on 2026-11-01: the 1st runs 04:00Z..05:00Z next day
     let ny = query(&km, "calls", "from=2026-10-31T04:00:00Z&to=2026-11-02T05:00:00Z&windowSize=DAY&windowTimeZone=America/New_York").await;
-    let got: Vec<(String, String)> = ny["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["windowStart"].as_str().unwrap().into(),
-                r["value"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let got: Vec<(String, String)> = row_pairs(&ny, "windowStart", "value").into_iter().collect();
     assert_eq!(
         got,
         vec![
@@ -381,17 +371,7 @@ async fn days_follow_the_zone_across_dst_and_months_cross_the_year() {
     );
     // MONTH windows across the year boundary in New York (UTC-5 in winter)
     let m = query(&km, "calls", "from=2026-12-01T05:00:00Z&to=2027-03-01T05:00:00Z&windowSize=MONTH&windowTimeZone=America/New_York").await;
-    let got: Vec<(String, String)> = m["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["windowStart"].as_str().unwrap().into(),
-                r["value"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let got: Vec<(String, String)> = row_pairs(&m, "windowStart", "value").into_iter().collect();
     // December (NY) holds 12-31 22:30Z and 01-01 04:30Z; January holds 05:30Z and 01-31 23:30Z;
     // February holds 02-01 06:30Z.
     assert_eq!(
@@ -490,16 +470,7 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
         "from=2026-11-01T00:00:00Z&to=2026-11-21T00:00:00Z",
     )
     .await;
-    let from_query: BTreeMap<String, String> = all["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["subject"].as_str().unwrap().into(),
-                r["value"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let from_query: BTreeMap<String, String> =
+        row_pairs(&all, "subject", "value").into_iter().collect();
     assert_eq!(from_query, want);
 }

@@ -297,6 +297,25 @@ impl ControlPlane {
         out
     }
 
+    /// One field of one object: `kubectl -n <namespace> get <object> -o jsonpath=<path>`.
+    pub fn jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
+        self.kubectl(&[
+            "-n",
+            namespace,
+            "get",
+            object,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    }
+
+    /// [`Self::jsonpath`], empty while the object does not exist (for polling).
+    pub fn try_jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
+        let path = format!("jsonpath={path}");
+        self.kubectl_status(&["-n", namespace, "get", object, "-o", &path])
+            .1
+    }
+
     pub fn kubectl_status(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new("kubectl")
             .arg("--kubeconfig")

@@ -347,6 +347,21 @@ where
 }
 
 /// Subject totals of a meter as `subject -> value` from /api/v1/readings.
+/// Two string fields of every row of a query answer, in order: e.g. (`subject`, `value`).
+pub fn row_pairs(answer: &Value, a: &str, b: &str) -> Vec<(String, String)> {
+    answer["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r[a].as_str().unwrap().to_string(),
+                r[b].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 pub async fn subject_values(km: &Km, meter: &str) -> std::collections::BTreeMap<String, String> {
     let (status, body) = get(&km.url(&format!("/api/v1/readings?meter={meter}"))).await;
     assert_eq!(status, 200, "{body}");
