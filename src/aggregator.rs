@@ -12,10 +12,11 @@ use futures::{stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::cache::Cache;
 use crate::claims::Claims;
 use crate::dedup::{self, Candidate, Decision};
 use crate::event::Event;
-use crate::fold::{self, Applied, Reading};
+use crate::fold::{self, Applied, Contribution, Group, Reading};
 use crate::keys::{self, ReadingKey, CURSOR_KEY, DEDUP_HEADER};
 use crate::meter::CompiledMeter;
 use crate::metrics::Metrics;
@@ -44,6 +45,9 @@ const MAX_DIRTY: usize = 100_000;
 /// often instead: every flush rewrites each touched reading once, so fewer flushes mean
 /// fewer writes per event, and catching up sooner is what brings latency back down.
 const BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// ...or, when a flush takes long (many distinct readings), up to this often, so that
+/// writing never takes more than a fifth of the time while catching up.
+const MAX_BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Per-meter record of the definition its readings were built for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,10 +57,6 @@ pub struct Progress {
 }
 
 type ByType = HashMap<String, Vec<Arc<CompiledMeter>>>;
-/// Hash maps on the hot path: foldhash is several times cheaper than SipHash on reading
-/// keys and still seeded per process, so crafted subjects cannot force collisions.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 pub struct Aggregator {
     store: Store,
@@ -64,12 +64,9 @@ pub struct Aggregator {
     metrics: Metrics,
     dedup_window_ns: i64,
     claims: Arc<tokio::sync::Mutex<Claims>>,
-    /// Current readings of the keys touched recently (written or waiting to be).
-    readings: FastMap<ReadingKey, Reading>,
-    /// KV revision of each cached reading that exists in KV (absent: not stored yet).
-    revisions: FastMap<ReadingKey, u64>,
-    /// Readings changed since the last flush.
-    dirty: FastSet<ReadingKey>,
+    /// Current readings of the keys touched recently (written or waiting to be), with
+    /// their KV revisions and which of them changed since the last flush.
+    cache: Cache,
     /// Highest sequence applied to `readings` but not yet covered by the cursor.
     pending: Option<u64>,
     last_flush: std::time::Instant,
@@ -80,6 +77,10 @@ pub struct Aggregator {
     cursor_rev: Option<u64>,
     /// Messages waiting after the last batch.
     lag: u64,
+    /// Readings being written, if any (one flush at a time).
+    inflight: Option<Flush>,
+    /// How long the last flush that wrote readings took.
+    flush_cost: Duration,
     /// Meters whose readings changed, for the status write-back (operator mode).
     changed: Option<crate::status::Changed>,
 }
@@ -99,9 +100,7 @@ impl Aggregator {
             metrics,
             dedup_window_ns: i64::try_from(dedup_window.as_nanos()).unwrap_or(i64::MAX),
             claims,
-            readings: FastMap::default(),
-            revisions: FastMap::default(),
-            dirty: FastSet::default(),
+            cache: Cache::default(),
             pending: None,
             last_flush: std::time::Instant::now(),
             active: HashMap::new(),
@@ -109,6 +108,8 @@ impl Aggregator {
             cursor: 0,
             cursor_rev: None,
             lag: 0,
+            inflight: None,
+            flush_cost: Duration::ZERO,
             changed,
         }
     }
@@ -148,8 +149,8 @@ impl Aggregator {
                 self.flush().await?;
                 return Ok(());
             }
-            let flush_due = self.last_flush + FLUSH_INTERVAL;
-            let has_pending = self.pending.is_some() || !self.dirty.is_empty();
+            let flush_due = self.last_flush + self.flush_every();
+            let has_pending = self.pending.is_some() || self.cache.dirty_len() > 0;
             tokio::select! {
                 biased;
                 _ = leading.changed() => {}
@@ -157,26 +158,40 @@ impl Aggregator {
                     changed?;
                     self.reconcile().await?;
                 }
+                done = async { (&mut self.inflight.as_mut().expect("checked").task).await }, if self.inflight.is_some() => {
+                    self.flush_done(done).await?;
+                }
                 _ = tokio::time::sleep_until(flush_due.into()), if has_pending => {
-                    self.flush().await?;
+                    self.start_flush().await?;
                 }
                 // Only the wait for the first message may be cancelled: once a batch has
                 // started, it is gathered and processed whole, so none is dropped.
                 first = messages.next() => {
                     let Some(first) = first else { bail!("event consumer ended") };
+                    let t0 = std::time::Instant::now();
                     let batch = gather(first, &mut messages, BATCH, LINGER).await;
+                    tracing::debug!(fetch_ms = t0.elapsed().as_millis() as u64, "fetch");
                     let batch: Vec<Message> = batch.into_iter().collect::<Result<_, _>>().map_err(|e| anyhow!("{e}"))?;
                     if meters_changed.has_changed().unwrap_or(false) {
                         meters_changed.borrow_and_update();
                         self.reconcile().await?;
                     }
                     self.process_batch(batch).await?;
-                    let every = if self.lag > BATCH as u64 { BACKLOG_FLUSH_INTERVAL } else { FLUSH_INTERVAL };
-                    if self.dirty.len() >= MAX_DIRTY || self.last_flush.elapsed() >= every {
-                        self.flush().await?;
+                    if self.cache.dirty_len() >= MAX_DIRTY || self.last_flush.elapsed() >= self.flush_every() {
+                        self.start_flush().await?;
                     }
                 }
             }
+        }
+    }
+
+    /// How long changed readings may wait to be written.
+    fn flush_every(&self) -> Duration {
+        if self.lag > BATCH as u64 {
+            // catching up: at most a fifth of the time goes to writing
+            (self.flush_cost * 4).clamp(BACKLOG_FLUSH_INTERVAL, MAX_BACKLOG_FLUSH_INTERVAL)
+        } else {
+            FLUSH_INTERVAL
         }
     }
 
@@ -357,7 +372,7 @@ impl Aggregator {
                     }
                     replayed += events.len();
                     self.apply_events(&events, &only).await?;
-                    if self.dirty.len() >= MAX_DIRTY {
+                    if self.cache.dirty_len() >= MAX_DIRTY {
                         self.flush().await?;
                     }
                     if finished {
@@ -510,71 +525,109 @@ impl Aggregator {
         if events.is_empty() {
             return Ok(());
         }
-        let mut plan = Vec::new();
-        let mut needed: FastSet<ReadingKey> = FastSet::default();
+        // What each event does to each meter, and the slots it touches.
+        enum Step<'e> {
+            Valid(
+                u64,
+                &'e Event,
+                &'e Arc<CompiledMeter>,
+                crate::cache::EventSlots,
+                fold::Value_,
+            ),
+            Invalid(u64, &'e Event, &'e Arc<CompiledMeter>, u32, String),
+        }
+        let mut plan = Vec::with_capacity(events.len());
         for (seq, e) in events {
             for m in meters
                 .get(&e.event_type)
                 .map(Vec::as_slice)
                 .unwrap_or_default()
             {
-                let c = fold::contribution(m, e);
-                let keys = fold::keys_for(m, e, &c);
-                for k in &keys {
-                    if !self.readings.contains_key(k) && !needed.contains(k) {
-                        needed.insert(k.clone());
+                plan.push(match fold::contribution(m, e) {
+                    Contribution::Valid { value, group } => {
+                        let slots = self.cache.touch(
+                            m,
+                            &e.subject,
+                            group,
+                            || fold::group_values(m, e),
+                            e.time.timestamp(),
+                        );
+                        Step::Valid(*seq, e, m, slots, value)
                     }
-                }
-                plan.push((*seq, e, m, c, keys));
+                    Contribution::Invalid(why) => {
+                        Step::Invalid(*seq, e, m, self.cache.summary(m), why)
+                    }
+                });
             }
         }
-        let missing: Vec<ReadingKey> = needed.into_iter().collect();
+        // Readings new to the cache: what KV holds for them.
+        let unloaded = self.cache.take_unloaded();
         let store = self.store.readings.clone();
-        let loaded: Vec<(ReadingKey, Option<(Reading, u64)>)> = stream::iter(missing)
-            .map(|k| {
+        let keys: Vec<(u32, String)> = unloaded
+            .iter()
+            .map(|&i| (i, self.cache.slot(i).key.kv_key()))
+            .collect();
+        let loaded: Vec<(u32, Option<(Reading, u64)>)> = stream::iter(keys)
+            .map(|(i, key)| {
                 let store = store.clone();
                 async move {
-                    let found = match store.entry(k.kv_key()).await? {
+                    let found = match store.entry(key.as_str()).await? {
                         Some(e) if e.operation == kv::Operation::Put => {
                             let r: Reading = serde_json::from_slice(&e.value)
-                                .with_context(|| format!("decoding reading {}", k.kv_key()))?;
+                                .with_context(|| format!("decoding reading {key}"))?;
                             Some((r, e.revision))
                         }
                         // absent, or deleted: a new reading (its create fails if it races)
                         _ => None,
                     };
-                    Ok::<_, anyhow::Error>((k, found))
+                    Ok::<_, anyhow::Error>((i, found))
                 }
             })
             .buffer_unordered(PIPELINE)
             .try_collect()
             .await?;
-        for (k, found) in loaded {
-            match found {
-                Some((r, rev)) => {
-                    self.revisions.insert(k.clone(), rev);
-                    self.readings.insert(k, r);
-                }
-                None => {
-                    self.readings.insert(k, Reading::default());
-                }
-            }
+        for (i, found) in loaded {
+            self.cache.loaded(i, found);
         }
         let mut dead_letters = Vec::new();
         let mut invalid = 0u64;
-        for (seq, e, m, c, keys) in &plan {
-            match fold::apply_keyed(&mut self.readings, keys, *seq, e, c) {
-                Applied::Counted => {}
-                Applied::AlreadyApplied => continue,
-                Applied::Invalid(why) => {
-                    invalid += 1;
-                    dead_letters.push((m.def.id.clone(), m.hash.clone(), *seq, why, *e));
+        for step in &plan {
+            match step {
+                Step::Valid(seq, e, m, slots, value) => {
+                    let group = slots
+                        .group
+                        .as_deref()
+                        .map(|(token, values)| Group { token, values });
+                    let applied = fold::apply_valid(
+                        &mut self.cache.touched(slots),
+                        *seq,
+                        e.time,
+                        value,
+                        group,
+                    );
+                    match applied {
+                        Applied::Counted => {
+                            for &i in slots.slots() {
+                                self.cache.mark_dirty(i);
+                            }
+                        }
+                        Applied::AlreadyApplied => {}
+                        Applied::Invalid(why) => {
+                            // (a sum out of the exact range: only the summary counts it)
+                            let summary = slots.slots()[0];
+                            self.cache.mark_dirty(summary);
+                            invalid += 1;
+                            dead_letters.push((m.def.id.clone(), m.hash.clone(), *seq, why, *e));
+                        }
+                    }
                 }
-            }
-            // every key the event touched is now ahead of KV
-            for k in keys {
-                if !self.dirty.contains(k) {
-                    self.dirty.insert(k.clone());
+                Step::Invalid(seq, e, m, summary, why) => {
+                    let applied = fold::apply_invalid(self.cache.reading_mut(*summary), *seq, why);
+                    if let Applied::Invalid(why) = applied {
+                        self.cache.mark_dirty(*summary);
+                        invalid += 1;
+                        dead_letters.push((m.def.id.clone(), m.hash.clone(), *seq, why, *e));
+                    }
                 }
             }
         }
@@ -583,92 +636,111 @@ impl Aggregator {
         Ok(())
     }
 
-    /// Write every changed reading with compare-and-swap, then advance the cursor over
-    /// what they include. A lost race (another leader wrote first) is an error: the
-    /// aggregator restarts from the stored cursor, and the sequence watermarks make
-    /// the replay harmless.
+    /// Write every changed reading with compare-and-swap and advance the cursor over
+    /// what they include, waiting until both are done.
     async fn flush(&mut self) -> Result<()> {
-        if !self.dirty.is_empty() {
-            let dirty: Vec<ReadingKey> = self.dirty.drain().collect();
-            let prefix = format!("$KV.{}.", self.store.readings.name);
-            // serialised a slice at a time, so a large flush never sits in memory whole
-            let mut outcomes = Vec::with_capacity(dirty.len());
-            for slice in dirty.chunks(FLUSH_SLICE) {
-                let messages: Vec<Result<(String, PublishMessage)>> = slice
-                    .iter()
-                    .map(|k| {
-                        let r = self.readings.get(k).ok_or_else(|| {
-                            anyhow!("reading {} left the cache unwritten", k.kv_key())
-                        })?;
-                        let body = serde_json::to_vec(r)?;
-                        // a new key must not exist yet: expected last subject sequence 0
-                        let rev = self.revisions.get(k).copied().unwrap_or(0);
-                        let publish = PublishMessage::build()
-                            .payload(body.into())
-                            .expected_last_subject_sequence(rev);
-                        Ok((format!("{prefix}{}", k.kv_key()), publish))
-                    })
-                    .collect();
-                outcomes.extend(self.store.publish_all(messages, PIPELINE).await);
-            }
-            let mut results: Vec<(ReadingKey, Result<u64>)> = Vec::with_capacity(dirty.len());
-            for (k, outcome) in dirty.into_iter().zip(outcomes) {
-                let res = match (outcome, self.revisions.contains_key(&k)) {
-                    (Ok(seq), _) => Ok(seq),
-                    // A new key over a delete marker: the KV create knows that case.
-                    (Err(_), false) => match self.readings.get(&k).map(serde_json::to_vec) {
-                        Some(Ok(body)) => self
-                            .store
-                            .readings
-                            .create(k.kv_key(), body.into())
-                            .await
-                            .map_err(|e| anyhow!(e)),
-                        Some(Err(e)) => Err(e.into()),
-                        None => Err(anyhow!("not cached")),
-                    },
-                    (Err(e), true) => Err(e),
-                };
-                results.push((k, res));
-            }
-            let mut failed = None;
-            for (k, res) in results {
-                match res {
-                    Ok(rev) => {
-                        if let Some(changed) = &self.changed {
-                            let meter = reading_meter(&k);
-                            let mut set = changed.lock().unwrap_or_else(|e| e.into_inner());
-                            if !set.contains(meter) {
-                                set.insert(meter.to_string());
-                            }
-                        }
-                        self.revisions.insert(k, rev);
-                    }
-                    Err(e) => failed = Some((k, e)),
-                }
-            }
-            if let Some((k, e)) = failed {
-                bail!(
-                    "writing reading {} failed ({e}); restarting from the stored cursor",
-                    k.kv_key()
-                );
-            }
-        }
-        if let Some(seq) = self.pending.take() {
-            self.commit_cursor(seq).await?;
-        }
+        self.start_flush().await?;
+        self.finish_flush().await
+    }
+
+    /// Start writing every changed reading (after the previous flush has finished): the
+    /// readings are serialized now, and written by a separate task while folding goes
+    /// on, so the NATS round trips overlap with the next batches instead of stalling
+    /// them. [`Self::finish_flush`] then advances the cursor. A lost race (another leader
+    /// wrote first) is an error: the aggregator restarts from the stored cursor, and the
+    /// sequence watermarks make the replay harmless.
+    async fn start_flush(&mut self) -> Result<()> {
+        self.finish_flush().await?;
         self.last_flush = std::time::Instant::now();
-        if self.readings.len() > CACHE_LIMIT {
-            self.readings.clear();
-            self.revisions.clear();
+        let dirty = self.cache.take_dirty();
+        let cursor = self.pending.take();
+        if dirty.is_empty() {
+            if let Some(seq) = cursor {
+                self.commit_cursor(seq).await?;
+            }
+            return Ok(());
+        }
+        let prefix = format!("$KV.{}.", self.store.readings.name);
+        let mut writes = Vec::with_capacity(dirty.len());
+        for i in dirty {
+            let slot = self.cache.slot(i);
+            let key = slot.key.kv_key();
+            writes.push(Write {
+                slot: i,
+                subject: format!("{prefix}{key}"),
+                key,
+                body: serde_json::to_vec(&slot.reading)?.into(),
+                revision: slot.revision,
+            });
+        }
+        let store = self.store.clone();
+        self.inflight = Some(Flush {
+            started: self.last_flush,
+            count: writes.len(),
+            cursor,
+            task: tokio::spawn(write_readings(store, writes)),
+        });
+        if self.cache.len() > CACHE_LIMIT {
+            // Nothing is dirty now: once written, the cache can start afresh (slot
+            // numbers must stay valid while a flush is in flight, so not before).
+            self.finish_flush().await?;
+            self.cache.clear();
+        }
+        Ok(())
+    }
+
+    /// Wait for the flush in flight, if any, record what it wrote and advance the cursor.
+    async fn finish_flush(&mut self) -> Result<()> {
+        let Some(flight) = self.inflight.as_mut() else {
+            return Ok(());
+        };
+        let outcomes = (&mut flight.task).await;
+        self.flush_done(outcomes).await
+    }
+
+    /// [`Self::finish_flush`] once the writing task has ended.
+    async fn flush_done(
+        &mut self,
+        outcomes: Result<Vec<(u32, Result<u64>)>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let Some(flight) = self.inflight.take() else {
+            return Ok(());
+        };
+        let outcomes = outcomes.context("writing readings")?;
+        let mut failed = None;
+        for (i, outcome) in outcomes {
+            match outcome {
+                Ok(rev) => {
+                    if let Some(changed) = &self.changed {
+                        let meter = reading_meter(&self.cache.slot(i).key);
+                        let mut set = changed.lock().unwrap_or_else(|e| e.into_inner());
+                        if !set.contains(meter) {
+                            set.insert(meter.to_string());
+                        }
+                    }
+                    self.cache.written(i, rev);
+                }
+                Err(e) => failed = Some((self.cache.slot(i).key.kv_key(), e)),
+            }
+        }
+        if let Some((key, e)) = failed {
+            bail!("writing reading {key} failed ({e}); restarting from the stored cursor");
+        }
+        self.flush_cost = flight.started.elapsed();
+        tracing::debug!(
+            readings = flight.count,
+            write_ms = self.flush_cost.as_millis() as u64,
+            "flush"
+        );
+        if let Some(seq) = flight.cursor {
+            self.commit_cursor(seq).await?;
         }
         Ok(())
     }
 
     /// Drop a meter's readings from memory (after its keys were purged from KV).
     fn forget_meter(&mut self, id: &str) {
-        self.readings.retain(|k, _| reading_meter(k) != id);
-        self.revisions.retain(|k, _| reading_meter(k) != id);
-        self.dirty.retain(|k| reading_meter(k) != id);
+        self.cache.retain(|k| reading_meter(k) != id);
     }
 
     async fn publish_dead_letters(&self, letters: Vec<(String, String, u64, String, &Event)>) {
@@ -701,6 +773,58 @@ impl Aggregator {
 }
 
 /// A batch: `first`, then whatever else arrives within `linger`, up to `max`.
+/// One reading to write: its slot, KV subject and key, body, and the revision it
+/// replaces (`None`: a new key).
+struct Write {
+    slot: u32,
+    subject: String,
+    key: String,
+    body: bytes::Bytes,
+    revision: Option<u64>,
+}
+
+/// A flush being written.
+struct Flush {
+    started: std::time::Instant,
+    count: usize,
+    /// The cursor to store once every reading is written.
+    cursor: Option<u64>,
+    task: tokio::task::JoinHandle<Vec<(u32, Result<u64>)>>,
+}
+
+/// Write readings with compare-and-swap, many in flight (a slice serialized at a time);
+/// one outcome (the new revision) per reading.
+async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u64>)> {
+    let mut results = Vec::with_capacity(writes.len());
+    for slice in writes.chunks(FLUSH_SLICE) {
+        let messages = slice
+            .iter()
+            .map(|w| {
+                // a new key must not exist yet: expected last subject sequence 0
+                let publish = PublishMessage::build()
+                    .payload(w.body.clone())
+                    .expected_last_subject_sequence(w.revision.unwrap_or(0));
+                Ok((w.subject.clone(), publish))
+            })
+            .collect();
+        let outcomes = store.publish_all(messages, PIPELINE).await;
+        for (w, outcome) in slice.iter().zip(outcomes) {
+            let res = match (outcome, w.revision) {
+                (Ok(seq), _) => Ok(seq),
+                // A new key over a delete marker: the KV create knows that case.
+                (Err(_), None) => store
+                    .readings
+                    .create(w.key.as_str(), w.body.clone())
+                    .await
+                    .map_err(|e| anyhow!(e)),
+                (Err(e), Some(_)) => Err(e),
+            };
+            results.push((w.slot, res));
+        }
+    }
+    results
+}
+
 async fn gather<S, T>(first: T, messages: &mut S, max: usize, linger: Duration) -> Vec<T>
 where
     S: futures::Stream<Item = T> + Unpin,

@@ -2,6 +2,7 @@
 
 pub mod aggregator;
 pub mod api;
+pub mod cache;
 pub mod claims;
 pub mod config;
 pub mod controller;

@@ -242,15 +242,35 @@ pub struct CompiledMeter {
     /// `def.id`, shared by every reading key of the meter.
     pub id: std::sync::Arc<str>,
     pub hash: String,
-    pub value_path: Option<JpQuery>,
-    pub group_paths: Vec<(String, JpQuery)>,
+    pub value_path: Option<Path>,
+    /// In name order (as `def.group_by`).
+    pub group_paths: Vec<(String, Path)>,
 }
 
-fn compile_path(field: &str, path: &str) -> Result<JpQuery, FieldError> {
+/// A compiled JSONPath. `$.a.b` style paths (the common case) are kept as the field
+/// names to walk; anything else goes through the JSONPath engine.
+#[derive(Clone, Debug)]
+pub enum Path {
+    Fields(Vec<String>),
+    Query(JpQuery),
+}
+
+fn compile_path(field: &str, path: &str) -> Result<Path, FieldError> {
     if !path.starts_with('$') {
         return Err(FieldError::new(field, "JSONPath must start with '$'"));
     }
-    parse_json_path(path).map_err(|e| FieldError::new(field, format!("invalid JSONPath: {e}")))
+    let query = parse_json_path(path)
+        .map_err(|e| FieldError::new(field, format!("invalid JSONPath: {e}")))?;
+    let plain = |f: &str| {
+        f.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match path.strip_prefix("$.") {
+        Some(rest) if rest.split('.').all(plain) => {
+            Ok(Path::Fields(rest.split('.').map(str::to_string).collect()))
+        }
+        _ => Ok(Path::Query(query)),
+    }
 }
 
 impl CompiledMeter {

@@ -437,3 +437,65 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn plain_field_paths_walk_the_same_values_as_the_jsonpath_engine() {
+    let docs = [
+        json!({"a": {"b": 3, "c": [1, 2]}, "x_1": null}),
+        json!({"a": [{"b": 1}], "x_1": "s"}),
+        json!({"a": 5}),
+        json!([{"a": {"b": 2}}]),
+        json!("plain"),
+        json!({"a": {"b": {"c": {"d": true}}}}),
+        json!({}),
+    ];
+    for p in ["$.a", "$.a.b", "$.a.c", "$.x_1", "$.a.b.c.d", "$.missing.b"] {
+        let fast = crate::meter::CompiledMeter::compile(
+            &parse_meter_json(
+                &json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty": p}),
+                None,
+            )
+            .unwrap(),
+        )
+        .unwrap()
+        .value_path
+        .unwrap();
+        assert!(
+            matches!(fast, Path::Fields(_)),
+            "{p} should take the fast path"
+        );
+        let engine = Path::Query(jsonpath_rust::parser::parse_json_path(p).unwrap());
+        for d in &docs {
+            assert_eq!(first_match(&fast, d), first_match(&engine, d), "{p} on {d}");
+        }
+    }
+    // anything else keeps the engine
+    for p in ["$", "$.a[0]", "$['a']", "$..b", "$.a-b", "$.1"] {
+        let def = json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty": p});
+        if let Ok(def) = parse_meter_json(&def, None) {
+            if let Ok(m) = CompiledMeter::compile(&def) {
+                assert!(matches!(m.value_path, Some(Path::Query(_))), "{p}");
+            }
+        }
+    }
+}
+
+#[test]
+fn group_hash_is_the_hash_of_the_group_values_map() {
+    let m = meter(
+        json!({"id":"m","eventType":"t","aggregation":"count","groupBy":{"z":"$.z","a":"$.a.b","q-1":"$.q"}}),
+    );
+    for data in [
+        json!({"z": "x\"y", "a": {"b": [1, {"k": 2.5}]}}),
+        json!({"z": null}),
+        json!({"q": {"b": 1, "a": 2}, "z": 1e300, "a": {"b": "ü\n"}}),
+    ] {
+        let e = ev("s", "2026-11-24T10:00:00Z", data);
+        let values = group_values(&m, &e);
+        assert_eq!(token_of(group_hash(&m, &e)), group_token(&values));
+    }
+    let plain = meter(json!({"id":"m","eventType":"t","aggregation":"count"}));
+    let e = ev("s", "2026-11-24T10:00:00Z", json!({}));
+    assert_eq!(group_hash(&plain, &e), None);
+    assert_eq!(group_token(&group_values(&plain, &e)), "_");
+}

@@ -390,6 +390,13 @@ async fn raw_consume(nats: &Nats, n: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+fn unix_nanos() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+}
+
 fn expected_sum(n: usize) -> i64 {
     (0..n).map(|i| (i % 1000) as i64 + 1).sum()
 }
@@ -438,36 +445,68 @@ async fn aggregation(reps: usize, n: usize, meters: usize, failures: &mut Vec<St
         let log_level =
             std::env::var("BENCH_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
         let km = Km::start(&nats, "meters", &[("LOG_LEVEL", log_level.as_str())]).await;
-        let (mut first, mut t_first) = (None, Instant::now());
+        // The clock starts when the aggregator creates its consumer on the event stream
+        // (the server's timestamp, same machine clock) and stops when the cursor covers
+        // every event, i.e. all readings are written.
+        let events = js.get_stream("meters").await.unwrap();
+        let mut t_first = None;
         let t_end;
         loop {
+            if t_first.is_none() {
+                let mut infos = events.consumers();
+                while let Some(info) = infos.next().await {
+                    let info = info.unwrap();
+                    if info.name != "raw" {
+                        t_first = Some(info.created.unix_timestamp_nanos());
+                    }
+                }
+            }
             let c: u64 = state
                 .get("cursor")
                 .await
                 .unwrap()
                 .map(|v| std::str::from_utf8(&v).unwrap().parse().unwrap())
                 .unwrap_or(0);
-            if c > 0 && first.is_none() {
-                first = Some(c);
-                t_first = Instant::now();
-            }
             if c as usize >= n {
-                t_end = Instant::now();
+                t_end = unix_nanos();
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let done = n as u64 - first.unwrap_or(0);
+        let t_first = t_first.expect("the aggregator's consumer was never seen");
         row.km
-            .push(done as f64 / (t_end - t_first).as_secs_f64().max(1e-6));
+            .push(n as f64 / ((t_end - t_first) as f64 / 1e9).max(1e-6));
         if std::env::var("BENCH_LOG").is_ok() {
+            // where the aggregator's time went, from its debug lines
+            let mut tally: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+            for line in km.logs().lines() {
+                let Ok(v) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                let fields = &v["fields"];
+                let Some(msg) = fields["message"].as_str() else {
+                    continue;
+                };
+                if let Some(obj) = fields.as_object() {
+                    for (k, val) in obj {
+                        if let Some(ms) = val.as_u64().filter(|_| k.ends_with("_ms")) {
+                            let t = tally.entry(format!("{msg}.{k}")).or_default();
+                            t.0 += 1;
+                            t.1 += ms;
+                        }
+                    }
+                }
+            }
             for line in km
                 .logs()
                 .lines()
-                .filter(|l| l.contains("\"batch\""))
-                .take(12)
+                .filter(|l| l.contains("\"batch\"") || l.contains("\"flush\""))
+                .take(6)
             {
                 eprintln!("{line}");
+            }
+            for (k, (count, ms)) in tally {
+                eprintln!("  {k}: {count} times, {ms} ms");
             }
         }
         row.km_rss = row.km_rss.max(rss_kib(km.pid().unwrap()));
@@ -798,8 +837,11 @@ async fn main() {
         half = median(&mut batch.km.clone()) / 2.0;
     }
     if want("aggregation") {
-        aggregation(reps, n, 1, &mut failures).await.print();
-        aggregation(reps, n, 10, &mut failures).await.print();
+        // BENCH_AGG_METERS=10 runs one of the two (for profiling)
+        let counts = std::env::var("BENCH_AGG_METERS").unwrap_or_else(|_| "1,10".into());
+        for meters in counts.split(',').filter_map(|c| c.parse().ok()) {
+            aggregation(reps, n, meters, &mut failures).await.print();
+        }
     }
     // not part of the default run: BENCH_ONLY=soak (task soak)
     if only.split(',').any(|o| o == "soak") {

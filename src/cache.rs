@@ -1,0 +1,317 @@
+//! The aggregator's working set of readings, kept so that folding an event costs a few
+//! array accesses instead of building and hashing five keys per meter.
+//!
+//! Readings live in slots addressed by number. A key is hashed once, when its slot is
+//! made; after that, each meter remembers per subject and group which slots hold its
+//! total and current windows, so a repeat of the same subject and group within the same
+//! window finds them with one string lookup. Everything here is plain data: loading
+//! slots from KV and writing them back is the aggregator's job.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::fold::{GroupValues, Reading, Touched};
+use crate::keys::ReadingKey;
+use crate::meter::CompiledMeter;
+
+/// Hash maps on the hot path: foldhash is several times cheaper than SipHash on reading
+/// keys and still seeded per process, so crafted subjects cannot force collisions.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Readings one event touches for one meter: summary, total, own window, rollups.
+const MAX_TOUCHED: usize = 6;
+
+/// One cached reading.
+#[derive(Debug)]
+pub struct Slot {
+    pub key: ReadingKey,
+    pub reading: Reading,
+    /// KV revision of the stored reading (`None`: not stored yet).
+    pub revision: Option<u64>,
+    dirty: bool,
+}
+
+/// The slots an event touches for one meter, in [`Touched`] order, and its group.
+#[derive(Clone, Debug)]
+pub struct EventSlots {
+    idx: [u32; MAX_TOUCHED],
+    len: u8,
+    pub group: Option<Arc<(String, GroupValues)>>,
+}
+
+impl EventSlots {
+    pub fn slots(&self) -> &[u32] {
+        &self.idx[..usize::from(self.len)]
+    }
+}
+
+#[derive(Debug)]
+struct GroupSlots {
+    token: Arc<str>,
+    /// Token and values, shared with every event of the group.
+    group: Option<Arc<(String, GroupValues)>>,
+    /// Start of the meter's own window the slots below are for: rollups contain it, so
+    /// the same start means the same slots at every level.
+    start: i64,
+    windows: [u32; MAX_TOUCHED - 2],
+    len: u8,
+}
+
+#[derive(Debug)]
+struct SubjectSlots {
+    subject: Arc<str>,
+    total: u32,
+    groups: FastMap<Option<u64>, GroupSlots>,
+}
+
+#[derive(Debug)]
+struct MeterSlots {
+    summary: u32,
+    subjects: FastMap<Box<str>, SubjectSlots>,
+}
+
+#[derive(Debug, Default)]
+pub struct Cache {
+    slots: Vec<Slot>,
+    index: FastMap<ReadingKey, u32>,
+    meters: FastMap<Arc<str>, MeterSlots>,
+    dirty: Vec<u32>,
+    /// Slots made since the last [`Cache::take_unloaded`]: their stored state is unknown.
+    unloaded: Vec<u32>,
+}
+
+/// The slot of `key`, made (empty, unloaded) when new.
+fn slot_of(
+    slots: &mut Vec<Slot>,
+    index: &mut FastMap<ReadingKey, u32>,
+    unloaded: &mut Vec<u32>,
+    key: ReadingKey,
+) -> u32 {
+    if let Some(&i) = index.get(&key) {
+        return i;
+    }
+    let i = u32::try_from(slots.len()).expect("fewer than 2^32 cached readings");
+    index.insert(key.clone(), i);
+    slots.push(Slot {
+        key,
+        reading: Reading::default(),
+        revision: None,
+        dirty: false,
+    });
+    unloaded.push(i);
+    i
+}
+
+impl Cache {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn slot(&self, i: u32) -> &Slot {
+        &self.slots[i as usize]
+    }
+
+    /// The slot of a meter's summary.
+    pub fn summary(&mut self, meter: &CompiledMeter) -> u32 {
+        let Cache {
+            slots,
+            index,
+            meters,
+            unloaded,
+            ..
+        } = self;
+        meters
+            .entry(meter.id.clone())
+            .or_insert_with(|| MeterSlots {
+                summary: slot_of(
+                    slots,
+                    index,
+                    unloaded,
+                    ReadingKey::Summary {
+                        meter: meter.id.clone(),
+                    },
+                ),
+                subjects: FastMap::default(),
+            })
+            .summary
+    }
+
+    /// The slots a valid event of `subject` in group `group` (its hash) at `time`
+    /// (epoch seconds) touches for `meter`; `values` gives the group's values when the
+    /// group is new to the subject.
+    pub fn touch(
+        &mut self,
+        meter: &CompiledMeter,
+        subject: &str,
+        group: Option<u64>,
+        values: impl FnOnce() -> GroupValues,
+        time: i64,
+    ) -> EventSlots {
+        let summary = self.summary(meter);
+        let Cache {
+            slots,
+            index,
+            meters,
+            unloaded,
+            ..
+        } = self;
+        let Some(m) = meters.get_mut(&meter.id) else {
+            unreachable!("summary() registered the meter")
+        };
+        if !m.subjects.contains_key(subject) {
+            let subject_arc: Arc<str> = subject.into();
+            let total = slot_of(
+                slots,
+                index,
+                unloaded,
+                ReadingKey::SubjectTotal {
+                    meter: meter.id.clone(),
+                    subject: subject_arc.clone(),
+                },
+            );
+            m.subjects.insert(
+                subject.into(),
+                SubjectSlots {
+                    subject: subject_arc,
+                    total,
+                    groups: FastMap::default(),
+                },
+            );
+        }
+        let Some(s) = m.subjects.get_mut(subject) else {
+            unreachable!("inserted above")
+        };
+        let start = meter.def.window_size.window_start(time);
+        let g = s.groups.entry(group).or_insert_with(|| {
+            let token: Arc<str> = crate::fold::token_of(group).into();
+            GroupSlots {
+                group: group.map(|_| Arc::new((token.to_string(), values()))),
+                token,
+                // no slots yet: never equal to a real window start below
+                start: i64::MIN,
+                windows: [0; MAX_TOUCHED - 2],
+                len: 0,
+            }
+        });
+        if g.start != start || g.len == 0 {
+            let mut n = 0;
+            crate::fold::window_keys(meter, &s.subject, &g.token, time, |k| {
+                g.windows[n] = slot_of(slots, index, unloaded, k);
+                n += 1;
+            });
+            g.len = n as u8;
+            g.start = start;
+        }
+        let mut idx = [0; MAX_TOUCHED];
+        idx[0] = summary;
+        idx[1] = s.total;
+        let len = 2 + usize::from(g.len);
+        idx[2..len].copy_from_slice(&g.windows[..usize::from(g.len)]);
+        EventSlots {
+            idx,
+            len: len as u8,
+            group: g.group.clone(),
+        }
+    }
+
+    /// The slots made since the last call, for the caller to load from KV.
+    pub fn take_unloaded(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.unloaded)
+    }
+
+    /// What KV holds for a slot (`None`: nothing).
+    pub fn loaded(&mut self, i: u32, stored: Option<(Reading, u64)>) {
+        let slot = &mut self.slots[i as usize];
+        if let Some((reading, revision)) = stored {
+            slot.reading = reading;
+            slot.revision = Some(revision);
+        }
+    }
+
+    pub fn reading_mut(&mut self, i: u32) -> &mut Reading {
+        &mut self.slots[i as usize].reading
+    }
+
+    /// The readings of `slots` for [`crate::fold::apply_valid`].
+    pub fn touched<'a>(&'a mut self, slots: &'a EventSlots) -> impl Touched + 'a {
+        SlotsTouched {
+            cache: self,
+            idx: slots.slots(),
+        }
+    }
+
+    /// Note that a slot's reading is ahead of KV.
+    pub fn mark_dirty(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(i);
+        }
+    }
+
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// The slots ahead of KV, which are clean again from here on (the caller writes
+    /// them or gives up the whole cache).
+    pub fn take_dirty(&mut self) -> Vec<u32> {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &i in &dirty {
+            self.slots[i as usize].dirty = false;
+        }
+        dirty
+    }
+
+    /// Record the KV revision a slot's reading was written at.
+    pub fn written(&mut self, i: u32, revision: u64) {
+        self.slots[i as usize].revision = Some(revision);
+    }
+
+    /// Forget everything (clean or not).
+    pub fn clear(&mut self) {
+        *self = Cache::default();
+    }
+
+    /// Keep only the slots whose key passes `keep` (the per-meter shortcuts are rebuilt
+    /// as events come).
+    pub fn retain(&mut self, keep: impl Fn(&ReadingKey) -> bool) {
+        let old = std::mem::take(self);
+        let unloaded: std::collections::HashSet<u32> = old.unloaded.into_iter().collect();
+        for (old_i, slot) in old.slots.into_iter().enumerate() {
+            if !keep(&slot.key) {
+                continue;
+            }
+            let i = self.slots.len() as u32;
+            self.index.insert(slot.key.clone(), i);
+            if slot.dirty {
+                self.dirty.push(i);
+            }
+            if unloaded.contains(&(old_i as u32)) {
+                self.unloaded.push(i);
+            }
+            self.slots.push(slot);
+        }
+    }
+}
+
+struct SlotsTouched<'a> {
+    cache: &'a mut Cache,
+    idx: &'a [u32],
+}
+
+impl Touched for SlotsTouched<'_> {
+    fn len(&self) -> usize {
+        self.idx.len()
+    }
+    fn get(&self, i: usize) -> Option<&Reading> {
+        Some(&self.cache.slots[self.idx[i] as usize].reading)
+    }
+    fn at(&mut self, i: usize) -> &mut Reading {
+        &mut self.cache.slots[self.idx[i] as usize].reading
+    }
+}
