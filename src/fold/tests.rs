@@ -499,3 +499,122 @@ fn group_hash_is_the_hash_of_the_group_values_map() {
     assert_eq!(group_hash(&plain, &e), None);
     assert_eq!(group_token(&group_values(&plain, &e)), "_");
 }
+
+/// The aggregator's way of folding: readings in [`crate::cache::Cache`] slots, loaded
+/// from a stand-in for KV when first touched, written back (dirty ones) at `flush_at`
+/// and then forgotten, as when the cache outgrows its limit.
+fn fold_through_cache(
+    m: &CompiledMeter,
+    events: &[Event],
+    flush_at: &[usize],
+) -> (HashMap<ReadingKey, Reading>, Vec<Applied>) {
+    use crate::cache::Cache;
+    let mut cache = Cache::default();
+    let mut kv: HashMap<ReadingKey, Reading> = HashMap::new();
+    let write_back = |cache: &mut Cache, kv: &mut HashMap<ReadingKey, Reading>| {
+        for i in cache.take_dirty() {
+            let slot = cache.slot(i);
+            kv.insert(slot.key.clone(), slot.reading.clone());
+        }
+    };
+    let load = |cache: &mut Cache, kv: &HashMap<ReadingKey, Reading>| {
+        for i in cache.take_unloaded() {
+            let stored = kv.get(&cache.slot(i).key).map(|r| (r.clone(), 1));
+            cache.loaded(i, stored);
+        }
+    };
+    let mut outcomes = vec![];
+    for (i, e) in events.iter().enumerate() {
+        if flush_at.contains(&i) {
+            write_back(&mut cache, &mut kv);
+            cache.clear();
+        }
+        let seq = i as u64 + 1;
+        let outcome = match contribution(m, e) {
+            Contribution::Valid { value, group } => {
+                let slots = cache.touch(
+                    m,
+                    &e.subject,
+                    group,
+                    || group_values(m, e),
+                    e.time.timestamp(),
+                );
+                load(&mut cache, &kv);
+                let g = slots
+                    .group
+                    .as_deref()
+                    .map(|(token, values)| Group { token, values });
+                let applied = apply_valid(&mut cache.touched(&slots), seq, e.time, &value, g);
+                match applied {
+                    Applied::Counted => slots.slots().iter().for_each(|&s| cache.mark_dirty(s)),
+                    Applied::Invalid(_) => cache.mark_dirty(slots.slots()[0]),
+                    Applied::AlreadyApplied => {}
+                }
+                applied
+            }
+            Contribution::Invalid(why) => {
+                let s = cache.summary(m);
+                load(&mut cache, &kv);
+                let applied = apply_invalid(cache.reading_mut(s), seq, &why);
+                cache.mark_dirty(s);
+                applied
+            }
+        };
+        outcomes.push(outcome);
+    }
+    write_back(&mut cache, &mut kv);
+    (kv, outcomes)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn the_slot_cache_folds_exactly_like_the_map_of_keys(
+        m in arb_meter(),
+        events in arb_events(),
+        flush_at in proptest::collection::vec(0usize..40, 0..4),
+    ) {
+        let expected = fold_all(&m, &events);
+        prop_assert_eq!(fold_through_cache(&m, &events, &flush_at), expected);
+    }
+}
+
+#[test]
+fn the_slot_cache_reuses_slots_within_a_window_and_moves_with_time() {
+    let m = meter(
+        json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v","groupBy":{"g":"$.g"},"windowSize":"MINUTE"}),
+    );
+    let mut cache = crate::cache::Cache::default();
+    let mut touch = |subject: &str, g: &str, time: &str| {
+        let e = ev(subject, time, json!({"v": 1, "g": g}));
+        let Contribution::Valid { group, .. } = contribution(&m, &e) else {
+            panic!()
+        };
+        cache
+            .touch(
+                &m,
+                subject,
+                group,
+                || group_values(&m, &e),
+                e.time.timestamp(),
+            )
+            .slots()
+            .to_vec()
+    };
+    let a = touch("s1", "x", "2026-11-24T10:00:01Z");
+    // summary, total, minute, hour, day, month
+    assert_eq!(a.len(), 6);
+    assert_eq!(touch("s1", "x", "2026-11-24T10:00:59Z"), a);
+    let next_minute = touch("s1", "x", "2026-11-24T10:01:00Z");
+    assert_eq!((&next_minute[..2], &next_minute[3..]), (&a[..2], &a[3..]));
+    assert_ne!(next_minute[2], a[2]);
+    // back to the first minute: the same slot again, found through its key
+    assert_eq!(touch("s1", "x", "2026-11-24T10:00:30Z"), a);
+    let other_group = touch("s1", "y", "2026-11-24T10:00:30Z");
+    assert_eq!(&other_group[..2], &a[..2]);
+    assert!(other_group[2..].iter().all(|s| !a.contains(s)));
+    let other_subject = touch("s2", "x", "2026-11-24T10:00:30Z");
+    assert_eq!(other_subject[0], a[0]);
+    assert!(other_subject[1..].iter().all(|s| !a.contains(s)));
+}
