@@ -594,10 +594,10 @@ impl Aggregator {
         for step in &plan {
             match step {
                 Step::Valid(seq, e, m, slots, value) => {
-                    let group = slots
-                        .group
-                        .as_deref()
-                        .map(|(token, values)| Group { token, values });
+                    let group = slots.group.as_deref().map(|g| Group {
+                        token: &g.token,
+                        values: &g.values,
+                    });
                     let applied = fold::apply_valid(
                         &mut self.cache.touched(slots),
                         *seq,

@@ -805,7 +805,7 @@ async fn query_subjects(
 ) -> ApiResult<
     Vec<(
         String,
-        std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>,
+        std::collections::BTreeMap<String, crate::fold::SharedGroup>,
     )>,
 > {
     let mut totals: Vec<(String, Reading)> = Vec::new();
@@ -842,10 +842,7 @@ async fn query_subjects(
         .into_iter()
         .map(|(s, r)| {
             let groups = if r.groups.is_empty() {
-                std::collections::BTreeMap::from([(
-                    "_".to_string(),
-                    std::collections::BTreeMap::new(),
-                )])
+                std::collections::BTreeMap::from([("_".to_string(), Default::default())])
             } else {
                 r.groups
             };

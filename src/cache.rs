@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::fold::{GroupValues, Reading, Touched};
+use crate::fold::{GroupValues, Reading, SharedGroup, Touched};
 use crate::keys::ReadingKey;
 use crate::meter::CompiledMeter;
 
@@ -31,12 +31,20 @@ pub struct Slot {
     dirty: bool,
 }
 
+/// A group of values as readings record it: its token and the values, one copy shared
+/// by every reading of the group (across meters with the same groupBy names, too).
+#[derive(Debug)]
+pub struct GroupInfo {
+    pub token: String,
+    pub values: SharedGroup,
+}
+
 /// The slots an event touches for one meter, in [`Touched`] order, and its group.
 #[derive(Clone, Debug)]
 pub struct EventSlots {
     idx: [u32; MAX_TOUCHED],
     len: u8,
-    pub group: Option<Arc<(String, GroupValues)>>,
+    pub group: Option<Arc<GroupInfo>>,
 }
 
 impl EventSlots {
@@ -48,8 +56,7 @@ impl EventSlots {
 #[derive(Debug)]
 struct GroupSlots {
     token: Arc<str>,
-    /// Token and values, shared with every event of the group.
-    group: Option<Arc<(String, GroupValues)>>,
+    group: Option<Arc<GroupInfo>>,
     /// Start of the meter's own window the slots below are for: rollups contain it, so
     /// the same start means the same slots at every level.
     start: i64,
@@ -70,9 +77,46 @@ struct MeterSlots {
     subjects: FastMap<Box<str>, SubjectSlots>,
 }
 
+/// Slots in fixed-size chunks: growing never copies (or briefly doubles) them all.
+const CHUNK: usize = 4096;
+
+#[derive(Debug, Default)]
+struct Slots(Vec<Vec<Slot>>);
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.0
+            .last()
+            .map_or(0, |c| (self.0.len() - 1) * CHUNK + c.len())
+    }
+    fn push(&mut self, slot: Slot) {
+        if self.0.last().is_none_or(|c| c.len() == CHUNK) {
+            self.0.push(Vec::with_capacity(CHUNK));
+        }
+        if let Some(c) = self.0.last_mut() {
+            c.push(slot);
+        }
+    }
+}
+
+impl std::ops::Index<u32> for Slots {
+    type Output = Slot;
+    fn index(&self, i: u32) -> &Slot {
+        &self.0[i as usize / CHUNK][i as usize % CHUNK]
+    }
+}
+
+impl std::ops::IndexMut<u32> for Slots {
+    fn index_mut(&mut self, i: u32) -> &mut Slot {
+        &mut self.0[i as usize / CHUNK][i as usize % CHUNK]
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Cache {
-    slots: Vec<Slot>,
+    slots: Slots,
+    /// Group values by hash, shared by all the readings made here.
+    groups: FastMap<u64, Arc<GroupInfo>>,
     index: FastMap<ReadingKey, u32>,
     meters: FastMap<Arc<str>, MeterSlots>,
     dirty: Vec<u32>,
@@ -82,7 +126,7 @@ pub struct Cache {
 
 /// The slot of `key`, made (empty, unloaded) when new.
 fn slot_of(
-    slots: &mut Vec<Slot>,
+    slots: &mut Slots,
     index: &mut FastMap<ReadingKey, u32>,
     unloaded: &mut Vec<u32>,
     key: ReadingKey,
@@ -108,11 +152,11 @@ impl Cache {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots.len() == 0
     }
 
     pub fn slot(&self, i: u32) -> &Slot {
-        &self.slots[i as usize]
+        &self.slots[i]
     }
 
     /// The slot of a meter's summary.
@@ -157,6 +201,7 @@ impl Cache {
             index,
             meters,
             unloaded,
+            groups,
             ..
         } = self;
         let Some(m) = meters.get_mut(&meter.id) else {
@@ -189,7 +234,17 @@ impl Cache {
         let g = s.groups.entry(group).or_insert_with(|| {
             let token: Arc<str> = crate::fold::token_of(group).into();
             GroupSlots {
-                group: group.map(|_| Arc::new((token.to_string(), values()))),
+                group: group.map(|h| {
+                    groups
+                        .entry(h)
+                        .or_insert_with(|| {
+                            Arc::new(GroupInfo {
+                                token: token.to_string(),
+                                values: SharedGroup::new(values()),
+                            })
+                        })
+                        .clone()
+                }),
                 token,
                 // no slots yet: never equal to a real window start below
                 start: i64::MIN,
@@ -225,7 +280,7 @@ impl Cache {
 
     /// What KV holds for a slot (`None`: nothing).
     pub fn loaded(&mut self, i: u32, stored: Option<(Reading, u64)>) {
-        let slot = &mut self.slots[i as usize];
+        let slot = &mut self.slots[i];
         if let Some((reading, revision)) = stored {
             slot.reading = reading;
             slot.revision = Some(revision);
@@ -233,7 +288,7 @@ impl Cache {
     }
 
     pub fn reading_mut(&mut self, i: u32) -> &mut Reading {
-        &mut self.slots[i as usize].reading
+        &mut self.slots[i].reading
     }
 
     /// The readings of `slots` for [`crate::fold::apply_valid`].
@@ -246,7 +301,7 @@ impl Cache {
 
     /// Note that a slot's reading is ahead of KV.
     pub fn mark_dirty(&mut self, i: u32) {
-        let slot = &mut self.slots[i as usize];
+        let slot = &mut self.slots[i];
         if !slot.dirty {
             slot.dirty = true;
             self.dirty.push(i);
@@ -262,14 +317,14 @@ impl Cache {
     pub fn take_dirty(&mut self) -> Vec<u32> {
         let dirty = std::mem::take(&mut self.dirty);
         for &i in &dirty {
-            self.slots[i as usize].dirty = false;
+            self.slots[i].dirty = false;
         }
         dirty
     }
 
     /// Record the KV revision a slot's reading was written at.
     pub fn written(&mut self, i: u32, revision: u64) {
-        self.slots[i as usize].revision = Some(revision);
+        self.slots[i].revision = Some(revision);
     }
 
     /// Forget everything (clean or not).
@@ -282,7 +337,7 @@ impl Cache {
     pub fn retain(&mut self, keep: impl Fn(&ReadingKey) -> bool) {
         let old = std::mem::take(self);
         let unloaded: std::collections::HashSet<u32> = old.unloaded.into_iter().collect();
-        for (old_i, slot) in old.slots.into_iter().enumerate() {
+        for (old_i, slot) in old.slots.0.into_iter().flatten().enumerate() {
             if !keep(&slot.key) {
                 continue;
             }
@@ -309,9 +364,9 @@ impl Touched for SlotsTouched<'_> {
         self.idx.len()
     }
     fn get(&self, i: usize) -> Option<&Reading> {
-        Some(&self.cache.slots[self.idx[i] as usize].reading)
+        Some(&self.cache.slots[self.idx[i]].reading)
     }
     fn at(&mut self, i: usize) -> &mut Reading {
-        &mut self.cache.slots[self.idx[i] as usize].reading
+        &mut self.cache.slots[self.idx[i]].reading
     }
 }

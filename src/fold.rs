@@ -41,6 +41,14 @@ pub enum Value_ {
 /// where the event lacks the property).
 pub type GroupValues = BTreeMap<String, Value>;
 
+/// Group values as readings hold them: shared, since every window of a group (and the
+/// subject's total) carries the same ones.
+pub type SharedGroup = std::sync::Arc<GroupValues>;
+
+fn no_group(g: &SharedGroup) -> bool {
+    g.is_empty()
+}
+
 /// What one event means to one meter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Contribution {
@@ -416,8 +424,8 @@ pub struct Reading {
     #[serde(default)]
     pub first_seq: u64,
     pub acc: Acc,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub group_by: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "no_group")]
+    pub group_by: SharedGroup,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_time: Option<DateTime<Utc>>,
     /// Summary only: events invalid for the meter.
@@ -429,7 +437,7 @@ pub struct Reading {
     /// Subject totals only: every group seen for the subject (token to values), so that
     /// queries can address its windows directly.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub groups: BTreeMap<String, BTreeMap<String, Value>>,
+    pub groups: BTreeMap<String, SharedGroup>,
 }
 
 impl Reading {
@@ -517,7 +525,7 @@ pub trait Touched {
 #[derive(Clone, Copy, Debug)]
 pub struct Group<'a> {
     pub token: &'a str,
-    pub values: &'a GroupValues,
+    pub values: &'a SharedGroup,
 }
 
 /// Apply one valid event (stream sequence `seq`) to the readings it touches. A reading
@@ -632,7 +640,7 @@ pub fn apply<S: BuildHasher>(
             apply_invalid(readings.entry(keys[0].clone()).or_default(), seq, why)
         }
         Contribution::Valid { value, group } => {
-            let values = group_values(meter, event);
+            let values = SharedGroup::new(group_values(meter, event));
             let token = token_of(*group);
             let group = group.map(|_| Group {
                 token: &token,

@@ -540,10 +540,10 @@ fn fold_through_cache(
                     e.time.timestamp(),
                 );
                 load(&mut cache, &kv);
-                let g = slots
-                    .group
-                    .as_deref()
-                    .map(|(token, values)| Group { token, values });
+                let g = slots.group.as_deref().map(|g| Group {
+                    token: &g.token,
+                    values: &g.values,
+                });
                 let applied = apply_valid(&mut cache.touched(&slots), seq, e.time, &value, g);
                 match applied {
                     Applied::Counted => slots.slots().iter().for_each(|&s| cache.mark_dirty(s)),

@@ -165,8 +165,24 @@ impl Km {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kloudmeter"))
-            .env_clear()
+        // KM_WRAPPER="heaptrack -o /tmp/km" (say) runs kloudmeter under a profiler
+        let wrapper = std::env::var("KM_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(env!("CARGO_BIN_EXE_kloudmeter"));
+                c.env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default());
+                c
+            }
+            None => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_kloudmeter"));
+                c.env_clear();
+                c
+            }
+        };
+        let child = command
             .envs(self.env.iter().cloned())
             .env("HTTP_SERVER_PORT", self.port.to_string())
             .stdout(log.try_clone().unwrap())
