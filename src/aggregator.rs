@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::{consumer, kv, message::PublishMessage, Message};
-use futures::{stream, StreamExt, TryStreamExt};
+use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -30,6 +30,8 @@ const BATCH: usize = 10_000;
 const LINGER: Duration = Duration::from_millis(25);
 /// KV operations kept in flight at once.
 const PIPELINE: usize = 4096;
+/// Reading loads kept in flight at once (each waiting load holds a request's state).
+const LOAD_PIPELINE: usize = 1024;
 /// Readings serialised and published per step of a flush.
 const FLUSH_SLICE: usize = 8_192;
 /// Events folded per step of a batch (bounds the memory of the per-event plan).
@@ -75,6 +77,8 @@ pub struct Aggregator {
     by_type: ByType,
     cursor: u64,
     cursor_rev: Option<u64>,
+    /// Consumer sequence of the last event delivered (they must come without gaps).
+    delivered: u64,
     /// Messages waiting after the last batch.
     lag: u64,
     /// Readings being written, if any (one flush at a time).
@@ -108,6 +112,7 @@ impl Aggregator {
             cursor: 0,
             cursor_rev: None,
             lag: 0,
+            delivered: 0,
             inflight: None,
             flush_cost: Duration::ZERO,
             changed,
@@ -125,19 +130,33 @@ impl Aggregator {
         let mut meters_changed = self.registry.subscribe();
         meters_changed.borrow_and_update();
         self.reconcile().await?;
+        // A plain ephemeral pull consumer without acks rather than an "ordered" one: the
+        // latter asks for 500 messages at a time, so folding waited on the network between
+        // batches. Order comes with a single consumer; a lost delivery shows as a gap in
+        // the consumer sequence and restarts aggregation from the cursor (see
+        // `process_batch`). The server removes the consumer 30 s after we stop pulling.
+        self.delivered = 0;
         let consumer = self
             .store
             .events
-            .create_consumer(consumer::pull::OrderedConfig {
+            .create_consumer(consumer::pull::Config {
                 filter_subject: self.store.names.events_wildcard(),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: self.cursor + 1,
                 },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
                 ..Default::default()
             })
             .await
             .context("creating the aggregator's consumer")?;
-        let mut messages = consumer.messages().await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(BATCH)
+            .messages()
+            .await?;
         tracing::info!(
             cursor = self.cursor,
             meters = self.active.len(),
@@ -409,6 +428,14 @@ impl Aggregator {
         let mut seqs = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
             let info = msg.info().map_err(|e| anyhow!("{e}"))?;
+            if info.consumer_sequence != self.delivered + 1 {
+                bail!(
+                    "event delivery skipped from {} to {}; restarting from the stored cursor",
+                    self.delivered,
+                    info.consumer_sequence
+                );
+            }
+            self.delivered = info.consumer_sequence;
             seqs.push(info.stream_sequence);
             let key = msg
                 .headers
@@ -567,7 +594,8 @@ impl Aggregator {
             .iter()
             .map(|&i| (i, self.cache.slot(i).key.kv_key()))
             .collect();
-        let loaded: Vec<(u32, Option<(Reading, u64)>)> = stream::iter(keys)
+        // (applied as they arrive: a first batch can load tens of thousands)
+        let mut loaded = stream::iter(keys)
             .map(|(i, key)| {
                 let store = store.clone();
                 async move {
@@ -583,10 +611,9 @@ impl Aggregator {
                     Ok::<_, anyhow::Error>((i, found))
                 }
             })
-            .buffer_unordered(PIPELINE)
-            .try_collect()
-            .await?;
-        for (i, found) in loaded {
+            .buffer_unordered(LOAD_PIPELINE);
+        while let Some(result) = loaded.next().await {
+            let (i, found) = result?;
             self.cache.loaded(i, found);
         }
         let mut dead_letters = Vec::new();
