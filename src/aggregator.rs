@@ -564,17 +564,39 @@ impl Aggregator {
             Invalid(u64, &'e Event, &'e Arc<CompiledMeter>, u32, String),
         }
         let mut plan = Vec::with_capacity(events.len());
+        // Per event type: each meter's number in the cache, and the first meter with the
+        // same contribution (meters that differ only in name or aggregation share it).
+        let mut per_type: HashMap<&str, (Vec<crate::cache::MeterRef>, Vec<usize>)> = HashMap::new();
+        let mut contributions: Vec<Contribution> = Vec::new();
         for (seq, e) in events {
-            for m in meters
-                .get(&e.event_type)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
-                plan.push(match fold::contribution(m, e) {
+            let Some(ms) = meters.get(&e.event_type) else {
+                continue;
+            };
+            let (refs, same) = per_type.entry(e.event_type.as_str()).or_insert_with(|| {
+                let refs = ms.iter().map(|m| self.cache.meter(m)).collect();
+                let same = (0..ms.len())
+                    .map(|i| {
+                        (0..i)
+                            .find(|&j| fold::same_contribution(&ms[j], &ms[i]))
+                            .unwrap_or(i)
+                    })
+                    .collect();
+                (refs, same)
+            });
+            let subject = self.cache.subject(&e.subject);
+            contributions.clear();
+            for (i, m) in ms.iter().enumerate() {
+                let c = match same[i] {
+                    j if j < i => contributions[j].clone(),
+                    _ => fold::contribution(m, e),
+                };
+                contributions.push(c.clone());
+                plan.push(match c {
                     Contribution::Valid { value, group } => {
-                        let slots = self.cache.touch(
+                        let slots = self.cache.touch_at(
                             m,
-                            &e.subject,
+                            refs[i],
+                            subject,
                             group,
                             || fold::group_values(m, e),
                             e.time.timestamp(),

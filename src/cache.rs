@@ -66,16 +66,17 @@ struct GroupSlots {
 
 #[derive(Debug)]
 struct SubjectSlots {
-    subject: Arc<str>,
     total: u32,
     groups: FastMap<Option<u64>, GroupSlots>,
 }
 
-#[derive(Debug)]
-struct MeterSlots {
-    summary: u32,
-    subjects: FastMap<Box<str>, SubjectSlots>,
-}
+/// A meter known to the cache (its number here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeterRef(u32);
+
+/// A subject known to the cache (its number here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubjectRef(u32);
 
 /// Slots in fixed-size chunks: growing never copies (or briefly doubles) them all.
 const CHUNK: usize = 4096;
@@ -118,7 +119,14 @@ pub struct Cache {
     /// Group values by hash, shared by all the readings made here.
     groups: FastMap<u64, Arc<GroupInfo>>,
     index: FastMap<ReadingKey, u32>,
-    meters: FastMap<Arc<str>, MeterSlots>,
+    /// Meters by id, and the slot of each one's summary.
+    meters: FastMap<Arc<str>, MeterRef>,
+    summaries: Vec<u32>,
+    /// Subjects by name (one name shared by every key of the subject).
+    subjects: FastMap<Arc<str>, SubjectRef>,
+    subject_names: Vec<Arc<str>>,
+    /// Per meter and subject: its total and its groups' current windows.
+    pairs: FastMap<(u32, u32), SubjectSlots>,
     dirty: Vec<u32>,
     /// Slots made since the last [`Cache::take_unloaded`]: their stored state is unknown.
     unloaded: Vec<u32>,
@@ -159,34 +167,44 @@ impl Cache {
         &self.slots[i]
     }
 
-    /// The slot of a meter's summary.
-    pub fn summary(&mut self, meter: &CompiledMeter) -> u32 {
-        let Cache {
-            slots,
-            index,
-            meters,
-            unloaded,
-            ..
-        } = self;
-        meters
-            .entry(meter.id.clone())
-            .or_insert_with(|| MeterSlots {
-                summary: slot_of(
-                    slots,
-                    index,
-                    unloaded,
-                    ReadingKey::Summary {
-                        meter: meter.id.clone(),
-                    },
-                ),
-                subjects: FastMap::default(),
-            })
-            .summary
+    /// The cache's number for a meter (look it up once per batch, not per event).
+    pub fn meter(&mut self, meter: &CompiledMeter) -> MeterRef {
+        if let Some(&m) = self.meters.get(&*meter.id) {
+            return m;
+        }
+        let summary = slot_of(
+            &mut self.slots,
+            &mut self.index,
+            &mut self.unloaded,
+            ReadingKey::Summary {
+                meter: meter.id.clone(),
+            },
+        );
+        let m = MeterRef(self.summaries.len() as u32);
+        self.summaries.push(summary);
+        self.meters.insert(meter.id.clone(), m);
+        m
     }
 
-    /// The slots a valid event of `subject` in group `group` (its hash) at `time`
-    /// (epoch seconds) touches for `meter`; `values` gives the group's values when the
-    /// group is new to the subject.
+    /// The slot of a meter's summary.
+    pub fn summary(&mut self, meter: &CompiledMeter) -> u32 {
+        let m = self.meter(meter);
+        self.summaries[m.0 as usize]
+    }
+
+    /// The cache's number for a subject (look it up once per event, not per meter).
+    pub fn subject(&mut self, subject: &str) -> SubjectRef {
+        if let Some(&s) = self.subjects.get(subject) {
+            return s;
+        }
+        let name: Arc<str> = subject.into();
+        let s = SubjectRef(self.subject_names.len() as u32);
+        self.subject_names.push(name.clone());
+        self.subjects.insert(name, s);
+        s
+    }
+
+    /// [`Self::touch_at`] by meter definition and subject name.
     pub fn touch(
         &mut self,
         meter: &CompiledMeter,
@@ -195,41 +213,47 @@ impl Cache {
         values: impl FnOnce() -> GroupValues,
         time: i64,
     ) -> EventSlots {
-        let summary = self.summary(meter);
+        let (m, s) = (self.meter(meter), self.subject(subject));
+        self.touch_at(meter, m, s, group, values, time)
+    }
+
+    /// The slots a valid event of subject `sref` in group `group` (its hash) at `time`
+    /// (epoch seconds) touches for `meter` (numbered `mref`); `values` gives the group's
+    /// values when the group is new to the subject.
+    pub fn touch_at(
+        &mut self,
+        meter: &CompiledMeter,
+        mref: MeterRef,
+        sref: SubjectRef,
+        group: Option<u64>,
+        values: impl FnOnce() -> GroupValues,
+        time: i64,
+    ) -> EventSlots {
+        let summary = self.summaries[mref.0 as usize];
         let Cache {
             slots,
             index,
-            meters,
             unloaded,
             groups,
+            subject_names,
+            pairs,
             ..
         } = self;
-        let Some(m) = meters.get_mut(&meter.id) else {
-            unreachable!("summary() registered the meter")
-        };
-        if !m.subjects.contains_key(subject) {
-            let subject_arc: Arc<str> = subject.into();
-            let total = slot_of(
-                slots,
-                index,
-                unloaded,
-                ReadingKey::SubjectTotal {
-                    meter: meter.id.clone(),
-                    subject: subject_arc.clone(),
-                },
-            );
-            m.subjects.insert(
-                subject.into(),
-                SubjectSlots {
-                    subject: subject_arc,
-                    total,
-                    groups: FastMap::default(),
-                },
-            );
-        }
-        let Some(s) = m.subjects.get_mut(subject) else {
-            unreachable!("inserted above")
-        };
+        let subject = &subject_names[sref.0 as usize];
+        let s = pairs
+            .entry((mref.0, sref.0))
+            .or_insert_with(|| SubjectSlots {
+                total: slot_of(
+                    slots,
+                    index,
+                    unloaded,
+                    ReadingKey::SubjectTotal {
+                        meter: meter.id.clone(),
+                        subject: subject.clone(),
+                    },
+                ),
+                groups: FastMap::default(),
+            });
         let start = meter.def.window_size.window_start(time);
         let g = s.groups.entry(group).or_insert_with(|| {
             let token: Arc<str> = crate::fold::token_of(group).into();
@@ -254,7 +278,7 @@ impl Cache {
         });
         if g.start != start || g.len == 0 {
             let mut n = 0;
-            crate::fold::window_keys(meter, &s.subject, &g.token, time, |k| {
+            crate::fold::window_keys(meter, subject, &g.token, time, |k| {
                 g.windows[n] = slot_of(slots, index, unloaded, k);
                 n += 1;
             });
@@ -335,6 +359,7 @@ impl Cache {
     /// Keep only the slots whose key passes `keep` (the per-meter shortcuts are rebuilt
     /// as events come).
     pub fn retain(&mut self, keep: impl Fn(&ReadingKey) -> bool) {
+        // (numbers of meters and subjects restart too: callers look them up again)
         let old = std::mem::take(self);
         let unloaded: std::collections::HashSet<u32> = old.unloaded.into_iter().collect();
         for (old_i, slot) in old.slots.0.into_iter().flatten().enumerate() {

@@ -193,6 +193,23 @@ pub fn group_values(meter: &CompiledMeter, event: &Event) -> GroupValues {
         .collect()
 }
 
+/// Whether two meters draw the same contribution from every event, so that it is
+/// evaluated once for both: the same kind of value (none, number, distinct) from the
+/// same property, and the same groupBy.
+pub fn same_contribution(a: &CompiledMeter, b: &CompiledMeter) -> bool {
+    fn kind(agg: Aggregation) -> u8 {
+        match agg {
+            Aggregation::Count => 0,
+            Aggregation::UniqueCount => 1,
+            _ => 2,
+        }
+    }
+    let (ka, kb) = (kind(a.def.aggregation), kind(b.def.aggregation));
+    ka == kb
+        && (ka == 0 || a.def.value_property == b.def.value_property)
+        && a.def.group_by == b.def.group_by
+}
+
 /// Evaluate a meter against one event.
 pub fn contribution(meter: &CompiledMeter, event: &Event) -> Contribution {
     let value = match (&meter.value_path, meter.def.aggregation) {

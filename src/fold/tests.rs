@@ -618,3 +618,56 @@ fn the_slot_cache_reuses_slots_within_a_window_and_moves_with_time() {
     assert_eq!(other_subject[0], a[0]);
     assert!(other_subject[1..].iter().all(|s| !a.contains(s)));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn meters_said_to_share_a_contribution_get_the_same_one_from_every_event(
+        a in arb_meter(),
+        b in arb_meter(),
+        events in arb_events(),
+    ) {
+        if same_contribution(&a, &b) {
+            for e in &events {
+                prop_assert_eq!(contribution(&a, e), contribution(&b, e));
+            }
+        }
+    }
+}
+
+#[test]
+fn contribution_sharing_tells_kinds_properties_and_groups_apart() {
+    let m = |agg: &str, v: Option<&str>, g: serde_json::Value| {
+        let mut def = json!({"id":"m","eventType":"t","aggregation":agg,"groupBy":g});
+        if let Some(v) = v {
+            def["valueProperty"] = json!(v);
+        }
+        meter(def)
+    };
+    let g = json!({"g":"$.g"});
+    assert!(same_contribution(
+        &m("sum", Some("$.v"), g.clone()),
+        &m("max", Some("$.v"), g.clone())
+    ));
+    assert!(same_contribution(
+        &m("count", None, g.clone()),
+        &m("count", Some("$.x"), g.clone())
+    ));
+    assert!(!same_contribution(
+        &m("sum", Some("$.v"), g.clone()),
+        &m("sum", Some("$.w"), g.clone())
+    ));
+    assert!(!same_contribution(
+        &m("sum", Some("$.v"), g.clone()),
+        &m("unique_count", Some("$.v"), g.clone())
+    ));
+    assert!(!same_contribution(
+        &m("sum", Some("$.v"), g.clone()),
+        &m("count", Some("$.v"), g.clone())
+    ));
+    assert!(!same_contribution(
+        &m("sum", Some("$.v"), g),
+        &m("sum", Some("$.v"), json!({"h":"$.g"}))
+    ));
+}
