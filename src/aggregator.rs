@@ -24,7 +24,7 @@ use crate::registry::Registry;
 use crate::store::Store;
 
 /// Most messages folded in one batch (one KV write per touched reading per batch).
-const BATCH: usize = 10_000;
+const BATCH: usize = 5_000;
 /// How long a batch keeps gathering after its first message: bigger batches mean fewer
 /// reading writes per event (every touched reading is written once per batch).
 const LINGER: Duration = Duration::from_millis(25);
@@ -461,22 +461,29 @@ impl Aggregator {
             duplicate[*pos] = *d == Decision::Duplicate;
         }
 
-        let mut events = Vec::with_capacity(batch.len());
+        let mut wanted = Vec::with_capacity(batch.len());
         for ((msg, dup), &seq) in batch.iter().zip(&duplicate).zip(&seqs) {
             if *dup {
                 continue;
             }
             let type_token = msg.subject.as_str().rsplit('.').next().unwrap_or_default();
-            let has_meter =
-                keys::untoken(type_token).is_some_and(|t| self.by_type.contains_key(&t));
-            if has_meter {
-                if let Some(e) = decode_event(msg) {
-                    events.push((seq, e));
-                }
+            if keys::untoken(type_token).is_some_and(|t| self.by_type.contains_key(&t)) {
+                wanted.push((seq, msg));
             }
         }
         let by_type = std::mem::take(&mut self.by_type);
-        let applied = self.apply_events(&events, &by_type).await;
+        let mut applied = Ok(());
+        // decoded a slice at a time: a parsed event takes several times its wire size
+        for chunk in wanted.chunks(APPLY_CHUNK) {
+            let events: Vec<(u64, Event)> = chunk
+                .iter()
+                .filter_map(|(seq, msg)| decode_event(msg).map(|e| (*seq, e)))
+                .collect();
+            applied = self.apply_chunk(&events, &by_type).await;
+            if applied.is_err() {
+                break;
+            }
+        }
         self.by_type = by_type;
         applied?;
         self.pending = Some(last_seq);
@@ -713,11 +720,10 @@ impl Aggregator {
         let mut writes = Vec::with_capacity(dirty.len());
         for i in dirty {
             let slot = self.cache.slot(i);
-            let key = slot.key.kv_key();
             writes.push(Write {
                 slot: i,
-                subject: format!("{prefix}{key}"),
-                key,
+                subject: format!("{prefix}{}", slot.key.kv_key()),
+                key_at: prefix.len(),
                 body: serde_json::to_vec(&slot.reading)?.into(),
                 revision: slot.revision,
             });
@@ -826,8 +832,10 @@ impl Aggregator {
 /// replaces (`None`: a new key).
 struct Write {
     slot: u32,
+    /// `$KV.<bucket>.<key>`
     subject: String,
-    key: String,
+    /// where the key starts in `subject`
+    key_at: usize,
     body: bytes::Bytes,
     revision: Option<u64>,
 }
@@ -863,7 +871,7 @@ async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u6
                 // A new key over a delete marker: the KV create knows that case.
                 (Err(_), None) => store
                     .readings
-                    .create(w.key.as_str(), w.body.clone())
+                    .create(&w.subject[w.key_at..], w.body.clone())
                     .await
                     .map_err(|e| anyhow!(e)),
                 (Err(e), Some(_)) => Err(e),
