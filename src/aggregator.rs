@@ -154,7 +154,7 @@ impl Aggregator {
             .context("creating the aggregator's consumer")?;
         let mut messages = consumer
             .stream()
-            .max_messages_per_batch(BATCH)
+            .max_messages_per_batch(BATCH / 2)
             .messages()
             .await?;
         tracing::info!(
@@ -716,15 +716,17 @@ impl Aggregator {
             }
             return Ok(());
         }
-        let prefix = format!("$KV.{}.", self.store.readings.name);
         let mut writes = Vec::with_capacity(dirty.len());
+        let mut buf = Vec::with_capacity(1024);
         for i in dirty {
             let slot = self.cache.slot(i);
+            buf.clear();
+            serde_json::to_writer(&mut buf, &slot.reading)?;
             writes.push(Write {
                 slot: i,
-                subject: format!("{prefix}{}", slot.key.kv_key()),
-                key_at: prefix.len(),
-                body: serde_json::to_vec(&slot.reading)?.into(),
+                key: slot.key.clone(),
+                // exactly sized: tens of thousands wait here until written
+                body: bytes::Bytes::copy_from_slice(&buf),
                 revision: slot.revision,
             });
         }
@@ -832,10 +834,8 @@ impl Aggregator {
 /// replaces (`None`: a new key).
 struct Write {
     slot: u32,
-    /// `$KV.<bucket>.<key>`
-    subject: String,
-    /// where the key starts in `subject`
-    key_at: usize,
+    /// (its subject is built when the write is sent: tens of thousands wait here)
+    key: ReadingKey,
     body: bytes::Bytes,
     revision: Option<u64>,
 }
@@ -853,6 +853,7 @@ struct Flush {
 /// one outcome (the new revision) per reading.
 async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u64>)> {
     let mut results = Vec::with_capacity(writes.len());
+    let prefix = format!("$KV.{}.", store.readings.name);
     for slice in writes.chunks(FLUSH_SLICE) {
         let messages = slice
             .iter()
@@ -861,7 +862,7 @@ async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u6
                 let publish = PublishMessage::build()
                     .payload(w.body.clone())
                     .expected_last_subject_sequence(w.revision.unwrap_or(0));
-                Ok((w.subject.clone(), publish))
+                Ok((format!("{prefix}{}", w.key.kv_key()), publish))
             })
             .collect();
         let outcomes = store.publish_all(messages, PIPELINE).await;
@@ -871,7 +872,7 @@ async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u6
                 // A new key over a delete marker: the KV create knows that case.
                 (Err(_), None) => store
                     .readings
-                    .create(&w.subject[w.key_at..], w.body.clone())
+                    .create(w.key.kv_key(), w.body.clone())
                     .await
                     .map_err(|e| anyhow!(e)),
                 (Err(e), Some(_)) => Err(e),

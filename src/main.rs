@@ -98,7 +98,8 @@ fn main() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: called before any other thread exists; mallopt only sets a tunable.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let work = async {
