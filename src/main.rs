@@ -92,9 +92,13 @@ fn main() {
         .with_target(false)
         .json()
         .init();
-    // One malloc arena instead of one per thread: the aggregator allocates on one thread
-    // and the NATS client frees on another, and per-thread arenas kept that memory
-    // resident (measured: peak RSS 79 -> 63 MiB aggregating with one meter, same speed).
+    // glibc's malloc, tuned for memory: two arenas (one per core of a small pod) instead
+    // of one per thread, since the aggregator allocates on one thread and the NATS client
+    // frees on another and per-thread arenas kept that memory resident; and a fixed mmap
+    // threshold, so the large batch and flush buffers go back to the system when freed
+    // instead of raising the threshold and fragmenting the heap. Measured with 10 meters:
+    // peak RSS 110 -> 92 MiB. One arena saves more but serialises the HTTP workers'
+    // allocations (batch ingest fell from 58% to 45% of raw JetStream).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: called before any other thread exists; mallopt only sets a tunable.
     unsafe {
