@@ -125,7 +125,8 @@ pub struct Claims {
 }
 
 struct Writing {
-    task: tokio::task::JoinHandle<Result<()>>,
+    task: tokio::sync::oneshot::Receiver<Result<()>>,
+    thread: std::thread::JoinHandle<()>,
     claims: Arc<HashMap<IdKey, Record>>,
     applied: u64,
 }
@@ -302,7 +303,11 @@ impl Claims {
     }
 
     async fn maybe_persist(&mut self) -> Result<()> {
-        if self.writing.as_ref().is_some_and(|w| w.task.is_finished()) {
+        if self
+            .writing
+            .as_ref()
+            .is_some_and(|w| w.thread.is_finished())
+        {
             self.finish_persist().await?;
         }
         let unwritten = self.applied > self.writing.as_ref().map_or(self.persisted, |w| w.applied);
@@ -335,10 +340,22 @@ impl Claims {
             .saturating_sub(CLOCK_MARGIN_NS);
         let db = self.index.db.clone();
         let claims = frozen.clone();
-        let task =
-            tokio::task::spawn_blocking(move || write(&db, &claims, applied, newest, cutoff));
+        // On a thread of its own at a lower CPU priority: inserting random keys into the
+        // B-tree is the costliest part of deduplication (a quarter of the process's CPU
+        // under batch ingestion), and it can wait while request handling cannot. When it
+        // falls behind, the aggregator waits for it before the next write (the overlay
+        // stays bounded), so ingestion keeps the cores.
+        let (done, task) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("claim-index".into())
+            .spawn(move || {
+                lower_priority();
+                let _ = done.send(write(&db, &claims, applied, newest, cutoff));
+            })
+            .context("starting the claim index writer")?;
         self.writing = Some(Writing {
             task,
+            thread,
             claims: frozen,
             applied,
         });
@@ -347,12 +364,13 @@ impl Claims {
     }
 
     async fn finish_persist(&mut self) -> Result<()> {
+        // (the writer thread ends with the write; nothing to cancel)
         let Some(w) = self.writing.take() else {
             return Ok(());
         };
         let outcome = match w.task.await {
             Ok(r) => r,
-            Err(e) => Err(anyhow!("claim index task failed: {e}")),
+            Err(_) => Err(anyhow!("the claim index writer stopped")),
         };
         match outcome {
             Ok(()) => {
@@ -467,6 +485,15 @@ pub fn decode(payload: &[u8]) -> Result<Vec<(IdKey, Record)>> {
             (k, Record { seq, time_ns })
         })
         .collect())
+}
+
+/// Nice the calling thread (Linux keeps a nice value per thread).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only changes the scheduling weight of this thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
 }
 
 #[cfg(test)]
