@@ -350,7 +350,11 @@ impl Claims {
             .name("claim-index".into())
             .spawn(move || {
                 lower_priority();
-                let _ = done.send(write(&db, &claims, applied, newest, cutoff));
+                let result = write(&db, &claims, applied, newest, cutoff);
+                // the database is released before anyone hears the write is done, so
+                // that it can be reopened at once (as a finished task would have it)
+                drop((db, claims));
+                let _ = done.send(result);
             })
             .context("starting the claim index writer")?;
         self.writing = Some(Writing {
