@@ -23,10 +23,10 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
 
-/// Most messages folded in one batch (one KV write per touched reading per batch).
+/// Most messages folded in one batch (settled against the claims together).
 const BATCH: usize = 5_000;
 /// How long a batch keeps gathering after its first message: bigger batches mean fewer
-/// reading writes per event (every touched reading is written once per batch).
+/// claim look-ups and appends per event.
 const LINGER: Duration = Duration::from_millis(25);
 /// KV operations kept in flight at once.
 const PIPELINE: usize = 4096;
@@ -69,7 +69,7 @@ pub struct Aggregator {
     /// Current readings of the keys touched recently (written or waiting to be), with
     /// their KV revisions and which of them changed since the last flush.
     cache: Cache,
-    /// Highest sequence applied to `readings` but not yet covered by the cursor.
+    /// Highest sequence applied to the cached readings but not yet covered by the cursor.
     pending: Option<u64>,
     last_flush: std::time::Instant,
     /// Meters whose readings are complete up to `cursor`.
@@ -371,7 +371,7 @@ impl Aggregator {
                 let mut messages = consumer.messages().await?;
                 'replay: while let Some(first) = messages.next().await {
                     let batch = gather(first, &mut messages, BATCH, LINGER).await;
-                    let mut events = Vec::with_capacity(batch.len());
+                    let mut wanted = Vec::with_capacity(batch.len());
                     let mut finished = false;
                     for msg in batch {
                         let msg = msg.map_err(|e| anyhow!("{e}"))?;
@@ -381,16 +381,13 @@ impl Aggregator {
                             finished = true;
                             break;
                         }
-                        if let Some(e) = decode_event(&msg) {
-                            events.push((seq, e));
-                        }
+                        wanted.push((seq, msg));
                         if left == 0 || seq == self.cursor {
                             finished = true;
                             break;
                         }
                     }
-                    replayed += events.len();
-                    self.apply_events(&events, &only).await?;
+                    replayed += self.apply_messages(&wanted, &only).await?;
                     if self.cache.dirty_len() >= MAX_DIRTY {
                         self.flush().await?;
                     }
@@ -472,18 +469,7 @@ impl Aggregator {
             }
         }
         let by_type = std::mem::take(&mut self.by_type);
-        let mut applied = Ok(());
-        // decoded a slice at a time: a parsed event takes several times its wire size
-        for chunk in wanted.chunks(APPLY_CHUNK) {
-            let events: Vec<(u64, Event)> = chunk
-                .iter()
-                .filter_map(|(seq, msg)| decode_event(msg).map(|e| (*seq, e)))
-                .collect();
-            applied = self.apply_chunk(&events, &by_type).await;
-            if applied.is_err() {
-                break;
-            }
-        }
+        let applied = self.apply_messages(&wanted, &by_type).await;
         self.by_type = by_type;
         applied?;
         self.pending = Some(last_seq);
@@ -544,15 +530,26 @@ impl Aggregator {
         Ok(decisions)
     }
 
-    /// Fold events into the cached readings of the given meters, loading from KV the
-    /// readings not cached yet. Changed readings are written by [`Self::flush`].
-    async fn apply_events(&mut self, events: &[(u64, Event)], meters: &ByType) -> Result<()> {
-        // In slices, so the per-event plan (keys, contributions) stays small in memory
-        // whatever the batch size and number of meters.
-        for chunk in events.chunks(APPLY_CHUNK) {
-            self.apply_chunk(chunk, meters).await?;
+    /// Fold stored events (stream sequence and message) into the cached readings of the
+    /// given meters, loading from KV the readings not cached yet; returns how many
+    /// decoded. Changed readings are written by [`Self::flush`]. Decoded and folded a
+    /// slice at a time, so the parsed events (several times their wire size) and the
+    /// per-event plan stay small whatever the batch size and number of meters.
+    async fn apply_messages<M: std::borrow::Borrow<Message>>(
+        &mut self,
+        messages: &[(u64, M)],
+        meters: &ByType,
+    ) -> Result<usize> {
+        let mut decoded = 0;
+        for chunk in messages.chunks(APPLY_CHUNK) {
+            let events: Vec<(u64, Event)> = chunk
+                .iter()
+                .filter_map(|(seq, msg)| decode_event(msg.borrow()).map(|e| (*seq, e)))
+                .collect();
+            decoded += events.len();
+            self.apply_chunk(&events, meters).await?;
         }
-        Ok(())
+        Ok(decoded)
     }
 
     async fn apply_chunk(&mut self, events: &[(u64, Event)], meters: &ByType) -> Result<()> {
@@ -829,9 +826,8 @@ impl Aggregator {
     }
 }
 
-/// A batch: `first`, then whatever else arrives within `linger`, up to `max`.
-/// One reading to write: its slot, KV subject and key, body, and the revision it
-/// replaces (`None`: a new key).
+/// One reading to write: its slot, key, body, and the revision it replaces (`None`: a
+/// new key).
 struct Write {
     slot: u32,
     /// (its subject is built when the write is sent: tens of thousands wait here)
@@ -883,6 +879,7 @@ async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u6
     results
 }
 
+/// A batch: `first`, then whatever else arrives within `linger`, up to `max`.
 async fn gather<S, T>(first: T, messages: &mut S, max: usize, linger: Duration) -> Vec<T>
 where
     S: futures::Stream<Item = T> + Unpin,

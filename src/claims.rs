@@ -126,7 +126,6 @@ pub struct Claims {
 
 struct Writing {
     task: tokio::sync::oneshot::Receiver<Result<()>>,
-    thread: std::thread::JoinHandle<()>,
     claims: Arc<HashMap<IdKey, Record>>,
     applied: u64,
 }
@@ -303,11 +302,8 @@ impl Claims {
     }
 
     async fn maybe_persist(&mut self) -> Result<()> {
-        if self
-            .writing
-            .as_ref()
-            .is_some_and(|w| w.thread.is_finished())
-        {
+        // (a writer that died without a word is found by the next start_persist)
+        if self.writing.as_ref().is_some_and(|w| !w.task.is_empty()) {
             self.finish_persist().await?;
         }
         let unwritten = self.applied > self.writing.as_ref().map_or(self.persisted, |w| w.applied);
@@ -346,7 +342,7 @@ impl Claims {
         // falls behind, the aggregator waits for it before the next write (the overlay
         // stays bounded), so ingestion keeps the cores.
         let (done, task) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("claim-index".into())
             .spawn(move || {
                 lower_priority();
@@ -359,7 +355,6 @@ impl Claims {
             .context("starting the claim index writer")?;
         self.writing = Some(Writing {
             task,
-            thread,
             claims: frozen,
             applied,
         });
