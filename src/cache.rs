@@ -385,7 +385,7 @@ struct SlotsTouched<'a> {
 }
 
 impl Touched for SlotsTouched<'_> {
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         self.idx.len()
     }
     fn get(&self, i: usize) -> Option<&Reading> {

@@ -531,7 +531,7 @@ pub enum Applied {
 /// stored is the caller's business (a map of keys in tests, the aggregator's slots).
 pub trait Touched {
     /// How many readings (at least 2).
-    fn len(&self) -> usize;
+    fn count(&self) -> usize;
     /// The reading at `i` if it exists (absent is as good as empty).
     fn get(&self, i: usize) -> Option<&Reading>;
     /// The reading at `i`, created empty if absent.
@@ -557,7 +557,7 @@ pub fn apply_valid(
     let summary_seq = r.get(0).map_or(0, |s| s.seq);
     // Check every reading first, so an overflow leaves all of them untouched.
     let mut needed = false;
-    for i in 0..r.len() {
+    for i in 0..r.count() {
         let Some(cur) = r.get(i) else {
             needed = true; // an empty reading takes any single value
             continue;
@@ -582,7 +582,7 @@ pub fn apply_valid(
     }
     // Subject total and windows first: the summary learns from the total whether this
     // event is the subject's first, which stays true when the event is replayed.
-    for i in 1..r.len() {
+    for i in 1..r.count() {
         let x = r.at(i);
         if x.seq >= seq {
             continue;
@@ -630,7 +630,7 @@ struct Keyed<'a, S> {
 }
 
 impl<S: BuildHasher> Touched for Keyed<'_, S> {
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         self.keys.len()
     }
     fn get(&self, i: usize) -> Option<&Reading> {
