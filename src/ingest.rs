@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 
-use crate::event::Event;
+use crate::event::Incoming;
 use crate::keys::DEDUP_HEADER;
 use crate::store::Store;
 
 /// How long a request waits for JetStream before answering 503.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn publish(store: &Store, events: &[Event]) -> Result<(), String> {
+pub async fn publish(store: &Store, events: &[Incoming<'_>]) -> Result<(), String> {
     if !store.connected() {
         return Err("NATS is not connected".into());
     }
@@ -29,12 +29,12 @@ pub async fn publish(store: &Store, events: &[Event]) -> Result<(), String> {
                 Some((t, s)) if *t == e.event_type => s.clone(),
                 _ => {
                     let s = async_nats::Subject::from(store.names.event_subject(&e.event_type));
-                    subject = Some((e.event_type.as_str(), s.clone()));
+                    subject = Some((&e.event_type, s.clone()));
                     s
                 }
             };
             let ack = store
-                .js
+                .ingest
                 .publish_with_headers(to, headers, e.to_bytes().into())
                 .await
                 .map_err(|err| format!("publishing to JetStream: {err}"))?;

@@ -419,7 +419,9 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
             chrono::Utc::now(),
         )
         .unwrap()
-        .remove(0);
+        .remove(0)
+        .to_event()
+        .unwrap();
         let fold::Contribution::Valid {
             value: fold::Value_::Number(d),
             ..
