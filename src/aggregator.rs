@@ -884,7 +884,8 @@ async fn gather<S, T>(first: T, messages: &mut S, max: usize, linger: Duration) 
 where
     S: futures::Stream<Item = T> + Unpin,
 {
-    let mut out = vec![first];
+    let mut out = Vec::with_capacity(max);
+    out.push(first);
     let deadline = tokio::time::Instant::now() + linger;
     while out.len() < max {
         match tokio::time::timeout_at(deadline, messages.next()).await {

@@ -13,7 +13,6 @@
 //! append fails and the aggregator restarts from its cursor after reading the log again,
 //! so no two processes ever decide from different histories.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,17 +22,27 @@ use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
 use futures::StreamExt;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::dedup::{IdKey, Record};
+use crate::dedup::{IdKey, IdMap, Record};
 use crate::store::Store;
 
 /// id → (sequence, receipt time in ns)
 const CLAIMS: TableDefinition<&[u8; 16], (u64, u64)> = TableDefinition::new("claims");
-/// (receipt time in ns, id): the order in which claims fall out of the window.
-const EXPIRY: TableDefinition<(u64, &[u8; 16]), ()> = TableDefinition::new("expiry");
+/// The order in which claims fall out of the window, one entry per write rather than per
+/// claim (an entry per claim doubled the cost of writing the index): (oldest receipt
+/// time in the entry, log position written) → the write's claims as (receipt time, id),
+/// oldest first. Expiring cuts a prefix off the oldest entries.
+const EXPIRY: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("expiry_runs");
+/// The previous layout's per-claim expiry table, dropped when an old index is wiped.
+const EXPIRY_V1: &str = "expiry";
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_STREAM: &str = "stream_created_ns";
 const META_APPLIED: &str = "applied";
 const META_NEWEST: &str = "newest_ns";
+/// Layout of the file; an index of another layout is rebuilt from the log.
+const META_FORMAT: &str = "format";
+const FORMAT: u64 = 2;
+/// One claim in an expiry entry: receipt time (big-endian u64), then the id.
+const EXPIRY_ENTRY: usize = 24;
 
 const ENTRY: usize = 32;
 /// Claims per log message: 512 KiB, under NATS's default 1 MiB payload limit.
@@ -118,7 +127,7 @@ pub struct Claims {
     /// Newest receipt time among applied claims: the clock that expires old ones.
     newest_ns: i64,
     /// Applied claims not yet in the index file (bounded by OVERLAY_LIMIT).
-    overlay: HashMap<IdKey, Record>,
+    overlay: IdMap<Record>,
     /// The previous overlay while a background transaction writes it to the index file.
     writing: Option<Writing>,
     last_persist: Instant,
@@ -126,7 +135,7 @@ pub struct Claims {
 
 struct Writing {
     task: tokio::sync::oneshot::Receiver<Result<()>>,
-    claims: Arc<HashMap<IdKey, Record>>,
+    claims: Arc<IdMap<Record>>,
     applied: u64,
 }
 
@@ -143,8 +152,9 @@ impl Claims {
             let txn = db.begin_read()?;
             let meta = txn.open_table(META)?;
             let get = |k: &str| -> Result<Option<u64>> { Ok(meta.get(k)?.map(|v| v.value())) };
-            let fresh =
-                get(META_STREAM)? == Some(created) && get(META_APPLIED)?.unwrap_or(0) <= last;
+            let fresh = get(META_FORMAT)? == Some(FORMAT)
+                && get(META_STREAM)? == Some(created)
+                && get(META_APPLIED)?.unwrap_or(0) <= last;
             if fresh {
                 return Ok((
                     get(META_APPLIED)?.unwrap_or(0),
@@ -168,7 +178,7 @@ impl Claims {
             persisted: applied,
             stream_created_ns: created,
             newest_ns: i64::try_from(newest).unwrap_or(i64::MAX),
-            overlay: HashMap::new(),
+            overlay: IdMap::default(),
             writing: None,
             last_persist: Instant::now(),
         })
@@ -230,8 +240,8 @@ impl Claims {
     }
 
     /// The stored claims of these ids (absent: never claimed, or expired long ago).
-    pub async fn lookup(&self, keys: Vec<IdKey>) -> Result<HashMap<IdKey, Record>> {
-        let mut found = HashMap::with_capacity(keys.len());
+    pub async fn lookup(&self, keys: Vec<IdKey>) -> Result<IdMap<Record>> {
+        let mut found = IdMap::with_capacity_and_hasher(keys.len(), Default::default());
         let mut rest = Vec::new();
         for k in keys {
             let writing = self.writing.as_ref().and_then(|w| w.claims.get(&k));
@@ -397,19 +407,24 @@ fn wipe(db: &Database, created: u64) -> Result<()> {
     let txn = db.begin_write()?;
     txn.delete_table(CLAIMS)?;
     txn.delete_table(EXPIRY)?;
+    let v1: TableDefinition<(u64, &[u8; 16]), ()> = TableDefinition::new(EXPIRY_V1);
+    txn.delete_table(v1)?;
     txn.delete_table(META)?;
     txn.open_table(CLAIMS)?;
     txn.open_table(EXPIRY)?;
-    txn.open_table(META)?.insert(META_STREAM, created)?;
+    let mut meta = txn.open_table(META)?;
+    meta.insert(META_STREAM, created)?;
+    meta.insert(META_FORMAT, FORMAT)?;
+    drop(meta);
     txn.commit()?;
     Ok(())
 }
 
-/// One transaction: the claims, their expiry entries, the log position, and the purge of
+/// One transaction: the claims, their expiry entry, the log position, and the purge of
 /// claims older than `cutoff`.
 fn write(
     db: &Database,
-    overlay: &HashMap<IdKey, Record>,
+    overlay: &IdMap<Record>,
     applied: u64,
     newest: i64,
     cutoff: i64,
@@ -418,38 +433,78 @@ fn write(
     {
         let mut claims = txn.open_table(CLAIMS)?;
         let mut expiry = txn.open_table(EXPIRY)?;
+        let time = |r: &Record| u64::try_from(r.time_ns).unwrap_or(0);
         let mut entries: Vec<(&IdKey, &Record)> = overlay.iter().collect();
         // sorted inserts touch each page once
         entries.sort_unstable_by_key(|(k, _)| **k);
-        for (k, r) in entries {
-            let t = u64::try_from(r.time_ns).unwrap_or(0);
-            claims.insert(k, (r.seq, t))?;
-            expiry.insert((t, k), ())?;
+        for (k, r) in &entries {
+            claims.insert(*k, (r.seq, time(r)))?;
         }
-        let cutoff = u64::try_from(cutoff).unwrap_or(0);
-        let mut old: Vec<(u64, IdKey)> = Vec::new();
-        for item in expiry.range::<(u64, &[u8; 16])>(..(cutoff, &[0u8; 16]))? {
-            let (key, _) = item?;
-            let (t, k) = key.value();
-            old.push((t, *k));
-            if old.len() >= PURGE_LIMIT {
-                break;
+        entries.sort_unstable_by_key(|(k, r)| (time(r), **k));
+        if let Some((_, oldest)) = entries.first() {
+            let mut run = Vec::with_capacity(entries.len() * EXPIRY_ENTRY);
+            for (k, r) in &entries {
+                run.extend_from_slice(&time(r).to_be_bytes());
+                run.extend_from_slice(*k);
             }
+            expiry.insert((time(oldest), applied), run.as_slice())?;
         }
-        for (t, k) in &old {
-            expiry.remove((*t, k))?;
-            // a later claim of the same id has its own expiry entry
-            let current = claims.get(k)?.map(|v| v.value().1);
-            if current == Some(*t) {
-                claims.remove(k)?;
-            }
-        }
+        purge(&mut claims, &mut expiry, u64::try_from(cutoff).unwrap_or(0))?;
         let mut meta = txn.open_table(META)?;
         meta.insert(META_APPLIED, applied)?;
         meta.insert(META_NEWEST, u64::try_from(newest).unwrap_or(0))?;
     }
     txn.commit()?;
     Ok(())
+}
+
+/// Drop claims received before `cutoff` (at most about PURGE_LIMIT a time): cut the
+/// expired prefix off each expiry entry that starts before it, keeping the rest under
+/// its new oldest time.
+fn purge(
+    claims: &mut redb::Table<&[u8; 16], (u64, u64)>,
+    expiry: &mut redb::Table<(u64, u64), &[u8]>,
+    cutoff: u64,
+) -> Result<()> {
+    let mut due: Vec<((u64, u64), Vec<u8>)> = Vec::new();
+    let mut count = 0;
+    for item in expiry.range::<(u64, u64)>(..(cutoff, 0))? {
+        let (key, run) = item?;
+        let run = run.value().to_vec();
+        count += run.len() / EXPIRY_ENTRY;
+        due.push((key.value(), run));
+        if count >= PURGE_LIMIT {
+            break;
+        }
+    }
+    for ((oldest, position), run) in due {
+        expiry.remove((oldest, position))?;
+        let mut rest = run.as_slice();
+        while rest.len() >= EXPIRY_ENTRY {
+            let (t, id) = expiry_entry(rest);
+            if t >= cutoff {
+                break;
+            }
+            // a later claim of the same id has its own expiry entry
+            if claims.get(&id)?.map(|v| v.value().1) == Some(t) {
+                claims.remove(&id)?;
+            }
+            rest = &rest[EXPIRY_ENTRY..];
+        }
+        if rest.len() >= EXPIRY_ENTRY {
+            expiry.insert((expiry_entry(rest).0, position), rest)?;
+        }
+    }
+    Ok(())
+}
+
+/// The first claim of an expiry entry: (receipt time, id).
+fn expiry_entry(run: &[u8]) -> (u64, IdKey) {
+    let mut t = [0u8; 8];
+    t.copy_from_slice(&run[..8]);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&run[8..EXPIRY_ENTRY]);
+    (u64::from_be_bytes(t), id)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -487,7 +542,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<(IdKey, Record)>> {
 }
 
 /// Nice the calling thread (Linux keeps a nice value per thread).
-fn lower_priority() {
+pub fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority only changes the scheduling weight of this thread.
     unsafe {

@@ -11,6 +11,10 @@ use std::collections::HashMap;
 /// An event's dedup key: the first 16 bytes of the SHA-256 of `source`+`id`.
 pub type IdKey = [u8; 16];
 
+/// Maps by dedup key, with a hasher much cheaper than SipHash (a map operation per event
+/// and the keys are not chosen by clients: they are SHA-256 output).
+pub type IdMap<V> = HashMap<IdKey, V, foldhash::fast::RandomState>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record {
     pub seq: u64,
@@ -37,11 +41,11 @@ pub struct Candidate {
 /// because a decision changed them.
 pub fn decide(
     batch: &[Candidate],
-    stored: &HashMap<IdKey, Record>,
+    stored: &IdMap<Record>,
     window_ns: i64,
-) -> (Vec<Decision>, HashMap<IdKey, Record>) {
-    let mut state: HashMap<IdKey, Record> = HashMap::new();
-    let mut changed: HashMap<IdKey, Record> = HashMap::new();
+) -> (Vec<Decision>, IdMap<Record>) {
+    let mut state: IdMap<Record> = IdMap::default();
+    let mut changed: IdMap<Record> = IdMap::default();
     let mut decisions = Vec::with_capacity(batch.len());
     for c in batch {
         let current = state
@@ -102,7 +106,7 @@ mod tests {
             c("a", 4, 10),
             c("a", 5, 25),
         ];
-        let (d, changed) = decide(&batch, &HashMap::new(), 10);
+        let (d, changed) = decide(&batch, &IdMap::default(), 10);
         // a@3 is 9ns after a@1: repeat; a@4 is 10ns after: outside the window, counted;
         // a@5 is 15ns after a@4: counted again.
         assert_eq!(d, vec![Unique, Unique, Duplicate, Unique, Unique]);
@@ -118,7 +122,7 @@ mod tests {
 
     #[test]
     fn stored_records_decide_across_batches_and_replays() {
-        let mut stored = HashMap::new();
+        let mut stored = IdMap::default();
         stored.insert(
             k("a"),
             Record {

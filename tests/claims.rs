@@ -190,10 +190,20 @@ async fn claims_leave_the_index_after_the_window() {
     assert_eq!(found[&key(2)], rec(2, T0 + 2 * SEC));
     assert_eq!(found[&key(3)], rec(5, T0 + 72 * SEC));
     assert_eq!(c.stored().await.unwrap(), 3);
+    // the rest of the first write's claims expire later: key 2 once the clock passes
+    // 72 s after it
+    c.record(vec![(key(5), rec(7, T0 + 73 * SEC))])
+        .await
+        .unwrap();
+    c.persist().await.unwrap();
+    let found = c.lookup((1..=5).map(key).collect()).await.unwrap();
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(!found.contains_key(&key(2)));
+    assert_eq!(c.stored().await.unwrap(), 3);
 
     // a standby that reads the whole log from the start agrees
     let other = Arc::new(LocalIndex::open(None).unwrap());
     let mut s = attach(&other, &store).await;
     s.persist().await.unwrap();
-    assert_eq!(s.lookup((1..=4).map(key).collect()).await.unwrap(), found);
+    assert_eq!(s.lookup((1..=5).map(key).collect()).await.unwrap(), found);
 }
