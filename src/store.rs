@@ -22,6 +22,9 @@ use crate::keys::Names;
 pub struct Store {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// Ingestion's own connection (see `open`).
+    pub ingest_client: async_nats::Client,
+    pub ingest: jetstream::Context,
     pub names: Names,
     pub events: stream::Stream,
     pub meters: kv::Store,
@@ -59,9 +62,19 @@ impl Store {
             options = options.retry_on_initial_connect();
         }
         let client = options
+            .clone()
             .connect(&cfg.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+        // Ingested events travel on a connection of their own: one connection is one
+        // socket and one task on each side, and the aggregator's deliveries, claim-log
+        // appends and reading writes would otherwise queue in front of publish acks.
+        let ingest_client = options
+            .name("kloudmeter-ingest")
+            .connect(&cfg.nats_url)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+        let ingest = jetstream::new(ingest_client.clone());
         let js = jetstream::new(client.clone());
         let names = Names::new(&cfg.meter_nats_stream);
 
@@ -158,6 +171,8 @@ impl Store {
         Ok(Store {
             client,
             js,
+            ingest_client,
+            ingest,
             names,
             events,
             meters,
@@ -169,7 +184,9 @@ impl Store {
     }
 
     pub fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        use async_nats::connection::State;
+        self.client.connection_state() == State::Connected
+            && self.ingest_client.connection_state() == State::Connected
     }
 
     /// Every live entry of `bucket` whose key matches `filter` (NATS wildcards allowed),

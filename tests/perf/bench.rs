@@ -829,7 +829,7 @@ async fn main() {
     let want = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
     let mut half = env_usize("BENCH_E2E_RATE", 0) as f64;
     if want("ingest") {
-        let mut batch = ingest_batch(reps, n, 8).await;
+        let mut batch = ingest_batch(reps, n, env_usize("BENCH_CLIENTS", 8)).await;
         batch.print();
         for mut r in ingest_single(reps, n / 5, 32).await {
             r.print();
