@@ -28,6 +28,8 @@ const BATCH: usize = 5_000;
 /// How long a batch keeps gathering after its first message: bigger batches mean fewer
 /// claim look-ups and appends per event.
 const LINGER: Duration = Duration::from_millis(25);
+/// Lifetime of a pull request: also the longest the consumer can stall (see `run`).
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// KV operations kept in flight at once.
 const PIPELINE: usize = 4096;
 /// Reading loads kept in flight at once (each waiting load holds a request's state).
@@ -152,9 +154,13 @@ impl Aggregator {
             })
             .await
             .context("creating the aggregator's consumer")?;
+        // Pull requests expire after PULL_EXPIRES: the client can miscount what its
+        // outstanding requests still owe when deliveries overtake its own note that a
+        // request went out, and then waits for the request's expiry before pulling again.
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(BATCH / 2)
+            .expires(PULL_EXPIRES)
             .messages()
             .await?;
         tracing::info!(
@@ -884,7 +890,7 @@ async fn gather<S, T>(first: T, messages: &mut S, max: usize, linger: Duration) 
 where
     S: futures::Stream<Item = T> + Unpin,
 {
-    let mut out = Vec::with_capacity(max);
+    let mut out = Vec::with_capacity(max.min(256));
     out.push(first);
     let deadline = tokio::time::Instant::now() + linger;
     while out.len() < max {

@@ -49,7 +49,7 @@ const ENTRY: usize = 32;
 const PER_MESSAGE: usize = 16_384;
 /// Claims applied in memory before they are written to the local index in one
 /// transaction (large transactions touch each B-tree page once for many ids).
-const OVERLAY_LIMIT: usize = 100_000;
+const OVERLAY_LIMIT: usize = 50_000;
 const PERSIST_EVERY: Duration = Duration::from_secs(2);
 /// The local index's page cache: its whole memory cost, whatever the window holds.
 const CACHE_BYTES: usize = 16 << 20;
@@ -542,7 +542,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<(IdKey, Record)>> {
 }
 
 /// Nice the calling thread (Linux keeps a nice value per thread).
-pub fn lower_priority() {
+fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority only changes the scheduling weight of this thread.
     unsafe {

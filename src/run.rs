@@ -155,7 +155,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             let changed = kube_mode
                 .as_ref()
                 .map(|_| crate::status::Changed::default());
-            let agg = spawn_background(aggregator::supervise(
+            let agg = tokio::spawn(aggregator::supervise(
                 store.clone(),
                 registry.clone(),
                 metrics.clone(),
@@ -215,40 +215,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(25), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(25), background).await;
     Ok(())
-}
-
-/// Run `work` on a runtime of its own whose threads have a lower CPU priority.
-///
-/// Aggregation is asynchronous: an event is durable once JetStream acknowledged it, and
-/// readings follow. When the cores are saturated, the request handlers (and nats-server)
-/// should get them first and the aggregator work off its backlog when the load eases,
-/// rather than every request waiting behind the fold. With idle cores nothing changes.
-fn spawn_background<F>(work: F) -> tokio::sync::oneshot::Receiver<()>
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (done, finished) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("aggregator".into())
-        .spawn(move || {
-            // (block_on polls `work` itself on this thread; the workers run what it spawns)
-            crate::claims::lower_priority();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("aggregator-worker")
-                .on_thread_start(crate::claims::lower_priority)
-                .enable_all()
-                .build();
-            match runtime {
-                Ok(rt) => rt.block_on(work),
-                Err(e) => tracing::error!(error = %e, "cannot start the aggregator's runtime"),
-            }
-            let _ = done.send(());
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the aggregator's thread");
-    }
-    finished
 }
 
 /// A standby keeps its claim index following the log, so that it can take over warm.
