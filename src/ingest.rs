@@ -5,6 +5,7 @@
 use std::future::IntoFuture;
 use std::time::Duration;
 
+use async_nats::header::HeaderName;
 use async_nats::HeaderMap;
 
 use crate::event::Incoming;
@@ -24,7 +25,8 @@ pub async fn publish(store: &Store, events: &[Incoming<'_>]) -> Result<(), Strin
         let mut subject: Option<(&str, async_nats::Subject)> = None;
         for e in events {
             let mut headers = HeaderMap::new();
-            headers.insert(DEDUP_HEADER, e.dedup_hash().as_str());
+            // (a static name and an owned value: no copies per event)
+            headers.insert(HeaderName::from_static(DEDUP_HEADER), e.dedup_hash());
             let to = match &subject {
                 Some((t, s)) if *t == e.event_type => s.clone(),
                 _ => {
