@@ -28,8 +28,9 @@ const BATCH: usize = 5_000;
 /// How long a batch keeps gathering after its first message: bigger batches mean fewer
 /// claim look-ups and appends per event.
 const LINGER: Duration = Duration::from_millis(25);
-/// Lifetime of a pull request: also the longest the consumer can stall (see `run`).
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// Lifetime of a pull request that finds nothing more to deliver (well under the
+/// consumer's 30 s inactivity limit).
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// KV operations kept in flight at once.
 const PIPELINE: usize = 4096;
 /// Reading loads kept in flight at once (each waiting load holds a request's state).
@@ -154,15 +155,21 @@ impl Aggregator {
             })
             .await
             .context("creating the aggregator's consumer")?;
-        // Pull requests expire after PULL_EXPIRES: the client can miscount what its
-        // outstanding requests still owe when deliveries overtake its own note that a
-        // request went out, and then waits for the request's expiry before pulling again.
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(BATCH / 2)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await?;
+        // Our own pull loop (see `pull`), as a stream: a wait for the next message that
+        // is abandoned (a flush or a meter change came first) resumes where it was.
+        let pull = crate::pull::Pull::start(
+            self.store.js.clone(),
+            self.store.client.clone(),
+            &self.store.names.stream,
+            &consumer.cached_info().name,
+            BATCH / 2,
+            PULL_EXPIRES,
+        )
+        .await?;
+        let mut messages = Box::pin(futures::stream::unfold(pull, |mut pull| async move {
+            let next = pull.next().await;
+            Some((next, pull))
+        }));
         tracing::info!(
             cursor = self.cursor,
             meters = self.active.len(),
@@ -196,7 +203,7 @@ impl Aggregator {
                     let t0 = std::time::Instant::now();
                     let batch = gather(first, &mut messages, BATCH, LINGER).await;
                     tracing::debug!(fetch_ms = t0.elapsed().as_millis() as u64, "fetch");
-                    let batch: Vec<Message> = batch.into_iter().collect::<Result<_, _>>().map_err(|e| anyhow!("{e}"))?;
+                    let batch: Vec<Message> = batch.into_iter().collect::<Result<_>>()?;
                     if meters_changed.has_changed().unwrap_or(false) {
                         meters_changed.borrow_and_update();
                         self.reconcile().await?;

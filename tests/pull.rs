@@ -1,0 +1,88 @@
+//! The aggregator's pull loop against a real nats-server: every message once and in
+//! order across many requests, quiet (not failing) while the stream is idle, and an
+//! error rather than a hang when its consumer is deleted.
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{consumer, stream};
+use common::*;
+use kloudmeter::pull::Pull;
+
+const EXPIRES: Duration = Duration::from_millis(500);
+
+#[tokio::test]
+async fn delivers_in_order_waits_when_idle_and_fails_when_the_consumer_goes() {
+    let nats = Nats::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let events = js
+        .create_stream(stream::Config {
+            name: "pull".into(),
+            subjects: vec!["pull.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let n = 12_345u64;
+    let mut acks = Vec::new();
+    for i in 0..n {
+        acks.push(
+            js.publish(format!("pull.{}", i % 7), i.to_string().into())
+                .await
+                .unwrap(),
+        );
+        // (the client holds back publishes while too many acks are unread)
+        if acks.len() == 1000 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let consumer = events
+        .create_consumer(consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let name = consumer.cached_info().name.clone();
+    // small requests, so that a run crosses hundreds of them
+    let mut pull = Pull::start(js.clone(), client.clone(), "pull", &name, 40, EXPIRES)
+        .await
+        .unwrap();
+    for i in 0..n {
+        let m = pull.next().await.unwrap();
+        let info = m.info().unwrap();
+        assert_eq!(info.stream_sequence, i + 1);
+        assert_eq!(info.consumer_sequence, i + 1);
+        assert_eq!(m.payload, i.to_string().as_bytes());
+    }
+
+    // idle across several expiries: nothing arrives and nothing fails; a new message
+    // is then delivered
+    let idle = tokio::time::timeout(EXPIRES * 5, pull.next()).await;
+    assert!(idle.is_err(), "nothing to deliver: {idle:?}");
+    js.publish("pull.x", "last".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), pull.next())
+        .await
+        .expect("delivered within a request's life")
+        .unwrap();
+    assert_eq!(m.info().unwrap().stream_sequence, n + 1);
+
+    // the consumer deleted: an error, within a few expiries, not a hang
+    events.delete_consumer(&name).await.unwrap();
+    let gone = tokio::time::timeout(EXPIRES * 8, pull.next())
+        .await
+        .expect("an answer, not a hang");
+    assert!(gone.is_err(), "{:?}", gone.map(|m| m.message.subject));
+}
