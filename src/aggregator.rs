@@ -159,7 +159,6 @@ impl Aggregator {
         // is abandoned (a flush or a meter change came first) resumes where it was.
         let pull = crate::pull::Pull::start(
             self.store.js.clone(),
-            self.store.client.clone(),
             &self.store.names.stream,
             &consumer.cached_info().name,
             BATCH / 2,

@@ -333,6 +333,34 @@ enum Loose<'a> {
     Other,
 }
 
+/// Visitor methods for the JSON values a visitor does not look into, each giving
+/// `$value`: numbers and booleans, and with `and text and null` strings and null too.
+macro_rules! scalars_give {
+    ($value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+    ($value:expr, and text and null) => {
+        scalars_give!($value);
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
 /// Any JSON value, parsed and checked exactly as `serde_json::Value` would be, but kept
 /// nowhere.
 struct Checked;
@@ -350,24 +378,7 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
+    scalars_give!((), and text and null);
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element::<Checked>()?.is_some() {}
         Ok(())
@@ -398,18 +409,7 @@ impl<'de> Deserialize<'de> for Loose<'de> {
             fn visit_unit<E: de::Error>(self) -> Result<Loose<'de>, E> {
                 Ok(Loose::Null)
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Loose<'de>, E> {
-                Ok(Loose::Other)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Loose<'de>, E> {
-                Ok(Loose::Other)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Loose<'de>, E> {
-                Ok(Loose::Other)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Loose<'de>, E> {
-                Ok(Loose::Other)
-            }
+            scalars_give!(Loose::Other);
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Loose<'de>, A::Error> {
                 CheckedVisitor.visit_seq(seq).map(|_| Loose::Other)
             }
@@ -434,24 +434,7 @@ impl<'de> Visitor<'de> for ItemVisitor {
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an event object")
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Item<'de>, E> {
-        Ok(Item::Other)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Item<'de>, E> {
-        Ok(Item::Other)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Item<'de>, E> {
-        Ok(Item::Other)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Item<'de>, E> {
-        Ok(Item::Other)
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Item<'de>, E> {
-        Ok(Item::Other)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Item<'de>, E> {
-        Ok(Item::Other)
-    }
+    scalars_give!(Item::Other, and text and null);
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Item<'de>, A::Error> {
         CheckedVisitor.visit_seq(seq).map(|_| Item::Other)
     }
@@ -507,24 +490,7 @@ impl<'de> Deserialize<'de> for Body<'de> {
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Body<'de>, A::Error> {
                 ItemVisitor.visit_map(map).map(Body::One)
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Body<'de>, E> {
-                Ok(Body::One(Item::Other))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Body<'de>, E> {
-                Ok(Body::One(Item::Other))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Body<'de>, E> {
-                Ok(Body::One(Item::Other))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Body<'de>, E> {
-                Ok(Body::One(Item::Other))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Body<'de>, E> {
-                Ok(Body::One(Item::Other))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Body<'de>, E> {
-                Ok(Body::One(Item::Other))
-            }
+            scalars_give!(Body::One(Item::Other), and text and null);
         }
         d.deserialize_any(V)
     }

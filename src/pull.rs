@@ -36,12 +36,12 @@ impl Pull {
     /// after `expires` when the stream has nothing more to give.
     pub async fn start(
         context: jetstream::Context,
-        client: async_nats::Client,
         stream: &str,
         consumer: &str,
         batch: usize,
         expires: Duration,
     ) -> Result<Pull> {
+        let client = context.client();
         let inbox = Subject::from(client.new_inbox());
         let deliveries = client
             .subscribe(inbox.clone())

@@ -53,7 +53,7 @@ async fn delivers_in_order_waits_when_idle_and_fails_when_the_consumer_goes() {
         .unwrap();
     let name = consumer.cached_info().name.clone();
     // small requests, so that a run crosses hundreds of them
-    let mut pull = Pull::start(js.clone(), client.clone(), "pull", &name, 40, EXPIRES)
+    let mut pull = Pull::start(js.clone(), "pull", &name, 40, EXPIRES)
         .await
         .unwrap();
     for i in 0..n {
