@@ -174,6 +174,10 @@ impl Aggregator {
             meters = self.active.len(),
             "aggregating"
         );
+        // Batch buffers kept from one batch to the next: allocated afresh, each batch
+        // faulted in new pages (a tenth of the process's CPU under batch ingestion).
+        let mut gathered = Vec::with_capacity(BATCH);
+        let mut batch: Vec<Message> = Vec::with_capacity(BATCH);
         loop {
             if !*leading.borrow() {
                 // Hand over cleanly: what was applied is written before we stop.
@@ -200,14 +204,18 @@ impl Aggregator {
                 first = messages.next() => {
                     let Some(first) = first else { bail!("event consumer ended") };
                     let t0 = std::time::Instant::now();
-                    let batch = gather(first, &mut messages, BATCH, LINGER).await;
+                    gather(first, &mut messages, BATCH, LINGER, &mut gathered).await;
                     tracing::debug!(fetch_ms = t0.elapsed().as_millis() as u64, "fetch");
-                    let batch: Vec<Message> = batch.into_iter().collect::<Result<_>>()?;
+                    batch.clear();
+                    for m in gathered.drain(..) {
+                        batch.push(m?);
+                    }
                     if meters_changed.has_changed().unwrap_or(false) {
                         meters_changed.borrow_and_update();
                         self.reconcile().await?;
                     }
-                    self.process_batch(batch).await?;
+                    self.process_batch(&batch).await?;
+                    batch.clear();
                     if self.cache.dirty_len() >= MAX_DIRTY || self.last_flush.elapsed() >= self.flush_every() {
                         self.start_flush().await?;
                     }
@@ -381,11 +389,12 @@ impl Aggregator {
             let only: ByType = HashMap::from([(meter.def.event_type.clone(), vec![meter.clone()])]);
             if consumer.cached_info().num_pending > 0 {
                 let mut messages = consumer.messages().await?;
+                let mut batch = Vec::with_capacity(BATCH);
                 'replay: while let Some(first) = messages.next().await {
-                    let batch = gather(first, &mut messages, BATCH, LINGER).await;
+                    gather(first, &mut messages, BATCH, LINGER, &mut batch).await;
                     let mut wanted = Vec::with_capacity(batch.len());
                     let mut finished = false;
-                    for msg in batch {
+                    for msg in batch.drain(..) {
                         let msg = msg.map_err(|e| anyhow!("{e}"))?;
                         let info = msg.info().map_err(|e| anyhow!("{e}"))?;
                         let (seq, left) = (info.stream_sequence, info.pending);
@@ -424,7 +433,7 @@ impl Aggregator {
     }
 
     /// One batch of the main pass: settle duplicates, fold, advance the cursor.
-    async fn process_batch(&mut self, batch: Vec<Message>) -> Result<()> {
+    async fn process_batch(&mut self, batch: &[Message]) -> Result<()> {
         let Some(last) = batch.last() else {
             return Ok(());
         };
@@ -891,12 +900,12 @@ async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u6
     results
 }
 
-/// A batch: `first`, then whatever else arrives within `linger`, up to `max`.
-async fn gather<S, T>(first: T, messages: &mut S, max: usize, linger: Duration) -> Vec<T>
+/// A batch, appended to `out`: `first`, then whatever else arrives within `linger`, up to
+/// `max`.
+async fn gather<S, T>(first: T, messages: &mut S, max: usize, linger: Duration, out: &mut Vec<T>)
 where
     S: futures::Stream<Item = T> + Unpin,
 {
-    let mut out = Vec::with_capacity(max.min(256));
     out.push(first);
     let deadline = tokio::time::Instant::now() + linger;
     while out.len() < max {
@@ -905,7 +914,6 @@ where
             _ => break,
         }
     }
-    out
 }
 
 fn reading_meter(k: &ReadingKey) -> &str {

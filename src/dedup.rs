@@ -44,8 +44,9 @@ pub fn decide(
     stored: &IdMap<Record>,
     window_ns: i64,
 ) -> (Vec<Decision>, IdMap<Record>) {
-    let mut state: IdMap<Record> = IdMap::default();
-    let mut changed: IdMap<Record> = IdMap::default();
+    let capacity = || IdMap::with_capacity_and_hasher(batch.len(), Default::default());
+    let mut state: IdMap<Record> = capacity();
+    let mut changed: IdMap<Record> = capacity();
     let mut decisions = Vec::with_capacity(batch.len());
     for c in batch {
         let current = state
