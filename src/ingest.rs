@@ -2,7 +2,6 @@
 //! acknowledged every one of them (a 2xx means durable). Publishes are pipelined: all
 //! messages of a request are sent before the first acknowledgement is awaited.
 
-use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_nats::header::HeaderName;
@@ -20,7 +19,7 @@ pub async fn publish(store: &Store, events: &[Incoming<'_>]) -> Result<(), Strin
         return Err("NATS is not connected".into());
     }
     let work = async {
-        let mut acks = Vec::with_capacity(events.len());
+        let mut batch = store.ingest.batch(events.len()).await;
         // batches are usually of one event type: escape it into a subject once
         let mut subject: Option<(&str, async_nats::Subject)> = None;
         for e in events {
@@ -35,17 +34,9 @@ pub async fn publish(store: &Store, events: &[Incoming<'_>]) -> Result<(), Strin
                     s
                 }
             };
-            let ack = store
-                .ingest
-                .publish_with_headers(to, headers, e.to_bytes().into())
-                .await
-                .map_err(|err| format!("publishing to JetStream: {err}"))?;
-            acks.push(ack);
+            batch.send(to, headers, e.to_bytes().into()).await?;
         }
-        for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
-            ack.map_err(|err| format!("JetStream did not acknowledge: {err}"))?;
-        }
-        Ok(())
+        batch.acknowledged().await
     };
     tokio::time::timeout(ACK_TIMEOUT, work)
         .await

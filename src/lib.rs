@@ -18,6 +18,7 @@ pub mod lease;
 pub mod meter;
 pub mod metrics;
 pub mod openapi;
+pub mod publisher;
 pub mod pull;
 pub mod query;
 pub mod registry;

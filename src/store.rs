@@ -24,7 +24,7 @@ pub struct Store {
     pub js: jetstream::Context,
     /// Ingestion's own connection (see `open`).
     pub ingest_client: async_nats::Client,
-    pub ingest: jetstream::Context,
+    pub ingest: crate::publisher::Publisher,
     pub names: Names,
     pub events: stream::Stream,
     pub meters: kv::Store,
@@ -74,7 +74,9 @@ impl Store {
             .connect(&cfg.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
-        let ingest = jetstream::new(ingest_client.clone());
+        let ingest = crate::publisher::Publisher::start(ingest_client.clone())
+            .await
+            .context("subscribing to JetStream acknowledgements")?;
         let js = jetstream::new(client.clone());
         let names = Names::new(&cfg.meter_nats_stream);
 

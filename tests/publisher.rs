@@ -1,0 +1,137 @@
+//! The ingest publisher against a real nats-server: every message of concurrent requests
+//! stored and each request answered once, refusals reported with JetStream's reason, and
+//! nothing left waiting once a request is answered or given up.
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use common::*;
+use kloudmeter::publisher::Publisher;
+
+async fn setup(
+    nats: &Nats,
+    config: stream::Config,
+) -> (async_nats::Client, jetstream::stream::Stream) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let stream = js.create_stream(config).await.unwrap();
+    (client, stream)
+}
+
+async fn send_all(p: &Publisher, subject: &str, n: usize) -> Result<(), String> {
+    let mut batch = p.batch(n).await;
+    for i in 0..n {
+        batch
+            .send(subject.into(), HeaderMap::new(), i.to_string().into())
+            .await?;
+    }
+    batch.acknowledged().await
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_all_stored_and_answered() {
+    let nats = Nats::start();
+    let (client, mut stream) = setup(
+        &nats,
+        stream::Config {
+            name: "pub".into(),
+            subjects: vec!["pub.>".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let p = Publisher::start(client).await.unwrap();
+    // 20 requests of 1,000 at once: more than the 16,384 allowed in flight, so some wait
+    let results = futures::future::join_all((0..20).map(|r| {
+        let p = p.clone();
+        async move { send_all(&p, &format!("pub.{r}"), 1_000).await }
+    }))
+    .await;
+    assert_eq!(results, vec![Ok(()); 20]);
+    // one request larger than the in-flight bound
+    send_all(&p, "pub.big", 20_000).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 40_000);
+    assert_eq!(p.waiting(), 0);
+}
+
+#[tokio::test]
+async fn refusals_name_the_reason() {
+    let nats = Nats::start();
+    let (client, mut stream) = setup(
+        &nats,
+        stream::Config {
+            name: "small".into(),
+            subjects: vec!["small.>".into()],
+            max_messages: 5,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        },
+    )
+    .await;
+    let p = Publisher::start(client).await.unwrap();
+    let full = send_all(&p, "small.x", 8).await.unwrap_err();
+    assert!(
+        full.starts_with("JetStream refused the event: maximum messages"),
+        "{full}"
+    );
+    assert_eq!(stream.info().await.unwrap().state.messages, 5);
+    // no stream at all: the server says so at once (no waiting for a timeout)
+    let started = std::time::Instant::now();
+    let none = send_all(&p, "nowhere.x", 3).await.unwrap_err();
+    assert_eq!(none, "no JetStream stream takes the event's subject");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(p.waiting(), 0);
+}
+
+#[tokio::test]
+async fn short_and_abandoned_requests_leave_nothing_waiting() {
+    let nats = Nats::start();
+    let (client, mut stream) = setup(
+        &nats,
+        stream::Config {
+            name: "pub".into(),
+            subjects: vec!["pub.>".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let p = Publisher::start(client).await.unwrap();
+    // announced 10, sent 4: answered after the 4
+    let mut short = p.batch(10).await;
+    for i in 0..4 {
+        short
+            .send("pub.short".into(), HeaderMap::new(), i.to_string().into())
+            .await
+            .unwrap();
+    }
+    short.acknowledged().await.unwrap();
+    // a message past the announced count is refused before it is published
+    let mut over = p.batch(1).await;
+    over.send("pub.over".into(), HeaderMap::new(), "a".into())
+        .await
+        .unwrap();
+    let refused = over
+        .send("pub.over".into(), HeaderMap::new(), "b".into())
+        .await
+        .unwrap_err();
+    assert_eq!(refused, "more messages than the batch was started for");
+    over.acknowledged().await.unwrap();
+    // abandoned before all its acknowledgements are in: its entry goes with it
+    let mut abandoned = p.batch(100).await;
+    for i in 0..50 {
+        abandoned
+            .send("pub.gone".into(), HeaderMap::new(), i.to_string().into())
+            .await
+            .unwrap();
+    }
+    assert_eq!(p.waiting(), 1);
+    drop(abandoned);
+    assert_eq!(p.waiting(), 0);
+    // ...and its late acknowledgements disturb nothing
+    send_all(&p, "pub.after", 10).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 4 + 1 + 50 + 10);
+    assert_eq!(p.waiting(), 0);
+}
