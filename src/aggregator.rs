@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use async_nats::jetstream::{consumer, kv, message::PublishMessage, Message};
+use async_nats::jetstream::{consumer, kv, message::PublishMessage};
+use async_nats::Message;
 use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -174,9 +175,8 @@ impl Aggregator {
             meters = self.active.len(),
             "aggregating"
         );
-        // Batch buffers kept from one batch to the next: allocated afresh, each batch
-        // faulted in new pages (a tenth of the process's CPU under batch ingestion).
-        let mut gathered = Vec::with_capacity(BATCH);
+        // The batch buffer is kept from one batch to the next: allocated afresh, each
+        // batch faulted in new pages (a tenth of the process's CPU under batch ingestion).
         let mut batch: Vec<Message> = Vec::with_capacity(BATCH);
         loop {
             if !*leading.borrow() {
@@ -204,12 +204,9 @@ impl Aggregator {
                 first = messages.next() => {
                     let Some(first) = first else { bail!("event consumer ended") };
                     let t0 = std::time::Instant::now();
-                    gather(first, &mut messages, BATCH, LINGER, &mut gathered).await;
-                    tracing::debug!(fetch_ms = t0.elapsed().as_millis() as u64, "fetch");
                     batch.clear();
-                    for m in gathered.drain(..) {
-                        batch.push(m?);
-                    }
+                    gather(first, &mut messages, BATCH, LINGER, &mut batch).await?;
+                    tracing::debug!(fetch_ms = t0.elapsed().as_millis() as u64, "fetch");
                     if meters_changed.has_changed().unwrap_or(false) {
                         meters_changed.borrow_and_update();
                         self.reconcile().await?;
@@ -391,18 +388,17 @@ impl Aggregator {
                 let mut messages = consumer.messages().await?;
                 let mut batch = Vec::with_capacity(BATCH);
                 'replay: while let Some(first) = messages.next().await {
-                    gather(first, &mut messages, BATCH, LINGER, &mut batch).await;
+                    gather(first, &mut messages, BATCH, LINGER, &mut batch).await?;
                     let mut wanted = Vec::with_capacity(batch.len());
                     let mut finished = false;
                     for msg in batch.drain(..) {
-                        let msg = msg.map_err(|e| anyhow!("{e}"))?;
                         let info = msg.info().map_err(|e| anyhow!("{e}"))?;
                         let (seq, left) = (info.stream_sequence, info.pending);
                         if seq > self.cursor {
                             finished = true;
                             break;
                         }
-                        wanted.push((seq, msg));
+                        wanted.push((seq, msg.message));
                         if left == 0 || seq == self.cursor {
                             finished = true;
                             break;
@@ -437,7 +433,7 @@ impl Aggregator {
         let Some(last) = batch.last() else {
             return Ok(());
         };
-        let last_info = last.info().map_err(|e| anyhow!("{e}"))?;
+        let last_info = crate::pull::delivery(last)?;
         let (last_seq, lag) = (last_info.stream_sequence, last_info.pending);
         self.lag = lag;
 
@@ -445,7 +441,7 @@ impl Aggregator {
         let mut positions = Vec::with_capacity(batch.len());
         let mut seqs = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
-            let info = msg.info().map_err(|e| anyhow!("{e}"))?;
+            let info = crate::pull::delivery(msg)?;
             if info.consumer_sequence != self.delivered + 1 {
                 bail!(
                     "event delivery skipped from {} to {}; restarting from the stored cursor",
@@ -461,12 +457,10 @@ impl Aggregator {
                 .and_then(|h| h.get(DEDUP_HEADER))
                 .map(|v| keys::dedup_key(v.as_str()));
             if let Some(key) = key {
-                let time_ns =
-                    i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX);
                 candidates.push(Candidate {
                     key,
                     seq: info.stream_sequence,
-                    time_ns,
+                    time_ns: info.published_ns,
                 });
                 positions.push(i);
             }
@@ -901,19 +895,28 @@ async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u6
 }
 
 /// A batch, appended to `out`: `first`, then whatever else arrives within `linger`, up to
-/// `max`.
-async fn gather<S, T>(first: T, messages: &mut S, max: usize, linger: Duration, out: &mut Vec<T>)
+/// `max`; the first failed delivery is the error.
+async fn gather<S, T, E>(
+    first: Result<T, E>,
+    messages: &mut S,
+    max: usize,
+    linger: Duration,
+    out: &mut Vec<T>,
+) -> Result<()>
 where
-    S: futures::Stream<Item = T> + Unpin,
+    S: futures::Stream<Item = Result<T, E>> + Unpin,
+    E: std::fmt::Display,
 {
-    out.push(first);
+    let fail = |e: E| anyhow!("reading the event stream: {e:#}");
+    out.push(first.map_err(fail)?);
     let deadline = tokio::time::Instant::now() + linger;
     while out.len() < max {
         match tokio::time::timeout_at(deadline, messages.next()).await {
-            Ok(Some(m)) => out.push(m),
+            Ok(Some(m)) => out.push(m.map_err(fail)?),
             _ => break,
         }
     }
+    Ok(())
 }
 
 fn reading_meter(k: &ReadingKey) -> &str {

@@ -130,9 +130,6 @@ pub struct Claims {
     overlay: IdMap<Record>,
     /// The previous overlay while a background transaction writes it to the index file.
     writing: Option<Writing>,
-    /// An emptied overlay kept for the next one: a fresh map faulted in new pages on
-    /// every growth step.
-    spare: IdMap<Record>,
     last_persist: Instant,
 }
 
@@ -183,7 +180,6 @@ impl Claims {
             newest_ns: i64::try_from(newest).unwrap_or(i64::MAX),
             overlay: IdMap::default(),
             writing: None,
-            spare: IdMap::default(),
             last_persist: Instant::now(),
         })
     }
@@ -343,8 +339,7 @@ impl Claims {
         if self.overlay.is_empty() && self.applied == self.persisted {
             return Ok(());
         }
-        let next = std::mem::take(&mut self.spare);
-        let frozen = Arc::new(std::mem::replace(&mut self.overlay, next));
+        let frozen = Arc::new(std::mem::take(&mut self.overlay));
         let (applied, newest) = (self.applied, self.newest_ns);
         let cutoff = newest
             .saturating_sub(self.window_ns)
@@ -386,11 +381,6 @@ impl Claims {
             Ok(r) => r,
             Err(_) => Err(anyhow!("the claim index writer stopped")),
         };
-        // (the writer has let go of its reference before answering)
-        if let Ok(mut spare) = Arc::try_unwrap(w.claims) {
-            spare.clear();
-            self.spare = spare;
-        }
         match outcome {
             Ok(()) => {
                 self.persisted = w.applied;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream;
-use async_nats::{StatusCode, Subject};
+use async_nats::{Message, StatusCode, Subject};
 use futures::StreamExt;
 
 /// A server header on a terminated request: how many of its messages were not sent.
@@ -20,7 +20,6 @@ const PENDING_MESSAGES: &str = "Nats-Pending-Messages";
 
 pub struct Pull {
     client: async_nats::Client,
-    context: jetstream::Context,
     request_subject: Subject,
     inbox: Subject,
     deliveries: async_nats::Subscriber,
@@ -54,7 +53,6 @@ impl Pull {
         }))?;
         Ok(Pull {
             client,
-            context,
             request_subject: Subject::from(format!(
                 "$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
             )),
@@ -67,10 +65,10 @@ impl Pull {
         })
     }
 
-    /// The next message delivered. Cancel-safe: a request is counted in the same step
-    /// that hands it to the client (there is no await in between), and waiting for a
-    /// delivery loses nothing when abandoned.
-    pub async fn next(&mut self) -> Result<jetstream::Message> {
+    /// The next message delivered (its place in the stream: [`delivery`]). Cancel-safe:
+    /// a request is counted in the same step that hands it to the client (there is no
+    /// await in between), and waiting for a delivery loses nothing when abandoned.
+    pub async fn next(&mut self) -> Result<Message> {
         loop {
             // at most two requests' worth outstanding: the next is asked for while
             // the current is still being delivered
@@ -100,10 +98,7 @@ impl Pull {
             match message.status {
                 None | Some(StatusCode::OK) => {
                     self.owed = self.owed.saturating_sub(1);
-                    return Ok(jetstream::Message {
-                        message,
-                        context: self.context.clone(),
-                    });
+                    return Ok(message);
                 }
                 Some(StatusCode::IDLE_HEARTBEAT) => {}
                 Some(StatusCode::TIMEOUT | StatusCode::REQUEST_TERMINATED) => {
@@ -130,6 +125,90 @@ impl Pull {
                     message.description.as_deref().unwrap_or("")
                 ),
             }
+        }
+    }
+}
+
+/// Where a delivered message sits, as its `$JS.ACK` reply subject says. Read here rather
+/// than through the client's JetStream message, which carries a copy of the JetStream
+/// context (a heap allocation and 224 bytes more per message of a batch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub stream_sequence: u64,
+    pub consumer_sequence: u64,
+    /// Receipt time in the stream, nanoseconds since the epoch.
+    pub published_ns: i64,
+    /// Messages left for the consumer after this one.
+    pub pending: u64,
+}
+
+pub fn delivery(msg: &Message) -> Result<Delivery> {
+    let reply = msg
+        .reply
+        .as_ref()
+        .ok_or_else(|| anyhow!("a delivery on {} without a reply subject", msg.subject))?;
+    parse_delivery(reply.as_str()).ok_or_else(|| anyhow!("unreadable delivery subject {reply:?}"))
+}
+
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+/// or the newer form with a domain and an account hash before the stream name and more
+/// tokens after `pending` (NATS ADR-15).
+pub fn parse_delivery(reply: &str) -> Option<Delivery> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let mut tokens = [""; 9];
+    let mut count = 0;
+    for t in rest.split('.') {
+        if let Some(slot) = tokens.get_mut(count) {
+            *slot = t;
+        }
+        count += 1;
+    }
+    let fields = match count {
+        7 => &tokens[2..7],
+        n if n >= 9 => &tokens[4..9],
+        _ => return None,
+    };
+    Some(Delivery {
+        stream_sequence: fields[1].parse().ok()?,
+        consumer_sequence: fields[2].parse().ok()?,
+        published_ns: fields[3].parse().ok()?,
+        pending: fields[4].parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_reply_subject_forms() {
+        let want = Delivery {
+            stream_sequence: 42,
+            consumer_sequence: 7,
+            published_ns: 1_764_000_000_123_456_789,
+            pending: 3,
+        };
+        assert_eq!(
+            parse_delivery("$JS.ACK.KM.agg.1.42.7.1764000000123456789.3"),
+            Some(want)
+        );
+        assert_eq!(
+            parse_delivery("$JS.ACK._.ACCHASH.KM.agg.2.42.7.1764000000123456789.3.r4nd0m"),
+            Some(want)
+        );
+        assert_eq!(
+            parse_delivery("$JS.ACK.hub.ACCHASH.KM.agg.2.42.7.1764000000123456789.3.r4nd0m.x"),
+            Some(want)
+        );
+        for bad in [
+            "",
+            "$JS.ACK.KM.agg.1.42.7.1764000000123456789",
+            "$JS.ACK.KM.agg.1.42.7.1764000000123456789.3.x",
+            "$JS.ACK.KM.agg.1.forty.7.1764000000123456789.3",
+            "$JS.ACK.KM.agg.1.42.7.-1.3.4.5",
+            "_INBOX.KM.agg.1.42.7.1764000000123456789.3",
+        ] {
+            assert_eq!(parse_delivery(bad), None, "{bad}");
         }
     }
 }

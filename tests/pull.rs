@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{consumer, stream};
 use common::*;
-use kloudmeter::pull::Pull;
+use kloudmeter::pull::{delivery, Pull};
 
 const EXPIRES: Duration = Duration::from_millis(500);
 
@@ -58,9 +58,20 @@ async fn delivers_in_order_waits_when_idle_and_fails_when_the_consumer_goes() {
         .unwrap();
     for i in 0..n {
         let m = pull.next().await.unwrap();
-        let info = m.info().unwrap();
+        let info = delivery(&m).unwrap();
         assert_eq!(info.stream_sequence, i + 1);
         assert_eq!(info.consumer_sequence, i + 1);
+        assert_eq!(info.pending, n - i - 1);
+        // the same as the client's own reading of the reply subject
+        let js_info = async_nats::jetstream::Message {
+            message: m.clone(),
+            context: js.clone(),
+        }
+        .info()
+        .unwrap()
+        .published
+        .unix_timestamp_nanos();
+        assert_eq!(i128::from(info.published_ns), js_info);
         assert_eq!(m.payload, i.to_string().as_bytes());
     }
 
@@ -77,12 +88,12 @@ async fn delivers_in_order_waits_when_idle_and_fails_when_the_consumer_goes() {
         .await
         .expect("delivered within a request's life")
         .unwrap();
-    assert_eq!(m.info().unwrap().stream_sequence, n + 1);
+    assert_eq!(delivery(&m).unwrap().stream_sequence, n + 1);
 
     // the consumer deleted: an error, within a few expiries, not a hang
     events.delete_consumer(&name).await.unwrap();
     let gone = tokio::time::timeout(EXPIRES * 8, pull.next())
         .await
         .expect("an answer, not a hang");
-    assert!(gone.is_err(), "{:?}", gone.map(|m| m.message.subject));
+    assert!(gone.is_err(), "{:?}", gone.map(|m| m.subject));
 }
