@@ -19,7 +19,7 @@ pub async fn publish(store: &Store, events: &[Incoming<'_>]) -> Result<(), Strin
         return Err("NATS is not connected".into());
     }
     let work = async {
-        let mut batch = store.ingest.batch(events.len()).await;
+        let mut batch = store.ingest.batch(events.len());
         // batches are usually of one event type: escape it into a subject once
         let mut subject: Option<(&str, async_nats::Subject)> = None;
         for e in events {

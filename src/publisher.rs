@@ -5,7 +5,9 @@
 //! one-shot channel, a timer and a parse into an owned acknowledgement: a fifth of
 //! kloudmeter's CPU under batch ingestion. Here all messages of a request share one reply
 //! subject, a single task reads every acknowledgement from one subscription and counts
-//! them down per request, and the request wakes once, when the last one is in.
+//! them down per request, and the request wakes once, when the last one is in. How many
+//! events may be in flight is the caller's to bound (the API answers 503 past
+//! MAX_INFLIGHT_EVENTS).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,12 +17,7 @@ use async_nats::{Client, HeaderMap, Message, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-
-/// Events published and not yet acknowledged, across requests (as the client's own
-/// JetStream publish bounds them): a request past it waits for earlier ones. A request
-/// larger than this takes it all.
-const IN_FLIGHT: usize = 16_384;
+use tokio::sync::oneshot;
 
 #[derive(Clone)]
 pub struct Publisher {
@@ -33,7 +30,6 @@ struct Inner {
     prefix: String,
     next: AtomicU64,
     waiting: Arc<Mutex<HashMap<u64, Waiter>>>,
-    permits: Arc<Semaphore>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -62,22 +58,14 @@ impl Publisher {
                 prefix: format!("{inbox}."),
                 next: AtomicU64::new(0),
                 waiting,
-                permits: Arc::new(Semaphore::new(IN_FLIGHT)),
                 reader,
             }),
         })
     }
 
-    /// Start a request of `count` messages (waiting while too many are in flight).
-    pub async fn batch(&self, count: usize) -> Batch {
+    /// Start a request of `count` messages.
+    pub fn batch(&self, count: usize) -> Batch {
         let inner = &self.inner;
-        let want = u32::try_from(count.clamp(1, IN_FLIGHT)).unwrap_or(u32::MAX);
-        let permit = inner
-            .permits
-            .clone()
-            .acquire_many_owned(want)
-            .await
-            .expect("the semaphore is never closed");
         let id = inner.next.fetch_add(1, Ordering::Relaxed);
         let (done, answer) = oneshot::channel();
         // registered before the first publish, so no acknowledgement can come first
@@ -96,7 +84,6 @@ impl Publisher {
             expected: count,
             sent: 0,
             answer: Some(answer),
-            _permit: permit,
         }
     }
 
@@ -126,7 +113,6 @@ pub struct Batch {
     expected: usize,
     sent: usize,
     answer: Option<oneshot::Receiver<Result<(), String>>>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Batch {

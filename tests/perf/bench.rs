@@ -759,8 +759,9 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             for _ in 0..100 {
                 let t = Instant::now();
                 let r = client.get(&url).send().await.unwrap();
-                assert_eq!(r.status().as_u16(), 200);
+                let status = r.status().as_u16();
                 last = r.json().await.unwrap();
+                assert_eq!(status, 200, "{url}: {last}");
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
