@@ -11,14 +11,24 @@ use async_nats::HeaderMap;
 use common::*;
 use kloudmeter::publisher::Publisher;
 
-async fn setup(
-    nats: &Nats,
-    config: stream::Config,
-) -> (async_nats::Client, jetstream::stream::Stream) {
+/// A nats-server with one stream (`max_messages`: 0 for no limit, else new messages are
+/// refused past it) and a publisher on a connection of its own.
+async fn setup(name: &str, max_messages: i64) -> (Nats, Publisher, jetstream::stream::Stream) {
+    let nats = Nats::start();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    let stream = js.create_stream(config).await.unwrap();
-    (client, stream)
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{name}.>")],
+            max_messages: if max_messages > 0 { max_messages } else { -1 },
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let publisher = Publisher::start(client).await.unwrap();
+    (nats, publisher, stream)
 }
 
 async fn send_all(p: &Publisher, subject: &str, n: usize) -> Result<(), String> {
@@ -33,17 +43,7 @@ async fn send_all(p: &Publisher, subject: &str, n: usize) -> Result<(), String> 
 
 #[tokio::test]
 async fn concurrent_requests_are_all_stored_and_answered() {
-    let nats = Nats::start();
-    let (client, mut stream) = setup(
-        &nats,
-        stream::Config {
-            name: "pub".into(),
-            subjects: vec!["pub.>".into()],
-            ..Default::default()
-        },
-    )
-    .await;
-    let p = Publisher::start(client).await.unwrap();
+    let (_nats, p, mut stream) = setup("pub", 0).await;
     // 20 requests of 1,000 at once
     let results = futures::future::join_all((0..20).map(|r| {
         let p = p.clone();
@@ -59,19 +59,7 @@ async fn concurrent_requests_are_all_stored_and_answered() {
 
 #[tokio::test]
 async fn refusals_name_the_reason() {
-    let nats = Nats::start();
-    let (client, mut stream) = setup(
-        &nats,
-        stream::Config {
-            name: "small".into(),
-            subjects: vec!["small.>".into()],
-            max_messages: 5,
-            discard: stream::DiscardPolicy::New,
-            ..Default::default()
-        },
-    )
-    .await;
-    let p = Publisher::start(client).await.unwrap();
+    let (_nats, p, mut stream) = setup("small", 5).await;
     let full = send_all(&p, "small.x", 8).await.unwrap_err();
     assert!(
         full.starts_with("JetStream refused the event: maximum messages"),
@@ -88,17 +76,7 @@ async fn refusals_name_the_reason() {
 
 #[tokio::test]
 async fn short_and_abandoned_requests_leave_nothing_waiting() {
-    let nats = Nats::start();
-    let (client, mut stream) = setup(
-        &nats,
-        stream::Config {
-            name: "pub".into(),
-            subjects: vec!["pub.>".into()],
-            ..Default::default()
-        },
-    )
-    .await;
-    let p = Publisher::start(client).await.unwrap();
+    let (_nats, p, mut stream) = setup("pub", 0).await;
     // announced 10, sent 4: answered after the 4
     let mut short = p.batch(10);
     for i in 0..4 {
