@@ -149,7 +149,7 @@ async fn nothing_lost_or_doubled_under_kills_restarts_and_two_processes() {
         kills += 1;
     }
     gen.await.unwrap();
-    caught_up(&nats.client().await, "chaos", T).await;
+    caught_up_or_log(&nats.client().await, "chaos", T, &a).await;
     wait_for("readyz", T, || async {
         get(&a.url("/readyz")).await.0 == 200
     })
@@ -231,7 +231,7 @@ async fn nats_outage_gives_quick_503s_and_recovers_by_itself() {
     )
     .await;
     assert_eq!(s, 202);
-    caught_up(&nats.client().await, "outage", T).await;
+    caught_up_or_log(&nats.client().await, "outage", T, &km).await;
     wait_for("meter m ready", T, || async {
         meter_reading(&km, "m").await["ready"] == json!(true)
     })

@@ -117,7 +117,7 @@ async fn kill_9_of_kloudmeter_loses_and_doubles_nothing() {
     }
     let attempts = gen.await.unwrap();
     assert!(attempts >= 120);
-    caught_up(&nats.client().await, "k9", T).await;
+    caught_up_or_log(&nats.client().await, "k9", T, &km).await;
     assert_eq!(subject_values(&km, "usage").await, as_strings(&expected));
     let r = meter_reading(&km, "usage").await;
     assert_eq!(r["events"], json!(120 * 50 - 120 * 5));
@@ -136,7 +136,7 @@ async fn nats_server_restarts_lose_and_double_nothing() {
         nats.restart();
     }
     gen.await.unwrap();
-    caught_up(&nats.client().await, "nr", T).await;
+    caught_up_or_log(&nats.client().await, "nr", T, &km).await;
     wait_for("readyz after the restarts", T, || async {
         get(&km.url("/readyz")).await.0 == 200
     })
@@ -180,7 +180,7 @@ async fn standby_takes_over_when_the_leader_dies() {
     .await;
     eprintln!("takeover after kill -9: {:?}", killed.elapsed());
     gen.await.unwrap();
-    caught_up(&nats.client().await, "ha", T).await;
+    caught_up_or_log(&nats.client().await, "ha", T, &follower).await;
     assert_eq!(
         subject_values(&follower, "usage").await,
         as_strings(&expected)

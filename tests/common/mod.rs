@@ -315,12 +315,35 @@ pub async fn post_until_accepted(url: &str, body: &Value, give_up: Duration) -> 
 /// Wait until the aggregator has folded everything in the stream: its cursor (in the
 /// state bucket) has reached the stream's last sequence. Readings are then final.
 pub async fn caught_up(js: &jetstream::Context, stream: &str, timeout: Duration) {
+    if let Err(e) = wait_caught_up(js, stream, timeout).await {
+        panic!("{e}");
+    }
+}
+
+/// [`caught_up`], showing the end of `km`'s log when it does not happen (a stuck
+/// aggregator is otherwise a mystery once the test's folders are gone).
+pub async fn caught_up_or_log(js: &jetstream::Context, stream: &str, timeout: Duration, km: &Km) {
+    if let Err(e) = wait_caught_up(js, stream, timeout).await {
+        let log = km.logs();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+        panic!("{e}; kloudmeter's log ends:\n{tail}");
+    }
+}
+
+async fn wait_caught_up(
+    js: &jetstream::Context,
+    stream: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let state = loop {
         if let Ok(kv) = js.get_key_value(format!("{stream}-state")).await {
             break kv;
         }
-        assert!(Instant::now() < deadline, "state bucket never appeared");
+        if Instant::now() >= deadline {
+            return Err("state bucket never appeared".into());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     loop {
@@ -333,17 +356,21 @@ pub async fn caught_up(js: &jetstream::Context, stream: &str, timeout: Duration)
             .unwrap()
             .state
             .last_sequence;
-        let cursor: u64 = match state.get("cursor").await {
-            Ok(Some(v)) => std::str::from_utf8(&v).unwrap().parse().unwrap(),
-            _ => 0,
+        // (a failed read is retried: right after a nats-server restart it can be)
+        let (cursor, error) = match state.get("cursor").await {
+            Ok(Some(v)) => (std::str::from_utf8(&v).unwrap().parse().unwrap(), None),
+            Ok(None) => (0, None),
+            Err(e) => (0, Some(e.to_string())),
         };
         if cursor >= last {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "aggregator stuck at {cursor} of {last}"
-        );
+        if Instant::now() >= deadline {
+            return Err(match error {
+                Some(e) => format!("aggregator's cursor unreadable ({e}); stream at {last}"),
+                None => format!("aggregator stuck at {cursor} of {last}"),
+            });
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
