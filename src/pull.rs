@@ -8,6 +8,7 @@
 //! count grows in the same task, right after the request is handed to the client and
 //! before any delivery is read, so it cannot run ahead of the truth.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -17,6 +18,8 @@ use futures::StreamExt;
 
 /// A server header on a terminated request: how many of its messages were not sent.
 const PENDING_MESSAGES: &str = "Nats-Pending-Messages";
+/// How often a wait for deliveries looks whether the connection was re-established.
+const RECHECK: Duration = Duration::from_secs(1);
 
 pub struct Pull {
     client: async_nats::Client,
@@ -28,6 +31,12 @@ pub struct Pull {
     request: bytes::Bytes,
     /// Messages asked for and neither delivered nor released by the server.
     owed: usize,
+    /// The connection's count of (re)connects when our requests were made: a new
+    /// connection means the server holds none of them.
+    connects: u64,
+    statistics: std::sync::Arc<async_nats::Statistics>,
+    /// Last time the server answered anything (or we asked).
+    heard: tokio::time::Instant,
 }
 
 impl Pull {
@@ -51,6 +60,8 @@ impl Pull {
             "batch": batch,
             "expires": expires_ns,
         }))?;
+        let statistics = client.statistics();
+        let connects = statistics.connects.load(Ordering::Relaxed);
         Ok(Pull {
             client,
             request_subject: Subject::from(format!(
@@ -62,6 +73,9 @@ impl Pull {
             expires,
             request: request.into(),
             owed: 0,
+            connects,
+            statistics,
+            heard: tokio::time::Instant::now(),
         })
     }
 
@@ -70,6 +84,14 @@ impl Pull {
     /// await in between), and waiting for a delivery loses nothing when abandoned.
     pub async fn next(&mut self) -> Result<Message> {
         loop {
+            // Reconnected (a restarted nats-server, or a dropped connection): the
+            // server has forgotten our requests; ask again at once. If the consumer is
+            // gone with the old server, the answer says so.
+            let connects = self.statistics.connects.load(Ordering::Relaxed);
+            if connects != self.connects {
+                self.connects = connects;
+                self.owed = 0;
+            }
             // at most two requests' worth outstanding: the next is asked for while
             // the current is still being delivered
             if self.owed < self.batch {
@@ -82,19 +104,22 @@ impl Pull {
                     .await
                     .context("asking the aggregator's consumer for messages")?;
                 self.owed += self.batch;
+                self.heard = tokio::time::Instant::now();
             }
-            // Expired requests are answered, so silence for two expiries means the
-            // server no longer holds ours (it restarted, or the connection was
-            // re-established): ask again; if the consumer is gone, that says so.
-            let message = match tokio::time::timeout(self.expires * 2, self.deliveries.next()).await
-            {
+            let message = match tokio::time::timeout(RECHECK, self.deliveries.next()).await {
                 Ok(Some(message)) => message,
                 Ok(None) => bail!("the aggregator's delivery subscription ended"),
                 Err(_) => {
-                    self.owed = 0;
+                    // Expired requests are answered, so silence for two expiries means
+                    // the server no longer holds ours although the connection looks
+                    // the same: ask again.
+                    if self.heard.elapsed() >= self.expires * 2 {
+                        self.owed = 0;
+                    }
                     continue;
                 }
             };
+            self.heard = tokio::time::Instant::now();
             match message.status {
                 None | Some(StatusCode::OK) => {
                     self.owed = self.owed.saturating_sub(1);

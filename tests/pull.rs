@@ -97,3 +97,46 @@ async fn delivers_in_order_waits_when_idle_and_fails_when_the_consumer_goes() {
         .expect("an answer, not a hang");
     assert!(gone.is_err(), "{:?}", gone.map(|m| m.subject));
 }
+
+/// A restarted nats-server forgets pending pull requests and, like the aggregator's,
+/// this consumer (kept in memory): the loop asks again as soon as its connection is back
+/// and so learns that at once, not after two expiries (60 s here).
+#[tokio::test]
+async fn asks_again_as_soon_as_the_connection_is_back() {
+    let mut nats = Nats::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let events = js
+        .create_stream(stream::Config {
+            name: "back".into(),
+            subjects: vec!["back.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = events
+        .create_consumer(consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            memory_storage: true,
+            inactive_threshold: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let name = consumer.cached_info().name.clone();
+    let mut pull = Pull::start(js.clone(), "back", &name, 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    js.publish("back.a", "1".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(pull.next().await.unwrap().payload, "1".as_bytes());
+    nats.restart();
+    let answer = tokio::time::timeout(Duration::from_secs(15), pull.next())
+        .await
+        .expect("an answer well before two expiries");
+    let error = answer.expect_err("the consumer did not survive the restart");
+    assert!(error.to_string().contains("no responders"), "{error:#}");
+}
