@@ -137,8 +137,8 @@ impl Batch {
     /// Wait until JetStream has acknowledged every message sent; the first refusal, if
     /// any, is the error.
     pub async fn acknowledged(mut self) -> Result<(), String> {
-        if self.sent < self.expected {
-            // fewer sent than announced: stop waiting for the rest
+        if self.sent < self.expected || self.expected == 0 {
+            // fewer sent than announced (or none at all): stop waiting for the rest
             let unsent = self.expected - self.sent;
             let mut waiting = self.inner.lock();
             if let Some(w) = waiting.get_mut(&self.id) {

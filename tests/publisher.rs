@@ -86,6 +86,9 @@ async fn short_and_abandoned_requests_leave_nothing_waiting() {
             .unwrap();
     }
     short.acknowledged().await.unwrap();
+    // an empty request is answered at once
+    let empty = tokio::time::timeout(Duration::from_secs(1), p.batch(0).acknowledged()).await;
+    assert_eq!(empty, Ok(Ok(())));
     // a message past the announced count is refused before it is published
     let mut over = p.batch(1);
     over.send("pub.over".into(), HeaderMap::new(), "a".into())
