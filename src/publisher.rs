@@ -42,7 +42,7 @@ impl Drop for Inner {
 struct Waiter {
     left: usize,
     failure: Option<String>,
-    done: Option<oneshot::Sender<Result<(), String>>>,
+    done: oneshot::Sender<Result<(), String>>,
 }
 
 impl Publisher {
@@ -74,7 +74,7 @@ impl Publisher {
             Waiter {
                 left: count,
                 failure: None,
-                done: Some(done),
+                done,
             },
         );
         Batch {
@@ -90,6 +90,11 @@ impl Publisher {
     /// Requests still waiting for acknowledgements (tests).
     pub fn waiting(&self) -> usize {
         self.inner.lock().len()
+    }
+
+    /// Whether the connection events go out on is up.
+    pub fn connected(&self) -> bool {
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
     }
 }
 
@@ -139,15 +144,12 @@ impl Batch {
     pub async fn acknowledged(mut self) -> Result<(), String> {
         if self.sent < self.expected || self.expected == 0 {
             // fewer sent than announced (or none at all): stop waiting for the rest
-            let unsent = self.expected - self.sent;
-            let mut waiting = self.inner.lock();
-            if let Some(w) = waiting.get_mut(&self.id) {
-                w.left = w.left.saturating_sub(unsent);
-                if w.left == 0 {
-                    let w = waiting.remove(&self.id).expect("present");
-                    finish(w);
-                }
-            }
+            count_down(
+                &self.inner.waiting,
+                self.id,
+                self.expected - self.sent,
+                None,
+            );
         }
         let answer = self.answer.as_mut().expect("awaited once").await;
         // answered: the entry is gone already
@@ -165,9 +167,21 @@ impl Drop for Batch {
     }
 }
 
-fn finish(mut w: Waiter) {
-    if let Some(done) = w.done.take() {
-        let _ = done.send(w.failure.map_or(Ok(()), Err));
+/// `n` of request `id`'s messages are settled (`failure`: why one was refused); the last
+/// one answers the request. An unknown id is a request that stopped waiting.
+fn count_down(waiting: &Mutex<HashMap<u64, Waiter>>, id: u64, n: usize, failure: Option<String>) {
+    let mut map = lock(waiting);
+    let Some(w) = map.get_mut(&id) else {
+        return;
+    };
+    if let Some(e) = failure {
+        w.failure.get_or_insert(e);
+    }
+    w.left = w.left.saturating_sub(n);
+    if w.left == 0 {
+        let w = map.remove(&id).expect("present");
+        drop(map);
+        let _ = w.done.send(w.failure.map_or(Ok(()), Err));
     }
 }
 
@@ -185,26 +199,12 @@ async fn read_acks(
         else {
             continue;
         };
-        let outcome = acknowledgement(&msg);
-        let mut waiting = lock(&waiting);
-        // (absent: a request that stopped waiting)
-        let Some(w) = waiting.get_mut(&id) else {
-            continue;
-        };
-        if let Err(e) = outcome {
-            w.failure.get_or_insert(e);
-        }
-        w.left = w.left.saturating_sub(1);
-        if w.left == 0 {
-            let w = waiting.remove(&id).expect("present");
-            drop(waiting);
-            finish(w);
-        }
+        count_down(&waiting, id, 1, acknowledgement(&msg).err());
     }
 }
 
 /// What a reply says: stored, or why not.
-pub fn acknowledgement(msg: &Message) -> Result<(), String> {
+fn acknowledgement(msg: &Message) -> Result<(), String> {
     if let Some(status) = msg.status {
         if status == async_nats::StatusCode::NO_RESPONDERS {
             return Err("no JetStream stream takes the event's subject".into());

@@ -22,8 +22,7 @@ use crate::keys::Names;
 pub struct Store {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    /// Ingestion's own connection (see `open`).
-    pub ingest_client: async_nats::Client,
+    /// Ingestion, on a connection of its own (see `open`).
     pub ingest: crate::publisher::Publisher,
     pub names: Names,
     pub events: stream::Stream,
@@ -74,7 +73,7 @@ impl Store {
             .connect(&cfg.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
-        let ingest = crate::publisher::Publisher::start(ingest_client.clone())
+        let ingest = crate::publisher::Publisher::start(ingest_client)
             .await
             .context("subscribing to JetStream acknowledgements")?;
         let js = jetstream::new(client.clone());
@@ -173,7 +172,6 @@ impl Store {
         Ok(Store {
             client,
             js,
-            ingest_client,
             ingest,
             names,
             events,
@@ -187,8 +185,7 @@ impl Store {
 
     pub fn connected(&self) -> bool {
         use async_nats::connection::State;
-        self.client.connection_state() == State::Connected
-            && self.ingest_client.connection_state() == State::Connected
+        self.client.connection_state() == State::Connected && self.ingest.connected()
     }
 
     /// Every live entry of `bucket` whose key matches `filter` (NATS wildcards allowed),

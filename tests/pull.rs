@@ -6,25 +6,31 @@ mod common;
 
 use std::time::Duration;
 
-use async_nats::jetstream::{consumer, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use common::*;
 use kloudmeter::pull::{delivery, Pull};
 
 const EXPIRES: Duration = Duration::from_millis(500);
 
-#[tokio::test]
-async fn delivers_in_order_waits_when_idle_and_fails_when_the_consumer_goes() {
-    let nats = Nats::start();
+/// A client of `nats` and a stream `name` taking the subjects `name.>`.
+async fn stream_on(nats: &Nats, name: &str) -> (jetstream::Context, jetstream::stream::Stream) {
     let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
+    let js = jetstream::new(client);
     let events = js
         .create_stream(stream::Config {
-            name: "pull".into(),
-            subjects: vec!["pull.>".into()],
+            name: name.into(),
+            subjects: vec![format!("{name}.>")],
             ..Default::default()
         })
         .await
         .unwrap();
+    (js, events)
+}
+
+#[tokio::test]
+async fn delivers_in_order_waits_when_idle_and_fails_when_the_consumer_goes() {
+    let nats = Nats::start();
+    let (js, events) = stream_on(&nats, "pull").await;
     let n = 12_345u64;
     let mut acks = Vec::new();
     for i in 0..n {
@@ -104,16 +110,7 @@ async fn delivers_in_order_waits_when_idle_and_fails_when_the_consumer_goes() {
 #[tokio::test]
 async fn asks_again_as_soon_as_the_connection_is_back() {
     let mut nats = Nats::start();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
-    let events = js
-        .create_stream(stream::Config {
-            name: "back".into(),
-            subjects: vec!["back.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (js, events) = stream_on(&nats, "back").await;
     let consumer = events
         .create_consumer(consumer::pull::Config {
             ack_policy: consumer::AckPolicy::None,
