@@ -6,8 +6,7 @@
 # The Dockerfile in this folder builds the equivalent image where a registry is reachable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="${KLOUDMETER_CACHE:-$HOME/.cache/kloudmeter}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+. .ci/env.sh
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 if ! command -v buildah >/dev/null; then
   $SUDO apt-get update -qq

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `task nats:start` / `task nats:stop`: a local nats-server with JetStream under ./.data,
-# started only when nothing answers at NATS_URL.
+# started only when nothing answers at NATS_URL. nats-server comes from the tool cache
+# (tools.sh nats installs it), else from PATH.
 set -euo pipefail
+. "$(dirname "$0")/env.sh"
 cmd="${1:-start}"
 url="${NATS_URL:-nats://localhost:4222}"
 hostport="${url#*://}"; hostport="${hostport##*@}"; hostport="${hostport%%/*}"
@@ -14,9 +16,10 @@ case "$cmd" in
       echo "nats-server already answers at $host:$port"
       exit 0
     fi
-    command -v nats-server >/dev/null || { echo "nats-server not found: run task tools" >&2; exit 1; }
+    server="$KLOUDMETER_CACHE/venv/bin/nats-server"
+    [ -x "$server" ] || server=$(command -v nats-server) || { echo "nats-server not found: run bash .ci/tools.sh nats" >&2; exit 1; }
     mkdir -p .data
-    nohup nats-server -js -a 127.0.0.1 -p "$port" -sd .data/nats > .data/nats.log 2>&1 &
+    nohup "$server" -js -a 127.0.0.1 -p "$port" -sd .data/nats > .data/nats.log 2>&1 &
     echo $! > .data/nats.pid
     for _ in $(seq 1 100); do answers 127.0.0.1 "$port" && break; sleep 0.1; done
     answers 127.0.0.1 "$port" || { echo "nats-server did not start; see .data/nats.log" >&2; exit 1; }

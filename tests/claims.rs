@@ -29,7 +29,7 @@ async fn store(nats: &Nats, stream: &str) -> Store {
         stream,
     ])
     .unwrap();
-    Store::connect_once(&cli.cfg).await.unwrap()
+    Store::connect_once(&cli.cfg.nats).await.unwrap()
 }
 
 fn key(n: u32) -> IdKey {

@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,22 +14,8 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(60);
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/kloudmeter");
 
-fn helm_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("HELM_BIN") {
-        return p.into();
-    }
-    let cached =
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kloudmeter/bin/helm");
-    assert!(
-        cached.is_file(),
-        "helm not found (CI={}): run `bash .ci/tools.sh` or set HELM_BIN",
-        std::env::var("CI").unwrap_or_default()
-    );
-    cached
-}
-
 fn helm(cp: Option<&ControlPlane>, args: &[&str]) -> (bool, String, String) {
-    let mut c = Command::new(helm_bin());
+    let mut c = Command::new(tools::helm());
     if let Some(cp) = cp {
         c.arg("--kubeconfig").arg(&cp.kubeconfig);
     }
@@ -127,6 +112,19 @@ fn chart_lints_renders_and_validates_values() {
         ],
     );
     assert!(!ok && err.contains("nats.url is required"), "{err}");
+    // no PodDisruptionBudget at one replica (the install's notes say why)
+    let (ok, one, err) = helm(None, &["template", "x", CHART]);
+    assert!(ok, "{err}");
+    assert!(!one.contains("kind: PodDisruptionBudget"), "{one}");
+    let (ok, two, err) = helm(None, &["template", "x", CHART, "--set", "replicaCount=2"]);
+    assert!(ok, "{err}");
+    assert!(two.contains("kind: PodDisruptionBudget"), "{two}");
+    // METER_INTERVAL takes durations like every other setting
+    let (ok, _, err) = helm(
+        None,
+        &["template", "x", CHART, "--set", "config.meterInterval=5m"],
+    );
+    assert!(ok, "{err}");
 }
 
 #[tokio::test]
@@ -195,7 +193,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
     }
 
     // install: every object exists
-    helm_ok(
+    let notes = helm_ok(
         Some(&cp),
         &[
             "install",
@@ -206,11 +204,16 @@ async fn install_upgrade_uninstall_and_least_privilege() {
             "--wait=false",
         ],
     );
+    assert!(
+        notes.contains(
+            "No PodDisruptionBudget was created: with one replica it would block every node drain."
+        ),
+        "{notes}"
+    );
     for obj in [
         "serviceaccount/kloudmeter",
         "deployment/kloudmeter",
         "service/kloudmeter",
-        "poddisruptionbudget/kloudmeter",
         "statefulset/kloudmeter-nats",
         "service/kloudmeter-nats",
         "role/kloudmeter-local",
@@ -223,6 +226,11 @@ async fn install_upgrade_uninstall_and_least_privilege() {
             "{obj} missing after install"
         );
     }
+    assert!(
+        !cp.kubectl_status(&["-n", "kloudmeter", "get", "poddisruptionbudget/kloudmeter"])
+            .0,
+        "one replica: a PodDisruptionBudget would block every node drain"
+    );
     let port = cp.jsonpath(
         "kloudmeter",
         "service/kloudmeter",
@@ -265,6 +273,16 @@ async fn install_upgrade_uninstall_and_least_privilege() {
     assert_eq!(
         cp.jsonpath("kloudmeter", "deployment/kloudmeter", "{.spec.replicas}"),
         "2"
+    );
+    // a disruption budget only once it can be honoured: none with one replica (it
+    // would block every drain), minAvailable 1 with two
+    assert_eq!(
+        cp.jsonpath(
+            "kloudmeter",
+            "poddisruptionbudget/kloudmeter",
+            "{.spec.minAvailable}"
+        ),
+        "1"
     );
     let token = cp.jsonpath("kloudmeter", "secret/kloudmeter-api-token", "{.data.token}");
     assert_eq!(token.len(), 56);

@@ -3,26 +3,14 @@
 //! fills. TLS with a CA made per run, a static admin token, random ports, a temp dir;
 //! both processes are stopped by PID on drop. A missing control plane is a failure.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::free_port;
 
 pub fn assets_dir() -> PathBuf {
-    let dir = match std::env::var("KUBEBUILDER_ASSETS") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/kloudmeter/kube"),
-    };
-    for bin in ["etcd", "kube-apiserver"] {
-        assert!(
-            dir.join(bin).is_file(),
-            "{} missing (CI={}): run `bash .ci/kube-assets.sh` (task test does) or set KUBEBUILDER_ASSETS to a folder with etcd and kube-apiserver",
-            dir.join(bin).display(),
-            std::env::var("CI").unwrap_or_default()
-        );
-    }
-    dir
+    super::tools::kube_assets()
 }
 
 fn run(cmd: &mut Command) {
@@ -317,12 +305,12 @@ impl ControlPlane {
     }
 
     pub fn kubectl_status(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("kubectl")
+        let out = Command::new(super::tools::kubectl())
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
             .output()
-            .expect("kubectl");
+            .expect("running kubectl");
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into(),
@@ -333,7 +321,7 @@ impl ControlPlane {
     /// kubectl with a manifest on stdin.
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
         use std::io::Write;
-        let mut child = Command::new("kubectl")
+        let mut child = Command::new(super::tools::kubectl())
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)

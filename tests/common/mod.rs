@@ -3,11 +3,12 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod control_plane;
+pub mod tools;
 
 use async_nats::jetstream;
 use serde_json::Value;
@@ -20,29 +21,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Where nats-server comes from: NATS_SERVER_BIN, then PATH, then the tool cache that
-/// `task test` / `.ci/run` fill. A missing server is a failure, never a skip.
+/// Where nats-server comes from (see [`tools`]).
 pub fn nats_server_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return PathBuf::from(p);
-    }
-    if let Ok(path) = std::env::var("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let cand = dir.join("nats-server");
-            if cand.is_file() {
-                return cand;
-            }
-        }
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cached = Path::new(&home).join(".cache/kloudmeter/venv/bin/nats-server");
-    if cached.is_file() {
-        return cached;
-    }
-    panic!(
-        "nats-server not found (CI={}): run `task tools` (or `bash .ci/run`) to install it, or set NATS_SERVER_BIN",
-        std::env::var("CI").unwrap_or_default()
-    );
+    tools::nats_server()
 }
 
 fn wait_port(port: u16, timeout: Duration) {
@@ -182,6 +163,11 @@ impl Km {
                 c
             }
         };
+        // kloudmeter's default DATA_DIR is a fresh temporary folder, which a `kill -9`
+        // leaves behind: keep it inside the test's own temporary folder.
+        if let Some(scratch) = self.log.parent() {
+            command.env("TMPDIR", scratch);
+        }
         let child = command
             .envs(self.env.iter().cloned())
             .env("HTTP_SERVER_PORT", self.port.to_string())
