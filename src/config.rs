@@ -21,12 +21,24 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_interval(raw: &str) -> Result<u64, String> {
-    match raw.trim().parse::<u64>() {
-        Ok(0) => Err("must be at least 1 second".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("{raw:?} is not a whole number of seconds")),
+/// METER_INTERVAL: a duration like every other (`10s`, `1m`), or a bare number of
+/// seconds as the original KloudMeter took it.
+fn parse_interval(raw: &str) -> Result<Duration, String> {
+    let d = match raw.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(raw.trim())
+            .map_err(|e| format!("{e} (seconds, or e.g. 30s, 5m)"))?,
+    };
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1 second".into());
     }
+    Ok(d)
+}
+
+fn parse_log_level(raw: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(raw)
+        .map(|_| raw.to_string())
+        .map_err(|e| format!("{e} (e.g. info, debug, info,kloudmeter=debug)"))
 }
 
 fn parse_stream(raw: &str) -> Result<String, String> {
@@ -42,20 +54,61 @@ fn parse_stream(raw: &str) -> Result<String, String> {
     }
 }
 
+/// Where the events and readings live: what `kloudmeter setup` needs, and the part of
+/// [`Config`] the NATS layer reads.
 #[derive(Args, Clone, Debug)]
-pub struct Config {
+pub struct NatsConfig {
     /// NATS server (JetStream enabled).
     #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
     pub nats_url: String,
     /// JetStream stream that holds ingested events; KV buckets are named after it.
     #[arg(long, env = "METER_NATS_STREAM", default_value = "meters", value_parser = parse_stream)]
     pub meter_nats_stream: String,
+    /// An event id seen again within this window is counted once.
+    #[arg(long, env = "DEDUP_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub dedup_window: Duration,
+    /// How long raw events stay replayable (backfill, rebuilds).
+    #[arg(long, env = "EVENT_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub event_retention: Duration,
+    /// JetStream's own in-memory duplicate window on the event stream (a first, cheap
+    /// line of defence; the durable one is DEDUP_WINDOW).
+    #[arg(long, env = "JETSTREAM_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    pub jetstream_duplicate_window: Duration,
+    /// How long the aggregator's leadership lasts without renewal; a standby takes over
+    /// within this time after the leader dies.
+    #[arg(long, env = "LEADER_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub leader_ttl: Duration,
+    /// Log filter (JSON logs on stdout), e.g. `info` or `info,kloudmeter=debug`.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info,async_nats=warn", value_parser = parse_log_level)]
+    pub log_level: String,
+}
+
+impl NatsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.leader_ttl < Duration::from_secs(1) {
+            return Err("LEADER_TTL: must be at least 1s".into());
+        }
+        if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
+            return Err(format!(
+                "NATS_URL: {:?} is not a NATS URL (nats://host:4222)",
+                self.nats_url
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsConfig,
     /// HTTP API port.
     #[arg(long, env = "HTTP_SERVER_PORT", default_value_t = 8080)]
     pub http_server_port: u16,
-    /// Seconds between writes of readings into each Meter's status.
+    /// How often readings are written into each Meter's status (`60s`; a bare number
+    /// is seconds).
     #[arg(long, env = "METER_INTERVAL", default_value = "60", value_parser = parse_interval)]
-    pub meter_interval: u64,
+    pub meter_interval: Duration,
     /// auto | true | false: whether to run as a Kubernetes operator.
     #[arg(
         long,
@@ -68,26 +121,12 @@ pub struct Config {
     /// Limit the controller to one namespace (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
-    /// An event id seen again within this window is counted once.
-    #[arg(long, env = "DEDUP_WINDOW", default_value = "24h", value_parser = parse_duration)]
-    pub dedup_window: Duration,
-    /// How long raw events stay replayable (backfill, rebuilds).
-    #[arg(long, env = "EVENT_RETENTION", default_value = "30d", value_parser = parse_duration)]
-    pub event_retention: Duration,
     /// When set, every /api/** call needs `Authorization: Bearer <token>`.
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
     /// Address the HTTP server binds to.
     #[arg(long, env = "HTTP_BIND_ADDRESS", default_value = "0.0.0.0")]
     pub http_bind_address: std::net::IpAddr,
-    /// How long the aggregator's leadership lasts without renewal; a standby takes over
-    /// within this time after the leader dies.
-    #[arg(long, env = "LEADER_TTL", default_value = "10s", value_parser = parse_duration)]
-    pub leader_ttl: Duration,
-    /// JetStream's own in-memory duplicate window on the event stream (a first, cheap
-    /// line of defence; the durable one is DEDUP_WINDOW).
-    #[arg(long, env = "JETSTREAM_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
-    pub jetstream_duplicate_window: Duration,
     /// How long a client may take to send its request headers before the connection is
     /// closed (slow clients cannot hold connections forever).
     #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -110,9 +149,6 @@ impl Config {
         if self.api_token.as_deref() == Some("") {
             return Err("API_TOKEN: must not be empty when set".into());
         }
-        if self.leader_ttl < Duration::from_secs(1) {
-            return Err("LEADER_TTL: must be at least 1s".into());
-        }
         if let Some(dir) = &self.data_dir {
             if dir.exists() && !dir.is_dir() {
                 return Err(format!("DATA_DIR: {} is not a folder", dir.display()));
@@ -121,12 +157,6 @@ impl Config {
         if self.max_inflight_events == 0 {
             return Err("MAX_INFLIGHT_EVENTS: must be at least 1".into());
         }
-        if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
-            return Err(format!(
-                "NATS_URL: {:?} is not a NATS URL (nats://host:4222)",
-                self.nats_url
-            ));
-        }
-        Ok(())
+        self.nats.validate()
     }
 }

@@ -1,6 +1,6 @@
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
-use kloudmeter::config::Config;
+use kloudmeter::config::{Config, NatsConfig};
 
 /// KloudMeter: exact usage metering on NATS JetStream.
 #[derive(Parser)]
@@ -17,7 +17,7 @@ enum Command {
     /// Serve the API and aggregate (the default).
     Run(Config),
     /// Create or update the stream and KV buckets, then exit.
-    Setup(Config),
+    Setup(NatsConfig),
     /// Print the Meter CustomResourceDefinition (YAML).
     Crd,
 }
@@ -60,6 +60,15 @@ fn config_error(e: &clap::Error) -> Option<String> {
     ))
 }
 
+/// JSON logs on stdout, filtered by LOG_LEVEL (validated with the configuration).
+fn init_logs(filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_target(false)
+        .json()
+        .init();
+}
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -71,27 +80,33 @@ fn main() {
             e.exit();
         }
     };
-    let (cfg, setup_only) = match cli.command {
-        Some(Command::Run(cfg)) => (cfg, false),
-        Some(Command::Setup(cfg)) => (cfg, true),
+    let cfg = match cli.command {
+        Some(Command::Run(cfg)) => cfg,
+        Some(Command::Setup(nats)) => {
+            if let Err(line) = nats.validate() {
+                eprintln!("kloudmeter: invalid configuration: {line}");
+                std::process::exit(2);
+            }
+            init_logs(&nats.log_level);
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            if let Err(e) = runtime.block_on(kloudmeter::store::Store::connect_once(&nats)) {
+                eprintln!("kloudmeter: {e:#}");
+                std::process::exit(1);
+            }
+            tracing::info!("stream and buckets are in place");
+            return;
+        }
         Some(Command::Crd) => {
             print!("{}", kloudmeter::crd::crd_yaml());
             return;
         }
-        None => (cli.run, false),
+        None => cli.run,
     };
     if let Err(line) = cfg.validate() {
         eprintln!("kloudmeter: invalid configuration: {line}");
         std::process::exit(2);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
-        )
-        .with_target(false)
-        .json()
-        .init();
+    init_logs(&cfg.nats.log_level);
     // glibc's malloc, tuned for memory: two arenas (one per core of a small pod) instead
     // of one per thread, since the aggregator allocates on one thread and the NATS client
     // frees on another and per-thread arenas kept that memory resident; and a fixed mmap
@@ -106,15 +121,7 @@ fn main() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let work = async {
-        if setup_only {
-            kloudmeter::store::Store::connect_once(&cfg)
-                .await
-                .map(|_| tracing::info!("stream and buckets are in place"))
-        } else {
-            kloudmeter::run::run(cfg).await
-        }
-    };
+    let work = kloudmeter::run::run(cfg);
     if let Err(e) = runtime.block_on(work) {
         eprintln!("kloudmeter: {e:#}");
         std::process::exit(1);

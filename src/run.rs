@@ -102,7 +102,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         let (state, registry, metrics) = (state.clone(), registry.clone(), metrics.clone());
         tokio::spawn(async move {
             let store = loop {
-                match Store::connect(&cfg).await {
+                match Store::connect(&cfg.nats).await {
                     Ok(s) => break s,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "NATS set-up failed; retrying");
@@ -110,7 +110,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     }
                 }
             };
-            tracing::info!(url = %cfg.nats_url, stream = %cfg.meter_nats_stream, "connected to NATS");
+            tracing::info!(url = %cfg.nats.nats_url, stream = %cfg.nats.meter_nats_stream, "connected to NATS");
             state.set_store(store.clone());
             let follower = {
                 let (store, registry) = (store.clone(), registry.clone());
@@ -130,7 +130,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             // new leader decides duplicates from the whole history at once.
             let claims = loop {
                 let attached =
-                    crate::claims::Claims::attach(index.clone(), &store, cfg.dedup_window).await;
+                    crate::claims::Claims::attach(index.clone(), &store, cfg.nats.dedup_window)
+                        .await;
                 match attached {
                     Ok(mut c) => match c.catch_up().await {
                         Ok(n) => {
@@ -159,7 +160,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 store.clone(),
                 registry.clone(),
                 metrics.clone(),
-                cfg.dedup_window,
+                cfg.nats.dedup_window,
                 claims.clone(),
                 changed.clone(),
                 leading_rx.clone(),
@@ -184,7 +185,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                         &k.namespace,
                         LEASE_NAME,
                         holder,
-                        cfg.leader_ttl,
+                        cfg.nats.leader_ttl,
                     )
                     .run(leading_tx, shutdown)
                     .await
@@ -192,7 +193,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 None => {
                     Election {
                         holder,
-                        ttl: cfg.leader_ttl,
+                        ttl: cfg.nats.leader_ttl,
                     }
                     .run(store.clone(), leading_tx, shutdown)
                     .await
@@ -272,7 +273,7 @@ async fn operate(
             store.clone(),
             registry.clone(),
             changed.clone(),
-            Duration::from_secs(cfg.meter_interval),
+            cfg.meter_interval,
             leading.clone(),
         ));
         crate::controller::run(

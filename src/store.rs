@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream}
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::config::Config;
+use crate::config::NatsConfig;
 
 type Pending = Result<jetstream::context::PublishAckFuture>;
 
@@ -44,16 +44,16 @@ pub struct KvItem {
 impl Store {
     /// Connect (retrying until NATS answers) and make sure the stream and buckets exist
     /// with the configured limits.
-    pub async fn connect(cfg: &Config) -> Result<Store> {
+    pub async fn connect(cfg: &NatsConfig) -> Result<Store> {
         Self::open(cfg, true).await
     }
 
     /// Connect without retrying (for `kloudmeter setup`): fail if NATS is not there.
-    pub async fn connect_once(cfg: &Config) -> Result<Store> {
+    pub async fn connect_once(cfg: &NatsConfig) -> Result<Store> {
         Self::open(cfg, false).await
     }
 
-    async fn open(cfg: &Config, retry: bool) -> Result<Store> {
+    async fn open(cfg: &NatsConfig, retry: bool) -> Result<Store> {
         let mut options = async_nats::ConnectOptions::new()
             .name("kloudmeter")
             .connection_timeout(Duration::from_secs(5));
