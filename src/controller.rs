@@ -173,6 +173,18 @@ async fn reconcile(meter: Arc<Meter>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
+    for pruned in crate::crd::pruned_spec_fields(&meter) {
+        let ev = KubeEvent {
+            type_: EventType::Warning,
+            reason: "UnknownField".into(),
+            note: Some(format!("{pruned}; the API server dropped it")),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&ev, &meter.object_ref(&())).await {
+            tracing::warn!(meter = %id, error = %err, "could not record event");
+        }
+    }
     let def = match meter.spec.to_def(&ns, &name) {
         Ok(def) => def,
         Err(e) => {

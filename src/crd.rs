@@ -61,6 +61,40 @@ pub struct MeterSpec {
     pub window_size: Option<String>,
 }
 
+/// The fields of [`MeterSpec`] as they are spelt in a manifest (a meter definition's
+/// fields but its id, which is the resource's name).
+pub const SPEC_FIELDS: &[&str] = &[
+    "description",
+    "eventType",
+    "aggregation",
+    "valueProperty",
+    "groupBy",
+    "windowSize",
+];
+
+/// Fields of `spec` that the user's last `kubectl apply` sent but the schema does not
+/// know. The API server prunes them without a word (1.20 has no field validation), so
+/// the manifest kubectl records is the only place they still show.
+pub fn pruned_spec_fields(meter: &Meter) -> Vec<crate::error::FieldError> {
+    let applied = meter
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("kubectl.kubernetes.io/last-applied-configuration"))
+        .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw).ok());
+    let Some(spec) = applied
+        .as_ref()
+        .and_then(|m| m.get("spec"))
+        .and_then(|s| s.as_object())
+    else {
+        return Vec::new();
+    };
+    spec.keys()
+        .filter(|k| !SPEC_FIELDS.contains(&k.as_str()))
+        .map(|k| crate::meter::unknown_field(&format!("spec.{k}"), SPEC_FIELDS))
+        .collect()
+}
+
 fn aggregation_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut names: Vec<String> = [
         "count",

@@ -165,6 +165,44 @@ pub fn validate_meter_id(id: &str, allow_namespaced: bool) -> Result<(), FieldEr
     }
 }
 
+/// The fields of a meter definition (API JSON and CR `spec` alike).
+pub const METER_FIELDS: &[&str] = &[
+    "id",
+    "description",
+    "eventType",
+    "aggregation",
+    "valueProperty",
+    "groupBy",
+    "windowSize",
+];
+
+/// `<field>: unknown field`, with the known field it most likely misspells
+/// (`groupby: unknown field; did you mean groupBy?`). A typo must not be accepted
+/// silently: the meter would measure something else.
+pub fn unknown_field(field: &str, known: &[&str]) -> FieldError {
+    let squash = |s: &str| {
+        s.chars()
+            .filter(|c| !matches!(c, '_' | '-'))
+            .flat_map(char::to_lowercase)
+            .collect::<String>()
+    };
+    // `spec.groupby` is matched on `groupby`
+    let wanted = squash(field.rsplit('.').next().unwrap_or(field));
+    let best = known
+        .iter()
+        .map(|k| (strsim::levenshtein(&wanted, &squash(k)), *k))
+        .min();
+    match best {
+        Some((distance, k)) if distance <= 2 && distance < wanted.len() => {
+            FieldError::new(field, format!("unknown field; did you mean {k}?"))
+        }
+        _ => FieldError::new(
+            field,
+            format!("unknown field (the fields are {})", known.join(", ")),
+        ),
+    }
+}
+
 /// Parse and validate a meter from API JSON. Every error names its field.
 pub fn parse_meter_json(
     body: &serde_json::Value,
@@ -180,6 +218,9 @@ pub fn parse_meter_json(
             Some(_) => Err(FieldError::new(field, "must be a string")),
         }
     };
+    if let Some(field) = obj.keys().find(|k| !METER_FIELDS.contains(&k.as_str())) {
+        return Err(unknown_field(field, METER_FIELDS));
+    }
     let id = match id_override {
         Some(id) => id.to_string(),
         None => get_str("id")?.ok_or_else(|| FieldError::new("id", "is required"))?,
@@ -394,6 +435,22 @@ mod tests {
                 "eventType: must be a string",
             ),
             (json!([1]), "body: must be a JSON object"),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","groupby":{"g":"$.g"}}),
+                "groupby: unknown field; did you mean groupBy?",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"sum","valuProperty":"$.x"}),
+                "valuProperty: unknown field; did you mean valueProperty?",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","window_size":"DAY"}),
+                "window_size: unknown field; did you mean windowSize?",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","colour":"red"}),
+                "colour: unknown field (the fields are id, description, eventType",
+            ),
         ];
         for (body, want) in cases {
             let err = parse(body.clone()).unwrap_err().to_string();
