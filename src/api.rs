@@ -217,6 +217,12 @@ pub fn router(state: AppState) -> Router {
     let api = api.layer(middleware::from_fn_with_state(state.clone(), require_token));
     open.merge(api)
         .fallback(|| async { ApiError::not_found("path: no such endpoint") })
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method: {} is not served on this path", req.method()),
+            )
+        })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -555,12 +561,25 @@ async fn put_meter(
             id: format!("{ns}/{name}"),
             ..def
         };
+        let api: kube::Api<crate::crd::Meter> = kube::Api::namespaced(k.client.clone(), ns);
+        let existed = api.get_opt(name).await.map_err(kube_error)?.is_some();
         let applied = kube_apply_meter(k, &def, true).await?;
-        return Ok((StatusCode::OK, Json(applied)).into_response());
+        return Ok((put_status(existed), Json(applied)).into_response());
     }
     let def = parse_meter_json(&value, None)?;
-    save_meter(state.store()?, &def).await?;
-    Ok((StatusCode::OK, Json(def)).into_response())
+    let store = state.store()?;
+    let existed = load_meter(store, &def.id).await?.is_some();
+    save_meter(store, &def).await?;
+    Ok((put_status(existed), Json(def)).into_response())
+}
+
+/// PUT replaces (200) or creates (201).
+fn put_status(existed: bool) -> StatusCode {
+    if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    }
 }
 
 async fn get_meter_seed(

@@ -29,6 +29,27 @@ pub enum Shape {
     Query,
 }
 
+impl Shape {
+    /// The error statuses a route of this shape answers (401 is added where a token
+    /// is checked). 503: NATS unavailable, ingestion at capacity or REQUEST_TIMEOUT.
+    fn errors(self) -> &'static [&'static str] {
+        match self {
+            Shape::Health | Shape::Metrics | Shape::OpenApi => &[],
+            // readiness answers 503 with its own body (see `operation`)
+            Shape::Ready => &[],
+            Shape::ListMeters | Shape::ListReadings => &["503"],
+            Shape::RegisterEvent | Shape::PostEvents | Shape::CreateMeterSeed | Shape::PutMeter => {
+                &["400", "413", "503"]
+            }
+            Shape::CreateMeter => &["400", "409", "413", "503"],
+            Shape::GetMeter | Shape::DeleteMeter | Shape::Readings => &["404", "503"],
+            Shape::GetMeterSeed | Shape::DeleteMeterSeed | Shape::GetReadingSeed | Shape::Query => {
+                &["400", "404", "503"]
+            }
+        }
+    }
+}
+
 pub struct Route {
     pub method: &'static str,
     pub path: &'static str,
@@ -220,7 +241,7 @@ pub struct EventBody {
     pub id: String,
     /// 1-256 characters.
     pub event_type: String,
-    /// 1-256 characters of [A-Za-z0-9_.:@-].
+    /// 1-256 characters of `[A-Za-z0-9_.:@-]`.
     pub subject: String,
     /// RFC 3339; default: receipt time.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -230,6 +251,31 @@ pub struct EventBody {
     pub source: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<Map<String, Value>>,
+}
+
+/// A meter definition as a request body (POST and PUT). Unknown fields are refused
+/// (400 naming the field), so a typo cannot silently define another meter.
+#[derive(Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeterInput {
+    /// 1-253 characters of [A-Za-z0-9_.-]; required by POST, taken from the path by PUT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The eventType (CloudEvents `type`) of the events the meter aggregates.
+    pub event_type: String,
+    /// count, sum, avg, min, max, unique_count (alias unique) or latest; any case.
+    pub aggregation: String,
+    /// JSONPath starting with `$`; required for every aggregation but count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_property: Option<String>,
+    /// Group name to JSONPath.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_by: Option<std::collections::BTreeMap<String, String>>,
+    /// MINUTE, HOUR (default) or DAY; any case.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_size: Option<String>,
 }
 
 #[derive(Serialize, JsonSchema)]
@@ -297,7 +343,13 @@ fn operation(g: &mut SchemaGenerator, route: &Route, with_auth: bool) -> Value {
             }
         }
         Shape::CreateMeterSeed | Shape::CreateMeter | Shape::PutMeter => {
-            body = json!({"required": true, "content": content(sch::<crate::meter::MeterDef>(g))});
+            let input = sch::<MeterInput>(g);
+            let schema = if route.shape == Shape::PutMeter {
+                input
+            } else {
+                json!({"allOf": [input], "required": ["id"]})
+            };
+            body = json!({"required": true, "content": content(schema)});
             match route.shape {
                 Shape::CreateMeterSeed => ("202", content(sch::<OkBody>(g))),
                 Shape::CreateMeter => ("201", content(sch::<crate::meter::MeterDef>(g))),
@@ -374,6 +426,15 @@ fn operation(g: &mut SchemaGenerator, route: &Route, with_auth: bool) -> Value {
                 json!({"type": "array", "items": {"type": "string"}}),
                 "repeatable",
             ));
+            let mut filter = query_param(
+                "filterGroupBy",
+                false,
+                json!({"type": "object", "additionalProperties": {"type": "string"}}),
+                "filterGroupBy[<group key>]=<value> keeps the groups with that value (curl needs -g for the brackets)",
+            );
+            filter["style"] = json!("deepObject");
+            filter["explode"] = json!(true);
+            params.push(filter);
             let answer = sch::<crate::query::Answer>(g);
             (
                 "200",
@@ -381,13 +442,29 @@ fn operation(g: &mut SchemaGenerator, route: &Route, with_auth: bool) -> Value {
             )
         }
     };
-    let mut responses = error_responses(g, &["400", "404", "409", "413", "429", "503"]);
+    let mut responses = error_responses(g, route.shape.errors());
     if with_auth {
         responses.extend(error_responses(g, &["401"]));
     }
     let mut ok_resp = json!({"description": "success"});
     if !ok.is_null() {
         ok_resp["content"] = ok;
+    }
+    // the other success a route can give: POST of an identical meter is 200, PUT of a
+    // new one 201
+    let also = match route.shape {
+        Shape::CreateMeter => Some("200"),
+        Shape::PutMeter => Some("201"),
+        _ => None,
+    };
+    if let Some(also) = also {
+        responses.insert(also.to_string(), ok_resp.clone());
+    }
+    if route.shape == Shape::Ready {
+        responses.insert(
+            "503".into(),
+            json!({"description": "not ready", "content": content(sch::<Readiness>(g))}),
+        );
     }
     responses.insert(code.to_string(), ok_resp);
     let mut op = json!({"summary": route.summary, "operationId": format!("{}{}", route.method, route.path.replace(['/', '{', '}', '-'], "_")), "parameters": params, "responses": responses});

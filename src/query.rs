@@ -1,7 +1,7 @@
 //! Usage queries, the pure part: parse the request, lay out the output windows in the
 //! requested time zone, and cover each one exactly with the fewest stored windows
 //! (UTC month, day and hour rollups, then the meter's own windows at the edges). The
-//! API layer fetches those readings and [`merge_rows`] turns them into rows.
+//! API layer fetches those readings and [`rows`] turns them into rows.
 
 use std::collections::BTreeMap;
 
@@ -133,9 +133,19 @@ pub fn parse_query(
         }
     }
     let from = from.ok_or_else(|| FieldError::new("from", "is required"))?;
-    let to = to.unwrap_or(now);
+    let to = match to {
+        Some(to) => to,
+        // now, rounded up to the meter's window, so that the range ends on a window
+        // the meter keeps and the current window is included whole
+        None => {
+            let size = meter.window_size.seconds();
+            let t = now.timestamp();
+            let end = t.div_euclid(size) * size + if t.rem_euclid(size) == 0 { 0 } else { size };
+            DateTime::from_timestamp(end, 0).unwrap_or(now)
+        }
+    };
     if from >= to {
-        return Err(FieldError::new("from", "must be before to"));
+        return Err(FieldError::new("from", "must be before to (default: now)"));
     }
     Ok(QueryParams {
         from,

@@ -224,6 +224,50 @@ async fn v1_meter_endpoints() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    // PUT creates (201), then replaces (200)
+    let put = |def: Value| {
+        let url = km.url("/api/v1/meters/made");
+        async move {
+            let r = reqwest::Client::new()
+                .put(url)
+                .json(&def)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, body) = put(json!({"eventType": "api", "aggregation": "count"})).await;
+    assert_eq!(
+        (s, body),
+        (
+            201,
+            json!({"id": "made", "eventType": "api", "aggregation": "count", "windowSize": "HOUR"})
+        )
+    );
+    let (s, body) =
+        put(json!({"eventType": "api", "aggregation": "count", "windowSize": "DAY"})).await;
+    assert_eq!((s, body["windowSize"].clone()), (200, json!("DAY")));
+    // a misspelt field is refused, naming it and what it most likely meant
+    for (field, want) in [
+        ("groupby", "groupby: unknown field; did you mean groupBy?"),
+        (
+            "valuProperty",
+            "valuProperty: unknown field; did you mean valueProperty?",
+        ),
+        (
+            "window_size",
+            "window_size: unknown field; did you mean windowSize?",
+        ),
+    ] {
+        let mut def = json!({"id": "typo", "eventType": "api", "aggregation": "count"});
+        def[field] = json!("x");
+        for url in ["/api/v1/meters", "/api/create-meter"] {
+            let (s, body) = post(&km.url(url), &def).await;
+            assert_eq!((s, body["message"].clone()), (400, json!(want)), "{url}");
+        }
+    }
+    assert_eq!(get(&km.url("/api/v1/meters/typo")).await.0, 404);
 }
 
 #[tokio::test]
@@ -312,6 +356,8 @@ async fn api_token_guards_api_but_not_health() {
 fn invalid_configuration_stops_startup_with_one_line() {
     let cases = [
         ("METER_INTERVAL", "0"),
+        ("METER_INTERVAL", "0s"),
+        ("LOG_LEVEL", "info,["),
         ("METER_INTERVAL", "soon"),
         ("DEDUP_WINDOW", "forever"),
         ("EVENT_RETENTION", "-1d"),
@@ -333,6 +379,52 @@ fn invalid_configuration_stops_startup_with_one_line() {
     }
     let _ = Duration::ZERO;
     let _ = Value::Null;
+    // `setup` takes the NATS settings only; `run` takes them all
+    let help = |cmd: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kloudmeter"))
+            .args([cmd, "--help"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let (setup, run) = (help("setup"), help("run"));
+    for flag in [
+        "--nats-url",
+        "--meter-nats-stream",
+        "--event-retention",
+        "--log-level",
+    ] {
+        assert!(setup.contains(flag) && run.contains(flag), "{flag}");
+    }
+    for flag in [
+        "--http-server-port",
+        "--meter-interval",
+        "--api-token",
+        "--data-dir",
+    ] {
+        assert!(!setup.contains(flag) && run.contains(flag), "{flag}");
+    }
+}
+
+#[tokio::test]
+async fn meter_interval_and_log_level_take_the_usual_forms() {
+    let nats = Nats::start();
+    // a duration like every other setting, and a log filter as a flag's env
+    let km = Km::start(
+        &nats,
+        "forms",
+        &[
+            ("METER_INTERVAL", "10s"),
+            ("LOG_LEVEL", "debug,async_nats=warn"),
+        ],
+    )
+    .await;
+    wait_for(
+        "a debug line in the log",
+        Duration::from_secs(10),
+        || async { km.logs().contains("\"level\":\"DEBUG\"") },
+    )
+    .await;
 }
 
 #[tokio::test]

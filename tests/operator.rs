@@ -267,6 +267,45 @@ async fn operator_against_a_real_api_server() {
         .await;
     }
 
+    // --- a misspelt field: the API server prunes it silently, the controller says so ---
+    let (ok, _, err) = cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &bad(
+            "typo",
+            "{eventType: x, aggregation: count, groupby: {model: $.model}}",
+        ),
+    );
+    assert!(ok, "{err}");
+    wait_for("an UnknownField event", T, || async {
+        let ev = cp.kubectl(&[
+            "get",
+            "events.v1.events.k8s.io",
+            "-n",
+            "team-b",
+            "-o",
+            "json",
+        ]);
+        let ev: Value = serde_json::from_str(&ev).unwrap();
+        ev["items"].as_array().unwrap().iter().any(|e| {
+            e["reason"] == json!("UnknownField")
+                && e["type"] == json!("Warning")
+                && e["regarding"]["name"] == json!("typo")
+                && e["note"]
+                    == json!("spec.groupby: unknown field; did you mean groupBy?; the API server dropped it")
+        })
+    })
+    .await;
+    // the meter itself is valid without the dropped field (count needs nothing else)
+    wait_kubectl(
+        &cp,
+        "typo Ready",
+        "team-b",
+        "meter/typo",
+        "{.status.conditions[0].reason}",
+        "Ready",
+    )
+    .await;
+
     // --- editing valueProperty rebuilds; editing description does not ---
     ns(&cp, "team-c");
     let manifest = |vp: &str, desc: &str| {

@@ -476,3 +476,47 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
         row_pairs(&all, "subject", "value").into_iter().collect();
     assert_eq!(from_query, want);
 }
+
+#[tokio::test]
+async fn to_defaults_to_now_and_errors_name_what_was_sent() {
+    let now = chrono::Utc::now();
+    let recent = (now - chrono::Duration::minutes(90)).to_rfc3339();
+    let (_nats, km) = setup(
+        "qto",
+        &[json!({"id": "m", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"})],
+        &[
+            ev(1, "s1", "2026-01-05T10:00:00Z", json!({"v": 2})),
+            ev(2, "s1", &recent, json!({"v": 3})),
+        ],
+    )
+    .await;
+    // no `to`: up to now, rounded up to the meter's hour, so the last hour counts
+    let b = query(&km, "m", "from=2026-01-01T00:00:00Z").await;
+    assert_eq!(
+        rows(&b),
+        [row("2026-01-01T00:00:00Z", "s1", json!({}), "5")]
+    );
+    let to = chrono::DateTime::parse_from_rfc3339(b["to"].as_str().unwrap()).unwrap();
+    assert_eq!(to.timestamp() % 3600, 0);
+    assert!(to >= now && to <= now + chrono::Duration::hours(1), "{to}");
+    // an error names a parameter the caller sent
+    let (s, body) = get(&km.url("/api/v1/meters/m/query?from=2026-01-01T00:30:00Z")).await;
+    assert_eq!(
+        (s, body["message"].clone()),
+        (
+            400,
+            json!("from: window boundaries must fall on the meter's HOUR windows")
+        )
+    );
+    let (s, body) = get(&km.url(
+        "/api/v1/meters/m/query?from=2026-01-01T00:00:00Z&windowSize=DAY&windowTimeZone=Asia/Kolkata",
+    ))
+    .await;
+    assert_eq!(
+        (s, body["message"].clone()),
+        (
+            400,
+            json!("windowTimeZone: window boundaries must fall on the meter's HOUR windows")
+        )
+    );
+}

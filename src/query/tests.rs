@@ -265,3 +265,31 @@ fn csv_has_a_header_and_quotes() {
         "windowStart,windowEnd,subject,model,value\na,b,\"c,1\",\"x\"\"y\",1.5\n"
     );
 }
+
+#[test]
+fn to_defaults_to_now_rounded_up_to_the_meters_window() {
+    let pairs = |from: &str| vec![("from".to_string(), from.to_string())];
+    let now = t("2026-11-30T10:17:05Z");
+    let hour = parse_query(&pairs("2026-11-30T00:00:00Z"), &meter("HOUR"), now).unwrap();
+    assert_eq!(hour.to, t("2026-11-30T11:00:00Z"));
+    let minute = parse_query(&pairs("2026-11-30T00:00:00Z"), &meter("MINUTE"), now).unwrap();
+    assert_eq!(minute.to, t("2026-11-30T10:18:00Z"));
+    let day = parse_query(&pairs("2026-11-30T00:00:00Z"), &meter("DAY"), now).unwrap();
+    assert_eq!(day.to, t("2026-12-01T00:00:00Z"));
+    // already on a boundary: unchanged
+    let on = parse_query(
+        &pairs("2026-11-30T00:00:00Z"),
+        &meter("HOUR"),
+        t("2026-11-30T10:00:00Z"),
+    )
+    .unwrap();
+    assert_eq!(on.to, t("2026-11-30T10:00:00Z"));
+    // the whole range is then coverable by the meter's windows
+    assert!(cover(hour.from.timestamp(), hour.to.timestamp(), WindowSize::Hour).is_ok());
+    assert_eq!(
+        parse_query(&pairs("2026-12-01T00:00:00Z"), &meter("HOUR"), now)
+            .unwrap_err()
+            .to_string(),
+        "from: must be before to (default: now)"
+    );
+}
