@@ -89,7 +89,7 @@ fn main() {
             }
             init_logs(&nats.log_level);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            if let Err(e) = runtime.block_on(kloudmeter::store::Store::connect_once(&nats)) {
+            if let Err(e) = runtime.block_on(kloudmeter::nats::store::Store::connect_once(&nats)) {
                 eprintln!("kloudmeter: {e:#}");
                 std::process::exit(1);
             }
@@ -97,7 +97,7 @@ fn main() {
             return;
         }
         Some(Command::Crd) => {
-            print!("{}", kloudmeter::crd::crd_yaml());
+            print!("{}", kloudmeter::operator::crd::crd_yaml());
             return;
         }
         None => cli.run,

@@ -1,105 +1,190 @@
-//! Prometheus metrics (served at /metrics).
+//! Prometheus metrics (served at `/metrics`), grouped by the subsystem that updates them.
+//! Every name is registered once, here; the exposition prefixes each with `kloudmeter_`.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Metric, Registry};
+
+/// Ingestion: what requests brought and how long they took.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    pub accepted: Counter,
+    pub rejected: Counter,
+    /// From a request's body read to its answer (all events stored, or refused).
+    pub request_seconds: Histogram,
+}
+
+/// The aggregator: events folded, duplicates and invalid events, its position in the
+/// stream, and how long batches and flushes take.
+#[derive(Clone)]
+pub struct AggregateMetrics {
+    pub duplicate: Counter,
+    pub aggregated: Counter,
+    pub invalid: Counter,
+    pub consumer_lag: Gauge<i64, AtomicI64>,
+    pub cursor: Gauge<u64, AtomicU64>,
+    pub meter_syncs: Counter,
+    pub rebuilds: Counter,
+    /// Settling duplicates and folding one batch.
+    pub batch_seconds: Histogram,
+    /// Writing one flush's readings and advancing the cursor over them.
+    pub flush_seconds: Histogram,
+}
+
+/// The Meter controller.
+#[derive(Clone)]
+pub struct OperatorMetrics {
+    pub reconciles: Counter,
+}
+
+/// The election.
+#[derive(Clone)]
+pub struct ElectionMetrics {
+    /// 1 while this process leads.
+    pub leader: Gauge,
+}
 
 #[derive(Clone)]
 pub struct Metrics {
-    registry: std::sync::Arc<Registry>,
-    pub events_accepted: Counter,
-    pub events_rejected: Counter,
-    pub events_duplicate: Counter,
-    pub events_aggregated: Counter,
-    pub events_invalid: Counter,
-    pub consumer_lag: Gauge<i64, std::sync::atomic::AtomicI64>,
-    pub leader: Gauge,
-    pub reconciles: Counter,
-    pub meter_syncs: Counter,
-    pub rebuilds: Counter,
-    pub cursor: Gauge<u64, AtomicU64>,
+    registry: Arc<Registry>,
+    pub ingest: IngestMetrics,
+    pub aggregate: AggregateMetrics,
+    pub operator: OperatorMetrics,
+    pub election: ElectionMetrics,
+}
+
+/// Latency buckets from 0.5 ms to about 16 s.
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut r = Registry::with_prefix("kloudmeter");
-        let m = Metrics {
-            registry: Default::default(),
-            events_accepted: Counter::default(),
-            events_rejected: Counter::default(),
-            events_duplicate: Counter::default(),
-            events_aggregated: Counter::default(),
-            events_invalid: Counter::default(),
+        let ingest = IngestMetrics {
+            accepted: Counter::default(),
+            rejected: Counter::default(),
+            request_seconds: seconds(),
+        };
+        let aggregate = AggregateMetrics {
+            duplicate: Counter::default(),
+            aggregated: Counter::default(),
+            invalid: Counter::default(),
             consumer_lag: Gauge::default(),
-            leader: Gauge::default(),
-            reconciles: Counter::default(),
+            cursor: Gauge::default(),
             meter_syncs: Counter::default(),
             rebuilds: Counter::default(),
-            cursor: Gauge::default(),
+            batch_seconds: seconds(),
+            flush_seconds: seconds(),
         };
-        r.register(
+        let operator = OperatorMetrics {
+            reconciles: Counter::default(),
+        };
+        let election = ElectionMetrics {
+            leader: Gauge::default(),
+        };
+        let mut r = Registry::with_prefix("kloudmeter");
+        add(
+            &mut r,
             "events_accepted",
             "Events acknowledged by JetStream at ingestion",
-            m.events_accepted.clone(),
+            &ingest.accepted,
         );
-        r.register(
+        add(
+            &mut r,
             "events_rejected",
             "Events refused at ingestion (invalid or unavailable)",
-            m.events_rejected.clone(),
+            &ingest.rejected,
         );
-        r.register(
+        add(
+            &mut r,
+            "ingest_request_seconds",
+            "Time to answer an ingestion request",
+            &ingest.request_seconds,
+        );
+        add(
+            &mut r,
             "events_duplicate",
             "Events recognised as repeats within DEDUP_WINDOW",
-            m.events_duplicate.clone(),
+            &aggregate.duplicate,
         );
-        r.register(
+        add(
+            &mut r,
             "events_aggregated",
             "Distinct events folded by the aggregator",
-            m.events_aggregated.clone(),
+            &aggregate.aggregated,
         );
-        r.register(
+        add(
+            &mut r,
             "events_invalid",
             "Event-meter pairs whose value was missing or not numeric",
-            m.events_invalid.clone(),
+            &aggregate.invalid,
         );
-        r.register(
+        add(
+            &mut r,
             "consumer_lag",
             "Events in the stream not yet aggregated",
-            m.consumer_lag.clone(),
+            &aggregate.consumer_lag,
         );
-        r.register(
-            "leader",
-            "1 while this process is the aggregator leader",
-            m.leader.clone(),
-        );
-        r.register(
-            "reconciles",
-            "Meter custom resource reconciles by the controller",
-            m.reconciles.clone(),
-        );
-        r.register(
-            "meter_syncs",
-            "Times the aggregator brought its meters in line with the definitions",
-            m.meter_syncs.clone(),
-        );
-        r.register(
-            "rebuilds",
-            "Meter rebuilds and backfills from retained events",
-            m.rebuilds.clone(),
-        );
-        r.register(
+        add(
+            &mut r,
             "aggregated_sequence",
             "Stream sequence aggregated through",
-            m.cursor.clone(),
+            &aggregate.cursor,
+        );
+        add(
+            &mut r,
+            "meter_syncs",
+            "Times the aggregator brought its meters in line with the definitions",
+            &aggregate.meter_syncs,
+        );
+        add(
+            &mut r,
+            "rebuilds",
+            "Meter rebuilds and backfills from retained events",
+            &aggregate.rebuilds,
+        );
+        add(
+            &mut r,
+            "aggregate_batch_seconds",
+            "Time to settle and fold one batch of events",
+            &aggregate.batch_seconds,
+        );
+        add(
+            &mut r,
+            "aggregate_flush_seconds",
+            "Time to write one flush of readings and advance the cursor",
+            &aggregate.flush_seconds,
+        );
+        add(
+            &mut r,
+            "reconciles",
+            "Meter custom resource reconciles by the controller",
+            &operator.reconciles,
+        );
+        add(
+            &mut r,
+            "leader",
+            "1 while this process is the aggregator leader",
+            &election.leader,
         );
         Metrics {
-            registry: std::sync::Arc::new(r),
-            ..m
+            registry: Arc::new(r),
+            ingest,
+            aggregate,
+            operator,
+            election,
         }
     }
+}
+
+/// Register a handle of `metric` (handles share their value).
+fn add<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: &M) {
+    r.register(name, help, metric.clone());
 }
 
 impl Metrics {

@@ -9,14 +9,15 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use tokio::sync::watch;
 
-use crate::aggregator;
-use crate::api::{self, AppState, KubeMode};
+use crate::aggregate;
 use crate::config::{Config, KubernetesMode};
-use crate::leader::Election;
-use crate::lease::KubeLease;
+use crate::election::kube_lease::KubeLease;
+use crate::election::nats_lease::Election;
+use crate::http::{self, AppState};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::store::Store;
+use crate::nats::registry::Registry;
+use crate::nats::store::Store;
+use crate::operator::api_meters::KubeMeters;
 
 /// Name of the coordination.k8s.io Lease that elects the operator's leader.
 pub const LEASE_NAME: &str = "kloudmeter-leader";
@@ -55,17 +56,26 @@ fn operator_namespace(client: &kube::Client) -> String {
         .unwrap_or_else(|| client.default_namespace().to_string())
 }
 
+/// What the long-running parts share once NATS is set up.
+#[derive(Clone)]
+struct Shared {
+    cfg: Config,
+    store: Store,
+    registry: Registry,
+    metrics: Metrics,
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     let client = kube_client(cfg.kubernetes).await?;
     let index = Arc::new(crate::claims::LocalIndex::open(cfg.data_dir.as_deref())?);
     let metrics = Metrics::default();
     let registry = Registry::default();
     let (kube_synced_tx, kube_synced) = watch::channel(client.is_none());
-    let kube_mode = client.as_ref().map(|c| KubeMode {
+    let kube_meters = client.as_ref().map(|c| KubeMeters {
         client: c.clone(),
         namespace: operator_namespace(c),
     });
-    match &kube_mode {
+    match &kube_meters {
         Some(k) => {
             tracing::info!(namespace = %k.namespace, watch = ?cfg.watch_namespace, "running as a Kubernetes operator")
         }
@@ -75,147 +85,184 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.clone(),
         registry.clone(),
         metrics.clone(),
-        kube_mode.clone(),
+        kube_meters.clone(),
         kube_synced,
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-
-    let addr = SocketAddr::new(cfg.http_bind_address, cfg.http_server_port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("HTTP_SERVER_PORT: cannot listen on {addr}"))?;
-    tracing::info!(%addr, "HTTP API listening");
-    let mut http_shutdown = shutdown_rx.clone();
-    let app = api::router(state.clone());
-    let header_timeout = cfg.http_header_timeout;
-    let server = tokio::spawn(async move {
-        let stop = async move {
-            let _ = http_shutdown.wait_for(|s| *s).await;
-        };
-        crate::server::serve(listener, app, header_timeout, stop, Duration::from_secs(25)).await
-    });
-
+    let server = serve_http(&cfg, state.clone(), shutdown_rx.clone()).await?;
     // Start-up work that needs NATS runs beside the server, so probes answer meanwhile.
-    let background = {
-        let cfg = cfg.clone();
-        let shutdown = shutdown_rx.clone();
-        let (state, registry, metrics) = (state.clone(), registry.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let store = loop {
-                match Store::connect(&cfg.nats).await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        tracing::error!(error = format!("{e:#}"), "NATS set-up failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                }
-            };
-            tracing::info!(url = %cfg.nats.nats_url, stream = %cfg.nats.meter_nats_stream, "connected to NATS");
-            state.set_store(store.clone());
-            let follower = {
-                let (store, registry) = (store.clone(), registry.clone());
-                tokio::spawn(async move {
-                    loop {
-                        if let Err(e) = registry.follow(&store).await {
-                            tracing::warn!(
-                                error = format!("{e:#}"),
-                                "meter watch interrupted; resuming"
-                            );
-                        }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                })
-            };
-            // The claim index is read up to date before this process may lead, so that a
-            // new leader decides duplicates from the whole history at once.
-            let claims = loop {
-                let attached =
-                    crate::claims::Claims::attach(index.clone(), &store, cfg.nats.dedup_window)
-                        .await;
-                match attached {
-                    Ok(mut c) => match c.catch_up().await {
-                        Ok(n) => {
-                            tracing::info!(claims = n, "claim log read");
-                            break Arc::new(tokio::sync::Mutex::new(c));
-                        }
-                        Err(e) => tracing::error!(
-                            error = format!("{e:#}"),
-                            "reading the claim log failed; retrying"
-                        ),
-                    },
-                    Err(e) => tracing::error!(
-                        error = format!("{e:#}"),
-                        "opening the claim index failed; retrying"
-                    ),
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            };
-            let (leading_tx, leading_rx) = watch::channel(false);
-            let standby = tokio::spawn(follow_claims(claims.clone(), leading_rx.clone()));
-            let holder = format!("{}-{}", hostname(), std::process::id());
-            let changed = kube_mode
-                .as_ref()
-                .map(|_| crate::status::Changed::default());
-            let agg = tokio::spawn(aggregator::supervise(
-                store.clone(),
-                registry.clone(),
-                metrics.clone(),
-                cfg.nats.dedup_window,
-                claims.clone(),
-                changed.clone(),
-                leading_rx.clone(),
-            ));
-            let operator = kube_mode.as_ref().map(|k| {
-                tokio::spawn(operate(
-                    k.client.clone(),
-                    store.clone(),
-                    registry.clone(),
-                    metrics.clone(),
-                    cfg.clone(),
-                    holder.clone(),
-                    changed.clone().unwrap_or_default(),
-                    leading_rx.clone(),
-                    kube_synced_tx,
-                ))
-            });
-            match &kube_mode {
-                Some(k) => {
-                    KubeLease::new(
-                        k.client.clone(),
-                        &k.namespace,
-                        LEASE_NAME,
-                        holder,
-                        cfg.nats.leader_ttl,
-                    )
-                    .run(leading_tx, shutdown)
-                    .await
-                }
-                None => {
-                    Election {
-                        holder,
-                        ttl: cfg.nats.leader_ttl,
-                    }
-                    .run(store.clone(), leading_tx, shutdown)
-                    .await
-                }
-            }
-            // The election has ended (shutdown): the aggregator finishes its batch.
-            let _ = tokio::time::timeout(Duration::from_secs(20), agg).await;
-            if let Some(op) = operator {
-                let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
-            }
-            follower.abort();
-            standby.abort();
-            let _ = store.client.flush().await;
-        })
-    };
-
+    let background = tokio::spawn(async move {
+        let store = connect_nats(&cfg).await;
+        state.set_store(store.clone());
+        let shared = Shared {
+            cfg,
+            store,
+            registry,
+            metrics,
+        };
+        lead_when_elected(shared, index, kube_meters, kube_synced_tx, shutdown_rx).await;
+    });
     shutdown_signal().await;
     tracing::info!("shutting down");
     shutdown_tx.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(25), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(25), background).await;
     Ok(())
+}
+
+/// The HTTP API, until `shutdown` (in-flight requests are finished).
+async fn serve_http(
+    cfg: &Config,
+    state: AppState,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let addr = SocketAddr::new(cfg.http_bind_address, cfg.http_server_port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("HTTP_SERVER_PORT: cannot listen on {addr}"))?;
+    tracing::info!(%addr, "HTTP API listening");
+    let app = http::router(state);
+    let header_timeout = cfg.http_header_timeout;
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        http::server::serve(listener, app, header_timeout, stop, Duration::from_secs(25)).await
+    }))
+}
+
+/// Connect to NATS and lay out the streams and buckets, retrying until it works.
+async fn connect_nats(cfg: &Config) -> Store {
+    loop {
+        match Store::connect(&cfg.nats).await {
+            Ok(store) => {
+                tracing::info!(url = %cfg.nats.nats_url, stream = %cfg.nats.meter_nats_stream, "connected to NATS");
+                return store;
+            }
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "NATS set-up failed; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// The claim index, read up to date before this process may lead, so that a new leader
+/// decides duplicates from the whole history at once.
+async fn read_claims(
+    index: Arc<crate::claims::LocalIndex>,
+    store: &Store,
+    dedup_window: Duration,
+) -> Arc<tokio::sync::Mutex<crate::claims::Claims>> {
+    loop {
+        match crate::claims::Claims::attach(index.clone(), store, dedup_window).await {
+            Ok(mut c) => match c.catch_up().await {
+                Ok(n) => {
+                    tracing::info!(claims = n, "claim log read");
+                    return Arc::new(tokio::sync::Mutex::new(c));
+                }
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "reading the claim log failed; retrying"
+                ),
+            },
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "opening the claim index failed; retrying"
+            ),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Every process follows the meter definitions; the registry serves the API and the
+/// aggregator.
+fn follow_meters(store: Store, registry: Registry) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = registry.follow(&store).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "meter watch interrupted; resuming"
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// Campaign until shutdown; while elected, aggregate and (operator mode) reconcile and
+/// write status. On shutdown the aggregator finishes its batch first.
+async fn lead_when_elected(
+    shared: Shared,
+    index: Arc<crate::claims::LocalIndex>,
+    kube_meters: Option<KubeMeters>,
+    kube_synced: watch::Sender<bool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let Shared {
+        cfg,
+        store,
+        registry,
+        metrics,
+    } = shared.clone();
+    let follower = follow_meters(store.clone(), registry.clone());
+    let claims = read_claims(index, &store, cfg.nats.dedup_window).await;
+    let (leading_tx, leading_rx) = watch::channel(false);
+    let standby = tokio::spawn(follow_claims(claims.clone(), leading_rx.clone()));
+    let holder = format!("{}-{}", hostname(), std::process::id());
+    // operator mode: meters whose readings the aggregator wrote, for the status write-back
+    let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let changed = kube_meters.as_ref().map(|_| changed_tx);
+    let parts = aggregate::Parts {
+        store: store.clone(),
+        registry,
+        metrics,
+        dedup_window: cfg.nats.dedup_window,
+        claims,
+        changed,
+    };
+    let agg = tokio::spawn(aggregate::supervise(parts, leading_rx.clone()));
+    let operator = kube_meters.as_ref().map(|k| {
+        let (client, holder) = (k.client.clone(), holder.clone());
+        tokio::spawn(operate(
+            shared,
+            client,
+            holder,
+            changed_rx,
+            leading_rx,
+            kube_synced,
+        ))
+    });
+    match &kube_meters {
+        Some(k) => {
+            KubeLease::new(
+                k.client.clone(),
+                &k.namespace,
+                LEASE_NAME,
+                holder,
+                cfg.nats.leader_ttl,
+            )
+            .run(leading_tx, shutdown)
+            .await
+        }
+        None => {
+            Election {
+                holder,
+                ttl: cfg.nats.leader_ttl,
+            }
+            .run(store.clone(), leading_tx, shutdown)
+            .await
+        }
+    }
+    // The election has ended (shutdown): the aggregator finishes its batch.
+    let _ = tokio::time::timeout(Duration::from_secs(20), agg).await;
+    if let Some(op) = operator {
+        let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
+    }
+    follower.abort();
+    standby.abort();
+    let _ = store.client.flush().await;
 }
 
 /// A standby keeps its claim index following the log, so that it can take over warm.
@@ -243,19 +290,21 @@ async fn follow_claims(
 
 /// While leading: the Meter controller and the status write-back. A standby counts as
 /// synced (it serves the API from NATS and does not reconcile).
-#[allow(clippy::too_many_arguments)]
 async fn operate(
+    shared: Shared,
     client: kube::Client,
-    store: Store,
-    registry: Registry,
-    metrics: Metrics,
-    cfg: Config,
     holder: String,
-    changed: crate::status::Changed,
+    mut changed: crate::operator::status::ChangedReceiver,
     mut leading: watch::Receiver<bool>,
     synced: watch::Sender<bool>,
 ) {
-    let ctx = Arc::new(crate::controller::Ctx::new(
+    let Shared {
+        cfg,
+        store,
+        registry,
+        metrics,
+    } = shared;
+    let ctx = Arc::new(crate::operator::controller::Ctx::new(
         client.clone(),
         store.clone(),
         metrics.clone(),
@@ -267,23 +316,29 @@ async fn operate(
             return;
         }
         synced.send_replace(false);
-        metrics.leader.set(1);
-        let writer = tokio::spawn(crate::status::run(
+        metrics.election.leader.set(1);
+        let writer = tokio::spawn(crate::operator::status::run(
             client.clone(),
             store.clone(),
             registry.clone(),
-            changed.clone(),
+            changed,
             cfg.meter_interval,
             leading.clone(),
         ));
-        crate::controller::run(
+        crate::operator::controller::run(
             ctx.clone(),
             cfg.watch_namespace.clone(),
             leading.clone(),
             synced.clone(),
         )
         .await;
-        let _ = writer.await;
+        changed = match writer.await {
+            Ok(receiver) => receiver,
+            Err(e) => {
+                tracing::error!(error = %e, "status write-back ended abnormally");
+                return;
+            }
+        };
         tracing::info!("controller stopped");
     }
 }

@@ -276,7 +276,19 @@ pub async fn get(url: &str) -> (u16, Value) {
 }
 
 /// Post until a 2xx, retrying on any error or non-2xx, as a well-behaved client does.
+/// Returns the number of attempts.
 pub async fn post_until_accepted(url: &str, body: &Value, give_up: Duration) -> u32 {
+    post_until_accepted_by(&[url.to_string()], 0, body, give_up).await
+}
+
+/// [`post_until_accepted`] over several replicas: starts at `urls[first]` and moves to
+/// the next URL after each failure.
+pub async fn post_until_accepted_by(
+    urls: &[String],
+    first: usize,
+    body: &Value,
+    give_up: Duration,
+) -> u32 {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .build()
@@ -284,6 +296,7 @@ pub async fn post_until_accepted(url: &str, body: &Value, give_up: Duration) -> 
     let deadline = Instant::now() + give_up;
     let mut attempts = 0;
     loop {
+        let url = &urls[(first + attempts as usize) % urls.len()];
         attempts += 1;
         if let Ok(r) = client.post(url).json(body).send().await {
             if r.status().is_success() {
@@ -294,7 +307,7 @@ pub async fn post_until_accepted(url: &str, body: &Value, give_up: Duration) -> 
             Instant::now() < deadline,
             "no 2xx for {url} within {give_up:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

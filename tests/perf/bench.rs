@@ -529,7 +529,7 @@ async fn aggregation(reps: usize, n: usize, meters: usize, failures: &mut Vec<St
 /// The semantic hash kloudmeter computes for meter `m`, read back through its own API
 /// would need a running process; recompute it the same way instead.
 async fn hash_of(_js: &jetstream::Context, m: usize) -> String {
-    let def: kloudmeter::meter::MeterDef = serde_json::from_value(json!({"id": format!("m{m}"), "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"})).unwrap();
+    let def: kloudmeter::domain::meter::MeterDef = serde_json::from_value(json!({"id": format!("m{m}"), "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"})).unwrap();
     def.semantic_hash()
 }
 

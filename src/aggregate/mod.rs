@@ -1,0 +1,279 @@
+//! The aggregator: the elected leader's loop that reads the event stream in order,
+//! settles duplicates, folds events into readings (via the pure [`crate::domain::fold`]) and
+//! stores them with compare-and-swap (see the crate docs). [`cache`] holds the readings it
+//! keeps in memory, [`pull`] its own pull loop over the consumer.
+
+mod batch;
+mod builds;
+pub(crate) mod cache;
+mod cursor;
+mod flush;
+pub mod pull;
+
+use batch::gather;
+use builds::reading_meter;
+use flush::Flush;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use async_nats::jetstream::consumer;
+use async_nats::Message;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::aggregate::cache::Cache;
+use crate::claims::Claims;
+use crate::domain::meter::CompiledMeter;
+use crate::metrics::Metrics;
+use crate::nats::registry::Registry;
+use crate::nats::store::Store;
+
+/// Most messages folded in one batch (settled against the claims together).
+const BATCH: usize = 5_000;
+/// How long a batch keeps gathering after its first message: bigger batches mean fewer
+/// claim look-ups and appends per event.
+const LINGER: Duration = Duration::from_millis(25);
+/// Lifetime of a pull request that finds nothing more to deliver (well under the
+/// consumer's 30 s inactivity limit).
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// KV operations kept in flight at once.
+const PIPELINE: usize = 4096;
+/// Reading loads kept in flight at once (each waiting load holds a request's state).
+const LOAD_PIPELINE: usize = 1024;
+/// Readings serialised and published per step of a flush.
+const FLUSH_SLICE: usize = 8_192;
+/// Events folded per step of a batch (bounds the memory of the per-event plan).
+const APPLY_CHUNK: usize = 1_000;
+/// Readings kept in memory between flushes (clean ones are dropped past this).
+const CACHE_LIMIT: usize = 100_000;
+/// Changed readings are written (and the cursor advanced) at least this often, so
+/// readings in KV trail ingestion by well under a second.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// ...and as soon as this many readings are waiting to be written.
+const MAX_DIRTY: usize = 50_000;
+/// While a backlog is being worked off (more than a batch waiting), flushes come this
+/// often instead: every flush rewrites each touched reading once, so fewer flushes mean
+/// fewer writes per event, and catching up sooner is what brings latency back down.
+const BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// ...or, when a flush takes long (many distinct readings), up to this often, so that
+/// writing never takes more than a fifth of the time while catching up.
+const MAX_BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Per-meter record of the definition its readings were built for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Progress {
+    pub hash: String,
+    pub complete: bool,
+}
+
+type ByType = HashMap<String, Vec<Arc<CompiledMeter>>>;
+
+pub(crate) struct Aggregator {
+    store: Store,
+    registry: Registry,
+    metrics: Metrics,
+    dedup_window_ns: i64,
+    claims: Arc<tokio::sync::Mutex<Claims>>,
+    /// Current readings of the keys touched recently (written or waiting to be), with
+    /// their KV revisions and which of them changed since the last flush.
+    cache: Cache,
+    /// Highest sequence applied to the cached readings but not yet covered by the cursor.
+    pending: Option<u64>,
+    last_flush: std::time::Instant,
+    /// Meters whose readings are complete up to `cursor`.
+    active: HashMap<String, Arc<CompiledMeter>>,
+    by_type: ByType,
+    cursor: u64,
+    cursor_rev: Option<u64>,
+    /// Consumer sequence of the last event delivered (they must come without gaps).
+    delivered: u64,
+    /// Messages waiting after the last batch.
+    lag: u64,
+    /// Readings being written, if any (one flush at a time).
+    inflight: Option<Flush>,
+    /// How long the last flush that wrote readings took.
+    flush_cost: Duration,
+    /// Meters whose readings changed, for the status write-back (operator mode).
+    changed: Option<crate::operator::status::ChangedSender>,
+}
+
+/// What an aggregator works with; it outlives each term of leadership.
+#[derive(Clone)]
+pub(crate) struct Parts {
+    pub store: Store,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub dedup_window: Duration,
+    pub claims: Arc<tokio::sync::Mutex<Claims>>,
+    /// Operator mode: where the ids of meters whose readings were written go.
+    pub changed: Option<crate::operator::status::ChangedSender>,
+}
+
+impl Aggregator {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            store,
+            registry,
+            metrics,
+            dedup_window,
+            claims,
+            changed,
+        } = parts;
+        Aggregator {
+            store,
+            registry,
+            metrics,
+            dedup_window_ns: i64::try_from(dedup_window.as_nanos()).unwrap_or(i64::MAX),
+            claims,
+            cache: Cache::default(),
+            pending: None,
+            last_flush: std::time::Instant::now(),
+            active: HashMap::new(),
+            by_type: HashMap::new(),
+            cursor: 0,
+            cursor_rev: None,
+            lag: 0,
+            delivered: 0,
+            inflight: None,
+            flush_cost: Duration::ZERO,
+            changed,
+        }
+    }
+
+    /// Aggregate while `leading` stays true; returns after the current batch once it
+    /// turns false.
+    pub async fn run(mut self, mut leading: watch::Receiver<bool>) -> Result<()> {
+        self.registry.wait_synced().await;
+        // Decide from the whole claim history, including a previous leader's last claims.
+        let read = self.claims.lock().await.catch_up().await?;
+        tracing::debug!(claims = read, "claim log caught up");
+        self.load_cursor().await?;
+        let mut meters_changed = self.registry.subscribe();
+        meters_changed.borrow_and_update();
+        self.reconcile().await?;
+        let mut messages = self.open_messages().await?;
+        tracing::info!(
+            cursor = self.cursor,
+            meters = self.active.len(),
+            "aggregating"
+        );
+        // The batch buffer is kept from one batch to the next: allocated afresh, each
+        // batch faulted in new pages (a tenth of the process's CPU under batch ingestion).
+        let mut batch: Vec<Message> = Vec::with_capacity(BATCH);
+        loop {
+            if !*leading.borrow() {
+                // Hand over cleanly: what was applied is written before we stop.
+                self.flush().await?;
+                return Ok(());
+            }
+            let flush_due = self.last_flush + self.flush_every();
+            let has_pending = self.pending.is_some() || self.cache.dirty_len() > 0;
+            tokio::select! {
+                biased;
+                _ = leading.changed() => {}
+                changed = meters_changed.changed() => {
+                    changed?;
+                    self.reconcile().await?;
+                }
+                done = async { (&mut self.inflight.as_mut().expect("checked").task).await }, if self.inflight.is_some() => {
+                    self.flush_done(done).await?;
+                }
+                _ = tokio::time::sleep_until(flush_due.into()), if has_pending => {
+                    self.start_flush().await?;
+                }
+                // Only the wait for the first message may be cancelled: once a batch has
+                // started, it is gathered and processed whole, so none is dropped.
+                first = messages.next() => {
+                    let Some(first) = first else { bail!("event consumer ended") };
+                    let t0 = std::time::Instant::now();
+                    batch.clear();
+                    gather(first, &mut messages, BATCH, LINGER, &mut batch).await?;
+                    tracing::debug!(fetch_ms = t0.elapsed().as_millis() as u64, "fetch");
+                    if meters_changed.has_changed().unwrap_or(false) {
+                        meters_changed.borrow_and_update();
+                        self.reconcile().await?;
+                    }
+                    self.process_batch(&batch).await?;
+                    batch.clear();
+                    if self.cache.dirty_len() >= MAX_DIRTY || self.last_flush.elapsed() >= self.flush_every() {
+                        self.start_flush().await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The events after the cursor, in order, from a consumer of our own.
+    async fn open_messages(
+        &mut self,
+    ) -> Result<impl futures::Stream<Item = Result<Message>> + Unpin> {
+        // A plain ephemeral pull consumer without acks rather than an "ordered" one: the
+        // latter asks for 500 messages at a time, so folding waited on the network between
+        // batches. Order comes with a single consumer; a lost delivery shows as a gap in
+        // the consumer sequence and restarts aggregation from the cursor (see
+        // `process_batch`). The server removes the consumer 30 s after we stop pulling.
+        self.delivered = 0;
+        let consumer = self
+            .store
+            .events
+            .create_consumer(consumer::pull::Config {
+                filter_subject: self.store.names.events_wildcard(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: self.cursor + 1,
+                },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .context("creating the aggregator's consumer")?;
+        // Our own pull loop (see `pull`), as a stream: a wait for the next message that
+        // is abandoned (a flush or a meter change came first) resumes where it was.
+        let pull = crate::aggregate::pull::Pull::start(
+            self.store.js.clone(),
+            &self.store.names.stream,
+            &consumer.cached_info().name,
+            BATCH / 2,
+            PULL_EXPIRES,
+        )
+        .await?;
+        Ok(Box::pin(futures::stream::unfold(
+            pull,
+            |mut pull| async move {
+                let next = pull.next().await;
+                Some((next, pull))
+            },
+        )))
+    }
+
+    /// How long changed readings may wait to be written.
+    fn flush_every(&self) -> Duration {
+        if self.lag > BATCH as u64 {
+            // catching up: at most a fifth of the time goes to writing
+            (self.flush_cost * 4).clamp(BACKLOG_FLUSH_INTERVAL, MAX_BACKLOG_FLUSH_INTERVAL)
+        } else {
+            FLUSH_INTERVAL
+        }
+    }
+}
+
+/// Run the aggregator whenever this process leads, restarting it after errors.
+pub(crate) async fn supervise(parts: Parts, mut leading: watch::Receiver<bool>) {
+    loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        parts.metrics.election.leader.set(1);
+        if let Err(e) = Aggregator::new(parts.clone()).run(leading.clone()).await {
+            tracing::error!(error = format!("{e:#}"), "aggregator stopped; restarting");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        parts.metrics.election.leader.set(0);
+    }
+}

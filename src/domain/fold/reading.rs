@@ -1,0 +1,245 @@
+//! Readings and their exact arithmetic: the accumulator keeps count, exact sum, min,
+//! max, the latest value and the distinct set, so readings merge exactly into coarser
+//! windows.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::contribution::*;
+use crate::domain::meter::Aggregation;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Latest {
+    #[serde(with = "rust_decimal::serde::str")]
+    pub value: Decimal,
+    pub time: DateTime<Utc>,
+    pub seq: u64,
+}
+
+/// Exact set of distinct-value hashes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Distinct {
+    pub hashes: BTreeSet<u64>,
+    /// Values counted after the set reached [`DISTINCT_CAP`].
+    pub overflow: u64,
+}
+
+impl Distinct {
+    pub fn insert(&mut self, h: u64) {
+        if self.hashes.contains(&h) {
+            return;
+        }
+        if self.hashes.len() < DISTINCT_CAP {
+            self.hashes.insert(h);
+        } else {
+            self.overflow += 1;
+        }
+    }
+    pub fn count(&self) -> u64 {
+        self.hashes.len() as u64 + self.overflow
+    }
+    pub fn merge(&mut self, other: &Distinct) {
+        for h in &other.hashes {
+            self.insert(*h);
+        }
+        self.overflow += other.overflow;
+    }
+}
+
+/// Compact form: sorted hashes as delta-encoded LEB128 varints, base64.
+impl Serialize for Distinct {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = Vec::with_capacity(self.hashes.len() * 8);
+        let mut prev = 0u64;
+        for &h in &self.hashes {
+            let mut d = h - prev;
+            prev = h;
+            loop {
+                let byte = (d & 0x7f) as u8;
+                d >>= 7;
+                if d == 0 {
+                    buf.push(byte);
+                    break;
+                }
+                buf.push(byte | 0x80);
+            }
+        }
+        let enc = base64::engine::general_purpose::STANDARD_NO_PAD.encode(buf);
+        (enc, self.overflow).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Distinct {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (enc, overflow): (String, u64) = Deserialize::deserialize(d)?;
+        let buf = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(enc)
+            .map_err(serde::de::Error::custom)?;
+        let mut hashes = BTreeSet::new();
+        let (mut prev, mut cur, mut shift) = (0u64, 0u64, 0u32);
+        for b in buf {
+            if shift >= 64 {
+                return Err(serde::de::Error::custom("bad varint"));
+            }
+            cur |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                prev = prev.wrapping_add(cur);
+                hashes.insert(prev);
+                cur = 0;
+                shift = 0;
+            } else {
+                shift += 7;
+            }
+        }
+        Ok(Distinct { hashes, overflow })
+    }
+}
+
+/// Running aggregate of one reading: enough to answer every aggregation, and to merge
+/// readings exactly (sum and count add, min/max compare, latest by time then sequence,
+/// distinct sets unite).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Acc {
+    pub count: u64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub sum: Decimal,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::str_option"
+    )]
+    pub min: Option<Decimal>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::str_option"
+    )]
+    pub max: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<Latest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distinct: Option<Distinct>,
+}
+
+impl Acc {
+    /// Whether [`Self::add`] can take the value: false when the sum would overflow.
+    pub(super) fn can_add(&self, v: &Value_) -> bool {
+        match v {
+            Value_::Number(d) => self.sum.checked_add(*d).is_some(),
+            Value_::None | Value_::Distinct(_) => true,
+        }
+    }
+
+    /// Add one value in place (callers check [`Self::can_add`] first).
+    pub(super) fn add(&mut self, v: &Value_, time: DateTime<Utc>, seq: u64) {
+        self.count += 1;
+        match v {
+            Value_::None => {}
+            Value_::Number(d) => {
+                self.sum = self.sum.checked_add(*d).unwrap_or(self.sum);
+                self.min = Some(self.min.map_or(*d, |m| m.min(*d)));
+                self.max = Some(self.max.map_or(*d, |m| m.max(*d)));
+                let newer = self
+                    .latest
+                    .as_ref()
+                    .is_none_or(|l| (time, seq) > (l.time, l.seq));
+                if newer {
+                    self.latest = Some(Latest {
+                        value: *d,
+                        time,
+                        seq,
+                    });
+                }
+            }
+            Value_::Distinct(h) => self
+                .distinct
+                .get_or_insert_with(Distinct::default)
+                .insert(*h),
+        }
+    }
+
+    /// Merge another accumulator of the same meter into this one (for queries).
+    pub fn merge(&mut self, other: &Acc) {
+        self.count += other.count;
+        self.sum = self.sum.checked_add(other.sum).unwrap_or(self.sum);
+        self.min = match (self.min, other.min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.max = match (self.max, other.max) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(o) = &other.latest {
+            if self
+                .latest
+                .as_ref()
+                .is_none_or(|l| (o.time, o.seq) > (l.time, l.seq))
+            {
+                self.latest = Some(o.clone());
+            }
+        }
+        if let Some(o) = &other.distinct {
+            self.distinct.get_or_insert_with(Distinct::default).merge(o);
+        }
+    }
+
+    /// The reading's value under an aggregation; `None` before any event.
+    pub fn value(&self, agg: Aggregation) -> Option<Decimal> {
+        let v = match agg {
+            Aggregation::Count => Decimal::from(self.count),
+            Aggregation::Sum => self.sum,
+            Aggregation::Avg if self.count == 0 => return None,
+            Aggregation::Avg => self.sum.checked_div(Decimal::from(self.count))?,
+            Aggregation::Min => self.min?,
+            Aggregation::Max => self.max?,
+            Aggregation::UniqueCount => {
+                Decimal::from(self.distinct.as_ref().map_or(0, Distinct::count))
+            }
+            Aggregation::Latest => self.latest.as_ref()?.value,
+        };
+        Some(v.normalize())
+    }
+}
+
+/// One stored reading (value of one KV key in the readings bucket).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reading {
+    /// Highest stream sequence applied: the exactly-once watermark.
+    pub seq: u64,
+    /// Sequence of the first event applied (0: none yet).
+    #[serde(default)]
+    pub first_seq: u64,
+    pub acc: Acc,
+    #[serde(default, skip_serializing_if = "no_group")]
+    pub group_by: SharedGroup,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_time: Option<DateTime<Utc>>,
+    /// Summary only: events invalid for the meter.
+    #[serde(default)]
+    pub invalid_events: u64,
+    /// Summary only: distinct subjects seen.
+    #[serde(default)]
+    pub subjects: u64,
+    /// Subject totals only: every group seen for the subject (token to values), so that
+    /// queries can address its windows directly.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, SharedGroup>,
+}
+
+impl Reading {
+    pub(super) fn note_event(&mut self, seq: u64, time: DateTime<Utc>) {
+        self.seq = seq;
+        if self.first_seq == 0 {
+            self.first_seq = seq;
+        }
+        if self.last_event_time.is_none_or(|t| time > t) {
+            self.last_event_time = Some(time);
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! Meter definitions: validation, normalisation and compilation of their JSONPaths.
+//! Pure: no I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use jsonpath_rust::parser::model::JpQuery;
+use jsonpath_rust::parser::parse_json_path;
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+    UniqueCount,
+    Latest,
+}
+
+impl Aggregation {
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw.to_ascii_lowercase().as_str() {
+            "count" => Aggregation::Count,
+            "sum" => Aggregation::Sum,
+            "avg" => Aggregation::Avg,
+            "min" => Aggregation::Min,
+            "max" => Aggregation::Max,
+            "unique_count" | "unique" => Aggregation::UniqueCount,
+            "latest" => Aggregation::Latest,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Count => "count",
+            Aggregation::Sum => "sum",
+            Aggregation::Avg => "avg",
+            Aggregation::Min => "min",
+            Aggregation::Max => "max",
+            Aggregation::UniqueCount => "unique_count",
+            Aggregation::Latest => "latest",
+        }
+    }
+}
+
+impl fmt::Display for Aggregation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    PartialOrd,
+    Ord,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WindowSize {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl WindowSize {
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw.to_ascii_uppercase().as_str() {
+            "MINUTE" => WindowSize::Minute,
+            "HOUR" => WindowSize::Hour,
+            "DAY" => WindowSize::Day,
+            _ => return None,
+        })
+    }
+    pub fn seconds(self) -> i64 {
+        match self {
+            WindowSize::Minute => 60,
+            WindowSize::Hour => 3600,
+            WindowSize::Day => 86_400,
+        }
+    }
+    /// The coarser UTC windows kept for meters of this size.
+    pub fn rollups(self) -> &'static [crate::domain::window::Rollup] {
+        use crate::domain::window::Rollup;
+        match self {
+            WindowSize::Minute => &[Rollup::Hour, Rollup::Day, Rollup::Month],
+            WindowSize::Hour => &[Rollup::Day, Rollup::Month],
+            WindowSize::Day => &[Rollup::Month],
+        }
+    }
+
+    /// Start (epoch seconds, UTC) of the window holding `epoch_seconds`.
+    pub fn window_start(self, epoch_seconds: i64) -> i64 {
+        epoch_seconds.div_euclid(self.seconds()) * self.seconds()
+    }
+}
+
+/// A meter as users define it (API JSON and, later, the CR spec).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterDef {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub event_type: String,
+    pub aggregation: Aggregation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_property: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group_by: BTreeMap<String, String>,
+    pub window_size: WindowSize,
+}
+
+impl MeterDef {
+    /// Fingerprint of everything that changes what the readings contain. A change of
+    /// fingerprint rebuilds the meter; `description` is deliberately not part of it.
+    pub fn semantic_hash(&self) -> String {
+        let canon = serde_json::json!({
+            "eventType": self.event_type,
+            "aggregation": self.aggregation,
+            "valueProperty": self.value_property,
+            "groupBy": self.group_by,
+            "windowSize": self.window_size,
+        });
+        format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(canon.to_string().as_bytes())
+        )
+    }
+}
+
+const MAX_ID: usize = 253;
+
+/// Ids of meters created through the API in standalone mode: no `/`, which is reserved
+/// for `<namespace>/<name>` ids of Meter custom resources.
+pub fn validate_meter_id(id: &str, allow_namespaced: bool) -> Result<(), FieldError> {
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    let valid = id.len() <= MAX_ID
+        && match id.split_once('/') {
+            None => ok_part(id),
+            Some((ns, name)) => allow_namespaced && ok_part(ns) && ok_part(name),
+        };
+    if valid {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "id",
+            format!("must be 1-{MAX_ID} characters of [A-Za-z0-9_.-]"),
+        ))
+    }
+}
+
+/// The fields of a meter definition (API JSON and CR `spec` alike); `id` first, since a
+/// Meter resource's spec has all but it (`operator::crd::SPEC_FIELDS`).
+pub const METER_FIELDS: &[&str] = &[
+    "id",
+    "description",
+    "eventType",
+    "aggregation",
+    "valueProperty",
+    "groupBy",
+    "windowSize",
+];
+
+/// `<field>: unknown field`, with the known field it most likely misspells
+/// (`groupby: unknown field; did you mean groupBy?`). A typo must not be accepted
+/// silently: the meter would measure something else.
+pub fn unknown_field(field: &str, known: &[&str]) -> FieldError {
+    let squash = |s: &str| {
+        s.chars()
+            .filter(|c| !matches!(c, '_' | '-'))
+            .flat_map(char::to_lowercase)
+            .collect::<String>()
+    };
+    // `spec.groupby` is matched on `groupby`
+    let wanted = squash(field.rsplit('.').next().unwrap_or(field));
+    let best = known
+        .iter()
+        .map(|k| (strsim::levenshtein(&wanted, &squash(k)), *k))
+        .min();
+    match best {
+        Some((distance, k)) if distance <= 2 && distance < wanted.len() => {
+            FieldError::new(field, format!("unknown field; did you mean {k}?"))
+        }
+        _ => FieldError::new(
+            field,
+            format!("unknown field (the fields are {})", known.join(", ")),
+        ),
+    }
+}
+
+/// Parse and validate a meter from API JSON. Every error names its field.
+pub fn parse_meter_json(
+    body: &serde_json::Value,
+    id_override: Option<&str>,
+) -> Result<MeterDef, FieldError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| FieldError::new("body", "must be a JSON object"))?;
+    let get_str = |field: &str| -> Result<Option<String>, FieldError> {
+        match obj.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(FieldError::new(field, "must be a string")),
+        }
+    };
+    if let Some(field) = obj.keys().find(|k| !METER_FIELDS.contains(&k.as_str())) {
+        return Err(unknown_field(field, METER_FIELDS));
+    }
+    let id = match id_override {
+        Some(id) => id.to_string(),
+        None => get_str("id")?.ok_or_else(|| FieldError::new("id", "is required"))?,
+    };
+    validate_meter_id(&id, id_override.is_some())?;
+    let group_by = match obj.get("groupBy") {
+        None | Some(serde_json::Value::Null) => BTreeMap::new(),
+        Some(serde_json::Value::Object(m)) => {
+            let mut out = BTreeMap::new();
+            for (k, v) in m {
+                let path = v
+                    .as_str()
+                    .ok_or_else(|| FieldError::new(format!("groupBy.{k}"), "must be a string"))?;
+                out.insert(k.clone(), path.to_string());
+            }
+            out
+        }
+        Some(_) => {
+            return Err(FieldError::new(
+                "groupBy",
+                "must be an object of name to JSONPath",
+            ))
+        }
+    };
+    let aggregation_raw =
+        get_str("aggregation")?.ok_or_else(|| FieldError::new("aggregation", "is required"))?;
+    let aggregation = Aggregation::parse(&aggregation_raw).ok_or_else(|| {
+        FieldError::new(
+            "aggregation",
+            format!("unknown aggregation {aggregation_raw:?} (count, sum, avg, min, max, unique_count, latest)"),
+        )
+    })?;
+    let window_size = match get_str("windowSize")? {
+        None => WindowSize::Hour,
+        Some(w) => WindowSize::parse(&w).ok_or_else(|| {
+            FieldError::new(
+                "windowSize",
+                format!("unknown window size {w:?} (MINUTE, HOUR, DAY)"),
+            )
+        })?,
+    };
+    let def = MeterDef {
+        id,
+        description: get_str("description")?.unwrap_or_default(),
+        event_type: get_str("eventType")?
+            .ok_or_else(|| FieldError::new("eventType", "is required"))?,
+        aggregation,
+        value_property: get_str("valueProperty")?.filter(|s| !s.is_empty()),
+        group_by,
+        window_size,
+    };
+    CompiledMeter::compile(&def)?;
+    Ok(def)
+}
+
+/// A meter ready for the fold: JSONPaths parsed once, not per event.
+#[derive(Clone, Debug)]
+pub struct CompiledMeter {
+    pub def: MeterDef,
+    /// `def.id`, shared by every reading key of the meter.
+    pub id: std::sync::Arc<str>,
+    pub hash: String,
+    pub value_path: Option<Path>,
+    /// In name order (as `def.group_by`).
+    pub group_paths: Vec<(String, Path)>,
+}
+
+/// A compiled JSONPath. `$.a.b` style paths (the common case) are kept as the field
+/// names to walk; anything else goes through the JSONPath engine.
+#[derive(Clone, Debug)]
+pub enum Path {
+    Fields(Vec<String>),
+    Query(JpQuery),
+}
+
+fn compile_path(field: &str, path: &str) -> Result<Path, FieldError> {
+    if !path.starts_with('$') {
+        return Err(FieldError::new(field, "JSONPath must start with '$'"));
+    }
+    let query = parse_json_path(path)
+        .map_err(|e| FieldError::new(field, format!("invalid JSONPath: {e}")))?;
+    let plain = |f: &str| {
+        f.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match path.strip_prefix("$.") {
+        Some(rest) if rest.split('.').all(plain) => {
+            Ok(Path::Fields(rest.split('.').map(str::to_string).collect()))
+        }
+        _ => Ok(Path::Query(query)),
+    }
+}
+
+impl CompiledMeter {
+    /// Validate a definition completely (the same rules for API meters and CRs).
+    pub fn compile(def: &MeterDef) -> Result<Self, FieldError> {
+        if def.event_type.is_empty() || def.event_type.chars().count() > 256 {
+            return Err(FieldError::new("eventType", "must be 1-256 characters"));
+        }
+        if def.event_type.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                "eventType",
+                "must not contain control characters",
+            ));
+        }
+        if def.description.chars().count() > 1024 {
+            return Err(FieldError::new(
+                "description",
+                "must be at most 1024 characters",
+            ));
+        }
+        let value_path = match (&def.value_property, def.aggregation) {
+            (None, Aggregation::Count) => None,
+            (None, agg) => {
+                return Err(FieldError::new(
+                    "valueProperty",
+                    format!("is required for aggregation {agg}"),
+                ))
+            }
+            (Some(p), _) => Some(compile_path("valueProperty", p)?),
+        };
+        let mut group_paths = Vec::with_capacity(def.group_by.len());
+        for (name, path) in &def.group_by {
+            let field = format!("groupBy.{name}");
+            if name.is_empty()
+                || name.len() > 63
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(FieldError::new(
+                    field,
+                    "group name must be 1-63 characters of [A-Za-z0-9_-]",
+                ));
+            }
+            group_paths.push((name.clone(), compile_path(&field, path)?));
+        }
+        Ok(CompiledMeter {
+            id: def.id.as_str().into(),
+            hash: def.semantic_hash(),
+            def: def.clone(),
+            value_path,
+            group_paths,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: serde_json::Value) -> Result<MeterDef, FieldError> {
+        parse_meter_json(&v, None)
+    }
+
+    #[test]
+    fn accepts_seed_shape_and_defaults_window() {
+        let m = parse(json!({"id":"m1","eventType":"api","aggregation":"SUM","valueProperty":"$.tokens","groupBy":{"model":"$.model"}})).unwrap();
+        assert_eq!(m.aggregation, Aggregation::Sum);
+        assert_eq!(m.window_size, WindowSize::Hour);
+        assert_eq!(m.group_by.get("model").map(String::as_str), Some("$.model"));
+        assert_eq!(
+            parse(json!({"id":"u","eventType":"a","aggregation":"unique","valueProperty":"$.u"}))
+                .unwrap()
+                .aggregation,
+            Aggregation::UniqueCount
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                json!({"eventType":"a","aggregation":"count"}),
+                "id: is required",
+            ),
+            (
+                json!({"id":"a b","eventType":"a","aggregation":"count"}),
+                "id: ",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"median","valueProperty":"$.x"}),
+                "aggregation: unknown",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"sum"}),
+                "valueProperty: is required",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"tokens"}),
+                "valueProperty: JSONPath must start",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.[["}),
+                "valueProperty: invalid JSONPath",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","groupBy":{"g":"x"}}),
+                "groupBy.g: JSONPath must start",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","windowSize":"WEEK"}),
+                "windowSize: unknown",
+            ),
+            (
+                json!({"id":"m","aggregation":"count"}),
+                "eventType: is required",
+            ),
+            (
+                json!({"id":"m","eventType":7,"aggregation":"count"}),
+                "eventType: must be a string",
+            ),
+            (json!([1]), "body: must be a JSON object"),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","groupby":{"g":"$.g"}}),
+                "groupby: unknown field; did you mean groupBy?",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"sum","valuProperty":"$.x"}),
+                "valuProperty: unknown field; did you mean valueProperty?",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","window_size":"DAY"}),
+                "window_size: unknown field; did you mean windowSize?",
+            ),
+            (
+                json!({"id":"m","eventType":"a","aggregation":"count","colour":"red"}),
+                "colour: unknown field (the fields are id, description, eventType",
+            ),
+        ];
+        for (body, want) in cases {
+            let err = parse(body.clone()).unwrap_err().to_string();
+            assert!(
+                err.starts_with(want),
+                "{body}: got {err:?}, want prefix {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn semantic_hash_ignores_description_only() {
+        let a = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"}))
+            .unwrap();
+        let mut b = a.clone();
+        b.description = "changed".into();
+        assert_eq!(a.semantic_hash(), b.semantic_hash());
+        b.value_property = Some("$.y".into());
+        assert_ne!(a.semantic_hash(), b.semantic_hash());
+    }
+
+    #[test]
+    fn window_start_floors_negative_times() {
+        assert_eq!(WindowSize::Hour.window_start(3599), 0);
+        assert_eq!(WindowSize::Hour.window_start(-1), -3600);
+        assert_eq!(WindowSize::Day.window_start(86_400 * 3 + 5), 86_400 * 3);
+    }
+}

@@ -1,0 +1,19 @@
+//! The pure core: what an event and a meter are, how events fold into exact readings,
+//! how duplicates are decided, and how a query is planned over stored windows and
+//! merged. No I/O and no storage names: the [`crate::nats`] layer renders the
+//! [`window::ReadingKey`]s chosen here into KV keys.
+//!
+//! - [`event`]: parsing and validating ingested events (seed shape and CloudEvents).
+//! - [`meter`]: meter definitions, their validation and compiled JSONPaths.
+//! - [`window`]: which reading a contribution lands in (subject totals, windows, UTC
+//!   rollups).
+//! - [`fold`]: readings and the exact arithmetic that updates and merges them.
+//! - [`dedup`]: which events of a batch repeat an id already counted.
+//! - [`query`]: query parameters, output windows and the cover of stored windows.
+
+pub mod dedup;
+pub mod event;
+pub mod fold;
+pub mod meter;
+pub mod query;
+pub mod window;

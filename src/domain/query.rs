@@ -1,0 +1,367 @@
+//! Usage queries, the pure part: parse the request, lay out the output windows in the
+//! requested time zone, and cover each one exactly with the fewest stored windows
+//! (UTC month, day and hour rollups, then the meter's own windows at the edges). The
+//! API layer fetches those readings and [`rows`] turns them into rows.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Offset, SecondsFormat, TimeZone, Utc};
+use chrono_tz::Tz;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::domain::fold::Acc;
+use crate::domain::meter::{MeterDef, WindowSize};
+use crate::domain::window::Rollup;
+use crate::error::FieldError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum QueryWindow {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl QueryWindow {
+    fn parse(raw: &str) -> Option<Self> {
+        Some(match raw.to_ascii_uppercase().as_str() {
+            "MINUTE" => QueryWindow::Minute,
+            "HOUR" => QueryWindow::Hour,
+            "DAY" => QueryWindow::Day,
+            "MONTH" => QueryWindow::Month,
+            _ => return None,
+        })
+    }
+    fn rank(self) -> u8 {
+        self as u8
+    }
+}
+
+fn meter_rank(w: WindowSize) -> u8 {
+    match w {
+        WindowSize::Minute => 0,
+        WindowSize::Hour => 1,
+        WindowSize::Day => 2,
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct QueryParams {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub window: Option<QueryWindow>,
+    pub tz: Tz,
+    pub subjects: Vec<String>,
+    pub group_by: Vec<String>,
+    pub filters: BTreeMap<String, String>,
+}
+
+fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>, FieldError> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| FieldError::new(field, format!("must be an RFC 3339 timestamp: {e}")))
+}
+
+/// Parse query-string pairs (repeatable keys kept in order). Every error names its
+/// parameter.
+pub fn parse_query(
+    pairs: &[(String, String)],
+    meter: &MeterDef,
+    now: DateTime<Utc>,
+) -> Result<QueryParams, FieldError> {
+    let mut from = None;
+    let mut to = None;
+    let mut window = None;
+    let mut tz = chrono_tz::UTC;
+    let mut subjects = Vec::new();
+    let mut group_by = Vec::new();
+    let mut filters = BTreeMap::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "from" => from = Some(parse_time("from", v)?),
+            "to" => to = Some(parse_time("to", v)?),
+            "windowSize" => {
+                let w = QueryWindow::parse(v).ok_or_else(|| {
+                    FieldError::new(
+                        "windowSize",
+                        format!("unknown window size {v:?} (MINUTE, HOUR, DAY, MONTH)"),
+                    )
+                })?;
+                if w.rank() < meter_rank(meter.window_size) {
+                    let base = format!("{:?}", meter.window_size).to_uppercase();
+                    return Err(FieldError::new(
+                        "windowSize",
+                        format!(
+                            "{} is finer than the meter's windowSize {base}",
+                            v.to_uppercase()
+                        ),
+                    ));
+                }
+                window = Some(w);
+            }
+            "windowTimeZone" => {
+                tz = v.parse::<Tz>().map_err(|_| {
+                    FieldError::new("windowTimeZone", format!("unknown IANA time zone {v:?}"))
+                })?
+            }
+            "subject" => subjects.push(v.clone()),
+            "groupBy" => {
+                if !meter.group_by.contains_key(v) {
+                    return Err(FieldError::new(
+                        "groupBy",
+                        format!("unknown group key {v:?}"),
+                    ));
+                }
+                if !group_by.contains(v) {
+                    group_by.push(v.clone());
+                }
+            }
+            other => {
+                if let Some(key) = other
+                    .strip_prefix("filterGroupBy[")
+                    .and_then(|r| r.strip_suffix(']'))
+                {
+                    if !meter.group_by.contains_key(key) {
+                        return Err(FieldError::new(other, format!("unknown group key {key:?}")));
+                    }
+                    filters.insert(key.to_string(), v.clone());
+                }
+                // other parameters are ignored, as most HTTP APIs do
+            }
+        }
+    }
+    let from = from.ok_or_else(|| FieldError::new("from", "is required"))?;
+    let to = match to {
+        Some(to) => to,
+        // now, rounded up to the meter's window, so that the range ends on a window
+        // the meter keeps and the current window is included whole
+        None => {
+            let size = meter.window_size.seconds();
+            let t = now.timestamp();
+            let end = t.div_euclid(size) * size + if t.rem_euclid(size) == 0 { 0 } else { size };
+            DateTime::from_timestamp(end, 0).unwrap_or(now)
+        }
+    };
+    if from >= to {
+        return Err(FieldError::new("from", "must be before to (default: now)"));
+    }
+    Ok(QueryParams {
+        from,
+        to,
+        window,
+        tz,
+        subjects,
+        group_by,
+        filters,
+    })
+}
+
+fn local_midnight(tz: Tz, date: NaiveDate) -> DateTime<Utc> {
+    // Midnight can fall into a DST gap in a few zones: take the first instant of the day.
+    let mut t = date.and_hms_opt(0, 0, 0).unwrap_or_default();
+    for _ in 0..4 {
+        if let Some(dt) = tz.from_local_datetime(&t).earliest() {
+            return dt.with_timezone(&Utc);
+        }
+        t += Duration::minutes(30);
+    }
+    Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default())
+}
+
+/// Start of the window (in `tz`) holding `t`, and the start of the next one.
+fn window_bounds(w: QueryWindow, tz: Tz, t: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let local = t.with_timezone(&tz);
+    match w {
+        QueryWindow::Minute | QueryWindow::Hour => {
+            let size = if w == QueryWindow::Minute { 60 } else { 3600 };
+            // local wall-clock alignment: the zone's offset at t decides the boundary
+            let offset = i64::from(local.offset().fix().local_minus_utc());
+            let start = (t.timestamp() + offset).div_euclid(size) * size - offset;
+            let start = DateTime::from_timestamp(start, 0).unwrap_or(t);
+            (start, start + Duration::seconds(size))
+        }
+        QueryWindow::Day => {
+            let date = local.date_naive();
+            (
+                local_midnight(tz, date),
+                local_midnight(tz, date.succ_opt().unwrap_or(date)),
+            )
+        }
+        QueryWindow::Month => {
+            let first = NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or_default();
+            let next = if local.month() == 12 {
+                NaiveDate::from_ymd_opt(local.year() + 1, 1, 1)
+            } else {
+                NaiveDate::from_ymd_opt(local.year(), local.month() + 1, 1)
+            }
+            .unwrap_or(first);
+            (local_midnight(tz, first), local_midnight(tz, next))
+        }
+    }
+}
+
+/// Most output windows one query may ask for.
+pub const MAX_WINDOWS: usize = 10_000;
+
+/// The output windows, each clipped to [from, to); `None` past [`MAX_WINDOWS`].
+pub fn output_windows(p: &QueryParams) -> Option<Vec<(DateTime<Utc>, DateTime<Utc>)>> {
+    let Some(w) = p.window else {
+        return Some(vec![(p.from, p.to)]);
+    };
+    let mut out = Vec::new();
+    let mut t = p.from;
+    while t < p.to {
+        if out.len() >= MAX_WINDOWS {
+            return None;
+        }
+        let (_, end) = window_bounds(w, p.tz, t);
+        let end = end.min(p.to);
+        if end <= t {
+            break;
+        }
+        out.push((t, end));
+        t = end;
+    }
+    Some(out)
+}
+
+/// A query answer (JSON form).
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Answer {
+    pub window_size: Option<QueryWindow>,
+    pub window_time_zone: String,
+    pub from: String,
+    pub to: String,
+    pub data: Vec<Row>,
+}
+
+/// Stored windows that together are exactly [a, b): coarsest UTC rollups first.
+/// Fails when a or b does not fall on a boundary of the meter's own windows.
+pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<(Option<Rollup>, i64)>, i64> {
+    let size = base.seconds();
+    if a.rem_euclid(size) != 0 {
+        return Err(a);
+    }
+    if b.rem_euclid(size) != 0 {
+        return Err(b);
+    }
+    let mut out = Vec::new();
+    let mut t = a;
+    while t < b {
+        let rollup = base
+            .rollups()
+            .iter()
+            .rev()
+            .find(|ru| ru.start(t) == t && ru.next(t) <= b);
+        match rollup {
+            Some(ru) => {
+                out.push((Some(*ru), t));
+                t = ru.next(t);
+            }
+            None => {
+                out.push((None, t));
+                t += size;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One row of a query answer.
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Row {
+    pub window_start: String,
+    pub window_end: String,
+    pub subject: String,
+    pub group_by: BTreeMap<String, Value>,
+    pub value: Option<String>,
+}
+
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Whether a group's values pass `filterGroupBy` (compared as text; null as "null").
+pub fn group_matches(values: &BTreeMap<String, Value>, filters: &BTreeMap<String, String>) -> bool {
+    filters.iter().all(|(k, want)| {
+        let got = match values.get(k) {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => "null".into(),
+        };
+        &got == want
+    })
+}
+
+/// Keep only the requested dimensions of a group.
+pub fn project(values: &BTreeMap<String, Value>, dims: &[String]) -> BTreeMap<String, Value> {
+    dims.iter()
+        .map(|d| (d.clone(), values.get(d).cloned().unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// Merged accumulators keyed by (output window, subject, projected group as JSON).
+pub type Merged = BTreeMap<(usize, String, String), (BTreeMap<String, Value>, Acc)>;
+
+/// Rows from merged accumulators keyed by (window index, subject, projected group).
+pub fn rows(
+    windows: &[(DateTime<Utc>, DateTime<Utc>)],
+    merged: Merged,
+    meter: &MeterDef,
+) -> Vec<Row> {
+    merged
+        .into_iter()
+        .filter(|(_, (_, acc))| acc.count > 0)
+        .map(|((w, subject, _), (group_by, acc))| Row {
+            window_start: rfc3339(windows[w].0),
+            window_end: rfc3339(windows[w].1),
+            subject,
+            group_by,
+            value: acc.value(meter.aggregation).map(|d| d.to_string()),
+        })
+        .collect()
+}
+
+/// CSV with a header line: windowStart, windowEnd, subject, one column per groupBy
+/// dimension, value.
+pub fn to_csv(rows: &[Row], dims: &[String]) -> String {
+    fn field(s: &str) -> String {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    }
+    let mut out = String::from("windowStart,windowEnd,subject");
+    for d in dims {
+        out.push(',');
+        out.push_str(&field(d));
+    }
+    out.push_str(",value\n");
+    for r in rows {
+        let mut cols = vec![
+            field(&r.window_start),
+            field(&r.window_end),
+            field(&r.subject),
+        ];
+        for d in dims {
+            let v = match r.group_by.get(d) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(v) => v.to_string(),
+            };
+            cols.push(field(&v));
+        }
+        cols.push(field(r.value.as_deref().unwrap_or("")));
+        out.push_str(&cols.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

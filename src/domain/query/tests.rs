@@ -1,0 +1,295 @@
+use super::*;
+use crate::domain::meter::parse_meter_json;
+use proptest::prelude::*;
+use serde_json::json;
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn meter(window: &str) -> MeterDef {
+    parse_meter_json(
+        &json!({"id": "m", "eventType": "e", "aggregation": "sum", "valueProperty": "$.v", "groupBy": {"model": "$.model"}, "windowSize": window}),
+        None,
+    )
+    .unwrap()
+}
+
+fn q(pairs: &[(&str, &str)], window: &str) -> Result<QueryParams, FieldError> {
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    parse_query(&pairs, &meter(window), t("2026-12-01T00:00:00Z"))
+}
+
+fn windows(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    output_windows(&q(pairs, "HOUR").unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|(a, b)| (rfc3339(a), rfc3339(b)))
+        .collect()
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    (a.to_string(), b.to_string())
+}
+
+#[test]
+#[allow(clippy::type_complexity)]
+fn bad_parameters_name_themselves() {
+    let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        (&[], "HOUR", "from: is required"),
+        (
+            &[("from", "yesterday")],
+            "HOUR",
+            "from: must be an RFC 3339",
+        ),
+        (
+            &[
+                ("from", "2026-11-02T00:00:00Z"),
+                ("to", "2026-11-01T00:00:00Z"),
+            ],
+            "HOUR",
+            "from: must be before to",
+        ),
+        (
+            &[("from", "2026-11-01T00:00:00Z"), ("windowSize", "MINUTE")],
+            "HOUR",
+            "windowSize: MINUTE is finer than the meter's windowSize HOUR",
+        ),
+        (
+            &[("from", "2026-11-01T00:00:00Z"), ("windowSize", "HOUR")],
+            "DAY",
+            "windowSize: HOUR is finer",
+        ),
+        (
+            &[("from", "2026-11-01T00:00:00Z"), ("windowSize", "WEEK")],
+            "HOUR",
+            "windowSize: unknown window size",
+        ),
+        (
+            &[
+                ("from", "2026-11-01T00:00:00Z"),
+                ("windowTimeZone", "Mars/Olympus"),
+            ],
+            "HOUR",
+            "windowTimeZone: unknown IANA time zone",
+        ),
+        (
+            &[("from", "2026-11-01T00:00:00Z"), ("groupBy", "region")],
+            "HOUR",
+            "groupBy: unknown group key \"region\"",
+        ),
+        (
+            &[
+                ("from", "2026-11-01T00:00:00Z"),
+                ("filterGroupBy[region]", "eu"),
+            ],
+            "HOUR",
+            "filterGroupBy[region]: unknown group key",
+        ),
+    ];
+    for (pairs, window, want) in cases {
+        let err = q(pairs, window).unwrap_err().to_string();
+        assert!(err.starts_with(want), "{pairs:?}: {err}");
+    }
+    let ok = q(
+        &[
+            ("from", "2026-11-01T00:00:00Z"),
+            ("windowSize", "month"),
+            ("subject", "a"),
+            ("subject", "b"),
+            ("groupBy", "model"),
+            ("filterGroupBy[model]", "x"),
+        ],
+        "DAY",
+    )
+    .unwrap();
+    assert_eq!(
+        (ok.window, ok.subjects.len(), ok.to),
+        (Some(QueryWindow::Month), 2, t("2026-12-01T00:00:00Z"))
+    );
+    assert_eq!(ok.filters.get("model").map(String::as_str), Some("x"));
+}
+
+#[test]
+fn day_windows_follow_berlin_midnight_across_the_autumn_change() {
+    // Berlin leaves summer time on Sunday 2026-10-25: that day has 25 hours.
+    let w = windows(&[
+        ("from", "2026-10-22T22:00:00Z"),
+        ("to", "2026-10-27T23:00:00Z"),
+        ("windowSize", "DAY"),
+        ("windowTimeZone", "Europe/Berlin"),
+    ]);
+    assert_eq!(
+        w,
+        vec![
+            pair("2026-10-22T22:00:00Z", "2026-10-23T22:00:00Z"),
+            pair("2026-10-23T22:00:00Z", "2026-10-24T22:00:00Z"),
+            pair("2026-10-24T22:00:00Z", "2026-10-25T23:00:00Z"),
+            pair("2026-10-25T23:00:00Z", "2026-10-26T23:00:00Z"),
+            pair("2026-10-26T23:00:00Z", "2026-10-27T23:00:00Z"),
+        ]
+    );
+    // and the spring change on 2026-03-29: a 23-hour day
+    let w = windows(&[
+        ("from", "2026-03-27T23:00:00Z"),
+        ("to", "2026-03-29T22:00:00Z"),
+        ("windowSize", "DAY"),
+        ("windowTimeZone", "Europe/Berlin"),
+    ]);
+    assert_eq!(
+        w,
+        vec![
+            pair("2026-03-27T23:00:00Z", "2026-03-28T23:00:00Z"),
+            pair("2026-03-28T23:00:00Z", "2026-03-29T22:00:00Z")
+        ]
+    );
+}
+
+#[test]
+fn day_windows_follow_new_york_midnight_across_the_autumn_change() {
+    // New York leaves daylight time on Sunday 2026-11-01.
+    let w = windows(&[
+        ("from", "2026-10-31T04:00:00Z"),
+        ("to", "2026-11-03T05:00:00Z"),
+        ("windowSize", "DAY"),
+        ("windowTimeZone", "America/New_York"),
+    ]);
+    assert_eq!(
+        w,
+        vec![
+            pair("2026-10-31T04:00:00Z", "2026-11-01T04:00:00Z"),
+            pair("2026-11-01T04:00:00Z", "2026-11-02T05:00:00Z"),
+            pair("2026-11-02T05:00:00Z", "2026-11-03T05:00:00Z"),
+        ]
+    );
+}
+
+#[test]
+fn month_windows_cross_the_year_in_a_zone() {
+    let w = windows(&[
+        ("from", "2026-12-01T05:00:00Z"),
+        ("to", "2027-02-01T05:00:00Z"),
+        ("windowSize", "MONTH"),
+        ("windowTimeZone", "America/New_York"),
+    ]);
+    assert_eq!(
+        w,
+        vec![
+            pair("2026-12-01T05:00:00Z", "2027-01-01T05:00:00Z"),
+            pair("2027-01-01T05:00:00Z", "2027-02-01T05:00:00Z")
+        ]
+    );
+    // clipped to from/to when they fall inside a window
+    let w = windows(&[
+        ("from", "2026-12-15T00:00:00Z"),
+        ("to", "2027-01-10T00:00:00Z"),
+        ("windowSize", "MONTH"),
+        ("windowTimeZone", "Asia/Tokyo"),
+    ]);
+    assert_eq!(
+        w,
+        vec![
+            pair("2026-12-15T00:00:00Z", "2026-12-31T15:00:00Z"),
+            pair("2026-12-31T15:00:00Z", "2027-01-10T00:00:00Z")
+        ]
+    );
+}
+
+#[test]
+fn cover_uses_the_coarsest_stored_windows() {
+    let (a, b) = (
+        t("2026-12-01T05:00:00Z").timestamp(),
+        t("2027-01-01T05:00:00Z").timestamp(),
+    );
+    let c = cover(a, b, WindowSize::Hour).unwrap();
+    let hours = c.iter().filter(|(r, _)| r.is_none()).count();
+    let days = c.iter().filter(|(r, _)| *r == Some(Rollup::Day)).count();
+    assert_eq!((hours, days, c.len()), (19 + 5, 30, 54));
+    let (a, b) = (
+        t("2026-01-01T00:00:00Z").timestamp(),
+        t("2027-01-01T00:00:00Z").timestamp(),
+    );
+    assert_eq!(cover(a, b, WindowSize::Hour).unwrap().len(), 12);
+    assert_eq!(cover(a + 1800, b, WindowSize::Hour), Err(a + 1800));
+    // Asia/Kolkata is UTC+5:30: its midnights are not on HOUR boundaries
+    let p = q(
+        &[
+            ("from", "2026-11-01T18:30:00Z"),
+            ("to", "2026-11-02T18:30:00Z"),
+            ("windowSize", "DAY"),
+            ("windowTimeZone", "Asia/Kolkata"),
+        ],
+        "HOUR",
+    )
+    .unwrap();
+    let (s, e) = output_windows(&p).unwrap()[0];
+    assert!(cover(s.timestamp(), e.timestamp(), WindowSize::Hour).is_err());
+    assert_eq!(
+        cover(s.timestamp(), e.timestamp(), WindowSize::Minute)
+            .unwrap()
+            .len(),
+        30 + 23 + 30
+    );
+}
+
+proptest! {
+    #[test]
+    fn cover_is_exact_and_contiguous(offset in 0i64..5_000_000, len in 1i64..3000, base in prop::sample::select(vec![WindowSize::Minute, WindowSize::Hour, WindowSize::Day])) {
+        let s = base.seconds();
+        let a = (1_750_000_000 + offset * 60).div_euclid(s) * s;
+        let b = a + len * s;
+        let chunks = cover(a, b, base).unwrap();
+        let mut t = a;
+        for (rollup, start) in chunks {
+            prop_assert_eq!(start, t);
+            t = match rollup { Some(r) => r.next(start), None => start + s };
+        }
+        prop_assert_eq!(t, b);
+    }
+}
+
+#[test]
+fn csv_has_a_header_and_quotes() {
+    let rows = vec![Row {
+        window_start: "a".into(),
+        window_end: "b".into(),
+        subject: "c,1".into(),
+        group_by: BTreeMap::from([("model".to_string(), json!("x\"y"))]),
+        value: Some("1.5".into()),
+    }];
+    assert_eq!(
+        to_csv(&rows, &["model".to_string()]),
+        "windowStart,windowEnd,subject,model,value\na,b,\"c,1\",\"x\"\"y\",1.5\n"
+    );
+}
+
+#[test]
+fn to_defaults_to_now_rounded_up_to_the_meters_window() {
+    let pairs = |from: &str| vec![("from".to_string(), from.to_string())];
+    let now = t("2026-11-30T10:17:05Z");
+    let hour = parse_query(&pairs("2026-11-30T00:00:00Z"), &meter("HOUR"), now).unwrap();
+    assert_eq!(hour.to, t("2026-11-30T11:00:00Z"));
+    let minute = parse_query(&pairs("2026-11-30T00:00:00Z"), &meter("MINUTE"), now).unwrap();
+    assert_eq!(minute.to, t("2026-11-30T10:18:00Z"));
+    let day = parse_query(&pairs("2026-11-30T00:00:00Z"), &meter("DAY"), now).unwrap();
+    assert_eq!(day.to, t("2026-12-01T00:00:00Z"));
+    // already on a boundary: unchanged
+    let on = parse_query(
+        &pairs("2026-11-30T00:00:00Z"),
+        &meter("HOUR"),
+        t("2026-11-30T10:00:00Z"),
+    )
+    .unwrap();
+    assert_eq!(on.to, t("2026-11-30T10:00:00Z"));
+    // the whole range is then coverable by the meter's windows
+    assert!(cover(hour.from.timestamp(), hour.to.timestamp(), WindowSize::Hour).is_ok());
+    assert_eq!(
+        parse_query(&pairs("2026-12-01T00:00:00Z"), &meter("HOUR"), now)
+            .unwrap_err()
+            .to_string(),
+        "from: must be before to (default: now)"
+    );
+}

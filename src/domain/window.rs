@@ -1,0 +1,75 @@
+//! Readings by what they cover: a meter's summary, a subject's all-time total, or one
+//! window of a subject and group — at the meter's own size or a coarser UTC rollup kept
+//! so that queries over long ranges read few readings.
+
+use std::sync::Arc;
+
+/// Which reading a contribution lands in: a meter's summary, one subject's all-time
+/// total, or one window of one subject and group. [`crate::nats::keys`] renders it
+/// into a KV key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReadingKey {
+    Summary {
+        meter: Arc<str>,
+    },
+    SubjectTotal {
+        meter: Arc<str>,
+        subject: Arc<str>,
+    },
+    /// A window at the meter's own size (`rollup: None`), or a coarser UTC rollup kept
+    /// so that queries over long ranges read few keys.
+    Window {
+        meter: Arc<str>,
+        subject: Arc<str>,
+        group: Arc<str>,
+        rollup: Option<Rollup>,
+        start: i64,
+    },
+}
+
+/// Coarser windows kept beside the meter's own, all in UTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rollup {
+    Hour,
+    Day,
+    Month,
+}
+
+impl Rollup {
+    /// Start (epoch seconds) of the UTC rollup window holding `epoch_seconds`.
+    pub fn start(self, epoch_seconds: i64) -> i64 {
+        match self {
+            Rollup::Hour => epoch_seconds.div_euclid(3600) * 3600,
+            Rollup::Day => epoch_seconds.div_euclid(86_400) * 86_400,
+            Rollup::Month => {
+                use chrono::{Datelike, TimeZone};
+                let t = chrono::DateTime::from_timestamp(epoch_seconds, 0).unwrap_or_default();
+                chrono::Utc
+                    .with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+                    .single()
+                    .map_or(epoch_seconds, |m| m.timestamp())
+            }
+        }
+    }
+
+    /// Start of the next rollup window after the one starting at `start`.
+    pub fn next(self, start: i64) -> i64 {
+        match self {
+            Rollup::Hour => start + 3600,
+            Rollup::Day => start + 86_400,
+            Rollup::Month => {
+                use chrono::{Datelike, TimeZone};
+                let t = chrono::DateTime::from_timestamp(start, 0).unwrap_or_default();
+                let (y, m) = if t.month() == 12 {
+                    (t.year() + 1, 1)
+                } else {
+                    (t.year(), t.month() + 1)
+                };
+                chrono::Utc
+                    .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+                    .single()
+                    .map_or(start, |d| d.timestamp())
+            }
+        }
+    }
+}

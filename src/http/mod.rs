@@ -1,0 +1,266 @@
+//! The HTTP API: the seed endpoints (compatible with the original KloudMeter), the
+//! versioned `/api/v1` endpoints, health and metrics. [`routes`] is the one table of what
+//! is served; the router and [`openapi`] are built from it. Handlers validate with
+//! [`crate::domain`] and call [`crate::nats`] or [`crate::ingest`]; nothing here
+//! aggregates. Every error answer is an [`ApiError`].
+//!
+//! - [`events`]: ingestion endpoints.
+//! - [`meters`]: meter definitions, standalone (NATS KV) or as Meter resources.
+//! - [`readings`]: all-time readings per meter and subject.
+//! - [`query`]: usage over time windows.
+//! - [`ops`]: health, readiness, metrics, the description.
+//! - [`server`]: the listener, its timeouts and graceful shutdown.
+
+mod events;
+mod meters;
+pub(crate) mod openapi;
+mod ops;
+mod query;
+mod readings;
+pub mod routes;
+pub(crate) mod server;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::nats::registry::Registry;
+use crate::nats::store::Store;
+use crate::operator::api_meters::KubeMeters;
+
+/// Largest request body accepted (CONTRACT §3).
+pub const BODY_LIMIT: usize = 1 << 20;
+
+#[derive(Clone)]
+pub(crate) struct AppState(Arc<Inner>);
+
+struct Inner {
+    store: OnceLock<Store>,
+    registry: Registry,
+    metrics: Metrics,
+    cfg: Config,
+    inflight: Semaphore,
+    kube: Option<KubeMeters>,
+    kube_synced: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AppState {
+    pub fn new(
+        cfg: Config,
+        registry: Registry,
+        metrics: Metrics,
+        kube: Option<KubeMeters>,
+        kube_synced: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        let inflight = Semaphore::new(cfg.max_inflight_events);
+        AppState(Arc::new(Inner {
+            store: OnceLock::new(),
+            registry,
+            metrics,
+            cfg,
+            inflight,
+            kube,
+            kube_synced,
+        }))
+    }
+    /// A meter id as given in a request: in operator mode a bare name means the
+    /// operator's namespace.
+    fn resolve_id(&self, raw: &str) -> String {
+        match &self.0.kube {
+            Some(k) if !raw.contains('/') => format!("{}/{raw}", k.namespace),
+            _ => raw.to_string(),
+        }
+    }
+    /// Called once NATS is connected and set up; until then the API answers 503.
+    pub fn set_store(&self, store: Store) {
+        let _ = self.0.store.set(store);
+    }
+    fn store(&self) -> Result<&Store, ApiError> {
+        self.0
+            .store
+            .get()
+            .ok_or_else(|| ApiError::unavailable("NATS is not connected yet"))
+    }
+}
+
+/// An error answer: `{"status":"error","message":"<field>: <what is wrong>"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+    /// NATS or the Kubernetes API failed: 503, so clients retry. What failed goes to the
+    /// log, never on the wire.
+    fn storage(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "storage request failed");
+        Self::unavailable("storage unavailable; retry shortly")
+    }
+}
+
+/// A stored record that does not decode (or a value that does not encode) is a bug or
+/// corruption, not the caller's doing: 500 with a generic message, details in the log.
+impl From<serde_json::Error> for ApiError {
+    fn from(e: serde_json::Error) -> Self {
+        tracing::error!(error = %e, "a stored record did not decode");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+}
+
+impl From<crate::error::FieldError> for ApiError {
+    fn from(e: crate::error::FieldError) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            Json(json!({"status": "error", "message": self.message})),
+        )
+            .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn ok_status(code: StatusCode) -> Response {
+    (code, Json(json!({"status": "ok"}))).into_response()
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body: larger than {BODY_LIMIT} bytes"),
+            )
+        } else {
+            ApiError::new(r.status(), format!("body: {}", r.body_text()))
+        }
+    })
+}
+
+/// The server's routes, from [`routes::ROUTES`]: token-guarded where the table says so,
+/// JSON errors for unknown paths and methods, the body limit and the request timeout.
+pub(crate) fn router(state: AppState) -> Router {
+    let request_timeout = state.0.cfg.request_timeout;
+    let mut by_path: std::collections::BTreeMap<&str, MethodRouter<AppState>> = Default::default();
+    for r in routes::ROUTES {
+        let mut handler = (r.handler)();
+        if r.auth {
+            handler =
+                handler.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        }
+        let merged = match by_path.remove(r.path) {
+            Some(existing) => existing.merge(handler),
+            None => handler,
+        };
+        by_path.insert(r.path, merged);
+    }
+    by_path
+        .into_iter()
+        .fold(Router::new(), |router, (path, methods)| {
+            router.route(path, methods)
+        })
+        .fallback(|| async { ApiError::not_found("path: no such endpoint") })
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method: {} is not served on this path", req.method()),
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // a span per request (method, path, status, latency) at debug level
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, b) in expected.iter().enumerate() {
+        diff |= usize::from(b ^ given.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(expected) = state.0.cfg.api_token.as_deref() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !token_matches(given.as_bytes(), expected.as_bytes()) {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authorization: a valid bearer token is required",
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+fn parse_json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
+    let body = body_or_error(body)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("body: invalid JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secreT", b"secret"));
+        assert!(!token_matches(b"secret1", b"secret"));
+        assert!(!token_matches(b"", b"secret"));
+    }
+}

@@ -1,0 +1,290 @@
+//! Names of NATS subjects, KV buckets and KV keys.
+//!
+//! Everything a user controls (meter ids, subjects, event types) is escaped into a
+//! single NATS token, so no input can smuggle a `.`, `*` or `>` into a subject or key
+//! and two different inputs never share a key.
+
+use std::fmt::Write;
+
+use crate::domain::window::{ReadingKey, Rollup};
+
+/// Escape arbitrary text into one NATS token / KV key segment.
+/// `[A-Za-z0-9_-]` pass through; every other byte becomes `=XX` (upper-case hex).
+/// The mapping is injective, so distinct inputs give distinct tokens.
+pub fn token(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for b in raw.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "={b:02X}");
+        }
+    }
+    out
+}
+
+/// Inverse of [`token`]; `None` when the text is not a valid token.
+pub fn untoken(tok: &str) -> Option<String> {
+    let bytes = tok.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' {
+            let hex = tok.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Names derived from the configured stream, so that two installations sharing one
+/// NATS server never touch each other's data.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub stream: String,
+}
+
+impl Names {
+    pub fn new(stream: &str) -> Self {
+        Names {
+            stream: stream.to_string(),
+        }
+    }
+    /// Subject an event of `event_type` is published on.
+    pub fn event_subject(&self, event_type: &str) -> String {
+        format!("{}.events.{}", self.stream, token(event_type))
+    }
+    /// Wildcard over all event subjects.
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.events.>", self.stream)
+    }
+    pub fn deadletter_stream(&self) -> String {
+        format!("{}-deadletter", self.stream)
+    }
+    pub fn deadletter_subject(&self, meter_id: &str) -> String {
+        format!("{}.deadletter.{}", self.stream, token(meter_id))
+    }
+    pub fn deadletter_wildcard(&self) -> String {
+        format!("{}.deadletter.>", self.stream)
+    }
+    pub fn meters_bucket(&self) -> String {
+        format!("{}-meters", self.stream)
+    }
+    pub fn readings_bucket(&self) -> String {
+        format!("{}-readings", self.stream)
+    }
+    /// The claim log: which stream sequence first claimed each event id (see `claims`).
+    pub fn claims_stream(&self) -> String {
+        format!("{}-claims", self.stream)
+    }
+    pub fn claims_subject(&self) -> String {
+        format!("{}.claims", self.stream)
+    }
+    pub fn state_bucket(&self) -> String {
+        format!("{}-state", self.stream)
+    }
+    pub fn leader_bucket(&self) -> String {
+        format!("{}-leader", self.stream)
+    }
+}
+
+/// The key segment prefix of a rollup window (none for the meter's own windows).
+fn rollup_prefix(rollup: Rollup) -> &'static str {
+    match rollup {
+        Rollup::Hour => "h",
+        Rollup::Day => "d",
+        Rollup::Month => "M",
+    }
+}
+
+/// Key layout of the readings bucket:
+/// - `r.<meter>.summary`                       per-meter totals and counters
+/// - `r.<meter>.<subject>.total`               all-time total of one subject
+/// - `r.<meter>.<subject>.<group>.<start>`     one window of one subject and group
+///   (`<start>` prefixed `h`, `d` or `M` for rollups)
+impl ReadingKey {
+    pub fn kv_key(&self) -> String {
+        match self {
+            ReadingKey::Summary { meter } => format!("r.{}.summary", token(meter)),
+            ReadingKey::SubjectTotal { meter, subject } => {
+                format!("r.{}.{}.total", token(meter), token(subject))
+            }
+            ReadingKey::Window {
+                meter,
+                subject,
+                group,
+                rollup,
+                start,
+            } => {
+                let prefix = rollup.map_or("", rollup_prefix);
+                format!(
+                    "r.{}.{}.{}.{prefix}{start}",
+                    token(meter),
+                    token(subject),
+                    group
+                )
+            }
+        }
+    }
+}
+
+/// Key filter for everything stored for one meter in the readings bucket.
+pub fn meter_readings_filter(meter: &str) -> String {
+    format!("r.{}.>", token(meter))
+}
+
+/// Key filter for the all-time subject totals of one meter (optionally one subject).
+pub fn subject_totals_filter(meter: &str, subject: Option<&str>) -> String {
+    match subject {
+        Some(s) => format!("r.{}.{}.total", token(meter), token(s)),
+        None => format!("r.{}.*.total", token(meter)),
+    }
+}
+
+/// Key filter for one stored window of every subject and group of a meter.
+pub fn window_filter(meter: &str, rollup: Option<Rollup>, start: i64) -> String {
+    let prefix = rollup.map_or("", rollup_prefix);
+    format!("r.{}.*.*.{prefix}{start}", token(meter))
+}
+
+pub fn meter_key(meter: &str) -> String {
+    format!("m.{}", token(meter))
+}
+
+pub fn progress_key(meter: &str) -> String {
+    format!("p.{}", token(meter))
+}
+
+pub const CURSOR_KEY: &str = "cursor";
+pub const LEADER_KEY: &str = "aggregator";
+
+/// Header carrying the hashed deduplication key of an event.
+pub const DEDUP_HEADER: &str = "Km-Dedup";
+
+/// The 16-byte dedup key carried (hex-encoded) in an event's [`DEDUP_HEADER`]. A header
+/// that is not 32 hex digits (written by hand into the stream) is hashed instead, so every
+/// value still maps to one fixed key.
+pub fn dedup_key(header: &str) -> crate::domain::dedup::IdKey {
+    let mut key = [0u8; 16];
+    let bytes = header.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    if bytes.len() == 32 {
+        let mut ok = true;
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            match (hex(pair[0]), hex(pair[1])) {
+                (Some(hi), Some(lo)) => key[i] = hi << 4 | lo,
+                _ => ok = false,
+            }
+        }
+        if ok {
+            return key;
+        }
+    }
+    use sha2::Digest as _;
+    key.copy_from_slice(&sha2::Sha256::digest(bytes)[..16]);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keys_decode_hex_and_hash_anything_else() {
+        let hex = "00ff10a0b1c2d3e4f5060708090a0b0c";
+        assert_eq!(
+            dedup_key(hex),
+            [
+                0x00, 0xff, 0x10, 0xa0, 0xb1, 0xc2, 0xd3, 0xe4, 0xf5, 0x06, 0x07, 0x08, 0x09, 0x0a,
+                0x0b, 0x0c
+            ]
+        );
+        assert_eq!(dedup_key(&hex.to_uppercase()), dedup_key(hex));
+        // not hex, or not 32 digits: hashed, and distinct from each other
+        let odd = ["zz".repeat(16), "abc".into(), String::new(), "é".repeat(16)];
+        let keys: std::collections::HashSet<_> = odd.iter().map(|h| dedup_key(h)).collect();
+        assert_eq!(keys.len(), odd.len());
+    }
+
+    #[test]
+    fn token_round_trips_and_escapes_wildcards() {
+        for raw in [
+            "customer-1",
+            "a.b",
+            "*",
+            ">",
+            "x y",
+            "ns/name",
+            "é",
+            "=41",
+            "a:b@c",
+        ] {
+            let t = token(raw);
+            assert!(
+                t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'='),
+                "{t}"
+            );
+            assert_eq!(untoken(&t).as_deref(), Some(raw));
+        }
+        assert_eq!(token("a.b"), "a=2Eb");
+        assert_eq!(token("=41"), "=3D41");
+        assert_ne!(token("=41"), token("A"));
+    }
+
+    #[test]
+    fn reading_keys_have_fixed_token_counts() {
+        let s = ReadingKey::Summary {
+            meter: "t/m".into(),
+        }
+        .kv_key();
+        assert_eq!(s, "r.t=2Fm.summary");
+        let t = ReadingKey::SubjectTotal {
+            meter: "m".into(),
+            subject: "c.1".into(),
+        }
+        .kv_key();
+        assert_eq!(t, "r.m.c=2E1.total");
+        let w = ReadingKey::Window {
+            meter: "m".into(),
+            subject: "c".into(),
+            group: "_".into(),
+            rollup: None,
+            start: 3600,
+        }
+        .kv_key();
+        assert_eq!(w, "r.m.c._.3600");
+        let d = ReadingKey::Window {
+            meter: "m".into(),
+            subject: "c".into(),
+            group: "_".into(),
+            rollup: Some(Rollup::Day),
+            start: 0,
+        }
+        .kv_key();
+        assert_eq!(d, "r.m.c._.d0");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn tokens_are_injective_and_safe(a in "\\PC{0,40}", b in "\\PC{0,40}") {
+            let (ta, tb) = (token(&a), token(&b));
+            proptest::prop_assert!(ta.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-' || c == b'='));
+            proptest::prop_assert_eq!(ta == tb, a == b);
+            proptest::prop_assert_eq!(untoken(&ta), Some(a.clone()));
+        }
+
+        #[test]
+        fn an_event_type_is_one_token_of_its_subject(event_type in "\\PC{1,60}") {
+            // whatever the event type, the subject it is stored on has exactly three
+            // tokens and no wildcard
+            let subject = Names::new("s").event_subject(&event_type);
+            proptest::prop_assert_eq!(subject.matches('.').count(), 2);
+            proptest::prop_assert!(!subject.contains(['*', '>', ' ']));
+        }
+    }
+}

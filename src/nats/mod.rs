@@ -1,0 +1,8 @@
+//! The NATS layer, and the only code that knows stream, bucket, subject and key names:
+//! [`store`] connects and lays out the streams and buckets, [`keys`] names and escapes
+//! everything stored, [`registry`] follows the meter definitions every process shares.
+//! Everything else asks these for typed values.
+
+pub(crate) mod keys;
+pub(crate) mod registry;
+pub mod store;

@@ -1,0 +1,302 @@
+//! The NATS layer: connection, the event stream and KV buckets (created or updated at
+//! start-up, idempotently), and a few primitives the rest of the code shares.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::config::NatsConfig;
+
+type Pending = Result<jetstream::context::PublishAckFuture>;
+
+async fn settle(pending: Pending) -> Result<u64> {
+    Ok(pending?.await?.sequence)
+}
+use crate::nats::keys::Names;
+
+/// Handles to everything KloudMeter keeps in NATS.
+#[derive(Clone)]
+pub struct Store {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    /// Ingestion, on a connection of its own (see `open`).
+    pub ingest: crate::ingest::publisher::Publisher,
+    pub names: Names,
+    pub events: stream::Stream,
+    pub meters: kv::Store,
+    pub readings: kv::Store,
+    pub claims: stream::Stream,
+    pub state: kv::Store,
+    pub leader: kv::Store,
+}
+
+/// One live entry of a KV bucket.
+#[derive(Clone, Debug)]
+pub struct KvItem {
+    pub key: String,
+    pub value: Bytes,
+    pub revision: u64,
+}
+
+impl Store {
+    /// Connect (retrying until NATS answers) and make sure the stream and buckets exist
+    /// with the configured limits.
+    pub async fn connect(cfg: &NatsConfig) -> Result<Store> {
+        Self::open(cfg, true).await
+    }
+
+    /// Connect without retrying (for `kloudmeter setup`): fail if NATS is not there.
+    pub async fn connect_once(cfg: &NatsConfig) -> Result<Store> {
+        Self::open(cfg, false).await
+    }
+
+    async fn open(cfg: &NatsConfig, retry: bool) -> Result<Store> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("kloudmeter")
+            .connection_timeout(Duration::from_secs(5));
+        if retry {
+            options = options.retry_on_initial_connect();
+        }
+        let client = options
+            .clone()
+            .connect(&cfg.nats_url)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+        // Ingested events travel on a connection of their own: one connection is one
+        // socket and one task on each side, and the aggregator's deliveries, claim-log
+        // appends and reading writes would otherwise queue in front of publish acks.
+        let ingest_client = options
+            .name("kloudmeter-ingest")
+            .connect(&cfg.nats_url)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+        let ingest = crate::ingest::publisher::Publisher::start(ingest_client)
+            .await
+            .context("subscribing to JetStream acknowledgements")?;
+        let js = jetstream::new(client.clone());
+        let names = Names::new(&cfg.meter_nats_stream);
+        for config in stream_configs(&names, cfg) {
+            let name = config.name.clone();
+            js.create_or_update_stream(config)
+                .await
+                .with_context(|| format!("creating or updating stream {name}"))?;
+        }
+        let events = js.get_stream(&names.stream).await?;
+        let claims = js.get_stream(names.claims_stream()).await?;
+        let mut buckets = Vec::with_capacity(4);
+        for config in bucket_configs(&names, cfg) {
+            let name = config.bucket.clone();
+            buckets.push(
+                js.create_or_update_key_value(config)
+                    .await
+                    .with_context(|| format!("creating or updating KV bucket {name}"))?,
+            );
+        }
+        let [meters, readings, state, leader]: [kv::Store; 4] = buckets
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("expected four KV buckets"))?;
+        Ok(Store {
+            client,
+            js,
+            ingest,
+            names,
+            events,
+            meters,
+            readings,
+            claims,
+            state,
+            leader,
+        })
+    }
+
+    pub fn connected(&self) -> bool {
+        use async_nats::connection::State;
+        self.client.connection_state() == State::Connected && self.ingest.connected()
+    }
+
+    /// Every live entry of `bucket` whose key matches `filter` (NATS wildcards allowed),
+    /// read as a snapshot: it returns once it has seen what existed when it started.
+    pub async fn scan(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<KvItem>> {
+        let stream_name = format!("KV_{}", bucket.name);
+        let prefix = format!("$KV.{}.", bucket.name);
+        let stream = self.js.get_stream(&stream_name).await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{prefix}{filter}"),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await?;
+        let pending = consumer.cached_info().num_pending;
+        let mut out = Vec::new();
+        if pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer.messages().await?;
+        while let Some(msg) = messages.next().await {
+            let msg = msg?;
+            let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (left, revision) = (info.pending, info.stream_sequence);
+            let op = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .map(|v| v.as_str().to_string());
+            if op.is_none() {
+                let key = msg
+                    .subject
+                    .as_str()
+                    .strip_prefix(&prefix)
+                    .unwrap_or_default()
+                    .to_string();
+                out.push(KvItem {
+                    key,
+                    value: msg.payload.clone(),
+                    revision,
+                });
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove every entry of `bucket` under `filter` in one call (no per-key deletes).
+    pub async fn purge_keys(&self, bucket: &kv::Store, filter: &str) -> Result<()> {
+        let stream = self.js.get_stream(format!("KV_{}", bucket.name)).await?;
+        stream
+            .purge()
+            .filter(format!("$KV.{}.{}", bucket.name, filter))
+            .await
+            .with_context(|| format!("purging {filter} from {}", bucket.name))?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Publish many messages with at most `window` acknowledgements outstanding, awaiting
+    /// them oldest first (they arrive in order). An item that is an error is not published
+    /// and keeps its place. One outcome per item, in
+    /// order: the stream sequence of the stored message.
+    pub async fn publish_all(
+        &self,
+        messages: Vec<Result<(String, PublishMessage)>>,
+        window: usize,
+    ) -> Vec<Result<u64>> {
+        let mut outcomes = Vec::new();
+        let mut waiting = std::collections::VecDeque::with_capacity(window);
+        for item in messages {
+            if waiting.len() >= window {
+                if let Some(ack) = waiting.pop_front() {
+                    outcomes.push(settle(ack).await);
+                }
+            }
+            let pending = match item {
+                Ok((subject, message)) => self
+                    .js
+                    .send_publish(subject, message)
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            waiting.push_back(pending);
+        }
+        for ack in waiting {
+            outcomes.push(settle(ack).await);
+        }
+        outcomes
+    }
+
+    /// Drop the dead letters kept for one meter.
+    pub async fn events_dl_purge(&self, subject: &str) -> Result<()> {
+        let stream = self.js.get_stream(self.names.deadletter_stream()).await?;
+        stream.purge().filter(subject).await?;
+        Ok(())
+    }
+}
+
+/// The streams KloudMeter keeps: its events, the events invalid for a meter (with the
+/// reason), and the claim log.
+fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 3] {
+    // Claims are read back for DEDUP_WINDOW after they are made; the extra retention
+    // covers an aggregator that lags behind the clock (disk only, no server memory).
+    let claims_age = (cfg.dedup_window * 2).max(cfg.dedup_window + Duration::from_secs(3600));
+    let file = |name: String, what: &str, subject: String, max_age: Duration| stream::Config {
+        name,
+        description: Some(what.into()),
+        subjects: vec![subject],
+        storage: stream::StorageType::File,
+        max_age,
+        ..Default::default()
+    };
+    [
+        stream::Config {
+            duplicate_window: cfg.jetstream_duplicate_window.min(cfg.event_retention),
+            allow_direct: true,
+            ..file(
+                names.stream.clone(),
+                "KloudMeter usage events",
+                names.events_wildcard(),
+                cfg.event_retention,
+            )
+        },
+        file(
+            names.deadletter_stream(),
+            "KloudMeter events that were invalid for a meter, with the reason",
+            names.deadletter_wildcard(),
+            cfg.event_retention,
+        ),
+        stream::Config {
+            duplicate_window: Duration::from_secs(60),
+            ..file(
+                names.claims_stream(),
+                "KloudMeter claim log: the stream sequence that first claimed each event id",
+                names.claims_subject(),
+                claims_age,
+            )
+        },
+    ]
+}
+
+/// The KV buckets, in the order [`Store`] holds them: meter definitions (a short
+/// history), readings, aggregator progress, and the lease (entries expire).
+fn bucket_configs(names: &Names, cfg: &NatsConfig) -> [kv::Config; 4] {
+    let bucket = |bucket: String, what: &str, history: i64, max_age: Duration| kv::Config {
+        bucket,
+        description: what.into(),
+        history,
+        max_age,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    [
+        bucket(
+            names.meters_bucket(),
+            "KloudMeter meter definitions",
+            5,
+            Duration::ZERO,
+        ),
+        bucket(
+            names.readings_bucket(),
+            "KloudMeter readings",
+            1,
+            Duration::ZERO,
+        ),
+        bucket(
+            names.state_bucket(),
+            "KloudMeter aggregator progress",
+            1,
+            Duration::ZERO,
+        ),
+        bucket(
+            names.leader_bucket(),
+            "KloudMeter aggregator lease",
+            1,
+            cfg.leader_ttl,
+        ),
+    ]
+}

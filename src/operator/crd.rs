@@ -1,0 +1,298 @@
+//! The `Meter` custom resource (group kloudmeter.io, version v1alpha1). The doc
+//! comments below become the schema descriptions `kubectl explain` shows.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::meter::{Aggregation, MeterDef, WindowSize};
+use crate::error::FieldError;
+
+/// A meter: which events to aggregate, how, and at what granularity. KloudMeter folds
+/// every matching event into exact readings per subject, group and time window, and
+/// writes the totals into this resource's status.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "kloudmeter.io",
+    version = "v1alpha1",
+    kind = "Meter",
+    plural = "meters",
+    shortname = "mtr",
+    category = "kloudmeter",
+    namespaced,
+    status = "MeterStatus",
+    printcolumn = r#"{"name":"EVENT TYPE","type":"string","jsonPath":".spec.eventType"}"#,
+    printcolumn = r#"{"name":"AGGREGATION","type":"string","jsonPath":".spec.aggregation"}"#,
+    printcolumn = r#"{"name":"VALUE","type":"string","jsonPath":".status.value"}"#,
+    printcolumn = r#"{"name":"EVENTS","type":"integer","jsonPath":".status.events"}"#,
+    printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "A Meter declares usage to measure: which events to aggregate, how, and at what granularity. KloudMeter writes the readings into its status."
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterSpec {
+    /// What the meter measures, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub description: Option<String>,
+    /// The eventType (CloudEvents `type`) of the events this meter aggregates, e.g. `api.request`.
+    #[schemars(length(min = 1, max = 256))]
+    pub event_type: String,
+    /// How values are combined: count, sum, avg, min, max, unique_count (alias unique), or
+    /// latest (the value of the event with the greatest time). Case-insensitive.
+    #[schemars(schema_with = "aggregation_schema")]
+    pub aggregation: String,
+    /// JSONPath (starting with `$`) into the event's `data` selecting the value, e.g.
+    /// `$.tokens`. Required for every aggregation except count. The value must be a JSON
+    /// number or a numeric string; other events are counted as invalid for this meter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^\$"))]
+    pub value_property: Option<String>,
+    /// Dimensions that partition the readings: name to JSONPath into `data`, e.g.
+    /// `model: $.model`. An event without the value is grouped under null.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group_by: BTreeMap<String, String>,
+    /// The finest time window kept, in UTC: MINUTE, HOUR (default) or DAY. Queries can
+    /// ask for this window size or coarser ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "window_schema")]
+    pub window_size: Option<String>,
+}
+
+/// The fields of [`MeterSpec`] as they are spelt in a manifest: a meter definition's
+/// fields but the first, its id (the resource's name).
+pub const SPEC_FIELDS: &[&str] = crate::domain::meter::METER_FIELDS.split_at(1).1;
+
+/// Fields of `spec` that the user's last `kubectl apply` sent but the schema does not
+/// know. The API server prunes them without a word (1.20 has no field validation), so
+/// the manifest kubectl records is the only place they still show.
+pub fn pruned_spec_fields(meter: &Meter) -> Vec<crate::error::FieldError> {
+    let applied = meter
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("kubectl.kubernetes.io/last-applied-configuration"))
+        .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw).ok());
+    let Some(spec) = applied
+        .as_ref()
+        .and_then(|m| m.get("spec"))
+        .and_then(|s| s.as_object())
+    else {
+        return Vec::new();
+    };
+    spec.keys()
+        .filter(|k| !SPEC_FIELDS.contains(&k.as_str()))
+        .map(|k| crate::domain::meter::unknown_field(&format!("spec.{k}"), SPEC_FIELDS))
+        .collect()
+}
+
+fn aggregation_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut names: Vec<String> = [
+        "count",
+        "sum",
+        "avg",
+        "min",
+        "max",
+        "unique_count",
+        "unique",
+        "latest",
+    ]
+    .iter()
+    .flat_map(|n| [n.to_string(), n.to_uppercase()])
+    .collect();
+    names.dedup();
+    schemars::json_schema!({ "type": "string", "enum": names })
+}
+
+fn window_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "string", "enum": ["MINUTE", "HOUR", "DAY", "minute", "hour", "day"] })
+}
+
+/// What KloudMeter observed: the controller owns `conditions` and `observedGeneration`,
+/// the aggregator everything else (separate server-side-apply field managers).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterStatus {
+    /// `Ready`: True once the meter's readings are complete; False with reason
+    /// InvalidSpec (naming the bad field), Rebuilding, or CleanupPending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<MeterCondition>,
+    /// The generation of the spec the controller last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// All-time total over all subjects, as an exact decimal string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Events aggregated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<i64>,
+    /// Events whose value was missing or not numeric.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid_events: Option<i64>,
+    /// Distinct subjects seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<i64>,
+    /// Greatest event time seen (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_time: Option<String>,
+    /// When the aggregator last wrote this status (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated: Option<String>,
+    /// Up to 10 subjects with the highest all-time values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub top_subjects: Vec<TopSubject>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterCondition {
+    /// Condition type; KloudMeter sets `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    /// One-word reason, e.g. InvalidSpec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail, naming the field for InvalidSpec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// The generation this condition describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TopSubject {
+    pub subject: String,
+    /// Exact decimal string.
+    pub value: String,
+}
+
+/// Meter id of a custom resource: `<namespace>/<name>`.
+pub fn meter_id(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl MeterSpec {
+    /// The same definition an API-created meter has, validated by the same rules.
+    pub fn to_def(&self, namespace: &str, name: &str) -> Result<MeterDef, FieldError> {
+        let aggregation = Aggregation::parse(&self.aggregation).ok_or_else(|| {
+            FieldError::new(
+                "spec.aggregation",
+                format!("unknown aggregation {:?}", self.aggregation),
+            )
+        })?;
+        let window_size = match &self.window_size {
+            None => WindowSize::Hour,
+            Some(w) => WindowSize::parse(w).ok_or_else(|| {
+                FieldError::new("spec.windowSize", format!("unknown window size {w:?}"))
+            })?,
+        };
+        let def = MeterDef {
+            id: meter_id(namespace, name),
+            description: self.description.clone().unwrap_or_default(),
+            event_type: self.event_type.clone(),
+            aggregation,
+            value_property: self.value_property.clone().filter(|v| !v.is_empty()),
+            group_by: self.group_by.clone(),
+            window_size,
+        };
+        crate::domain::meter::CompiledMeter::compile(&def)
+            .map_err(|e| FieldError::new(format!("spec.{}", e.field), e.message))?;
+        Ok(def)
+    }
+
+    pub fn from_def(def: &MeterDef) -> MeterSpec {
+        MeterSpec {
+            description: Some(def.description.clone()).filter(|d| !d.is_empty()),
+            event_type: def.event_type.clone(),
+            aggregation: def.aggregation.to_string(),
+            value_property: def.value_property.clone(),
+            group_by: def.group_by.clone(),
+            window_size: Some(format!("{:?}", def.window_size).to_uppercase()),
+        }
+    }
+}
+
+/// The CRD as YAML: what `kloudmeter crd` prints and `crds/meters.kloudmeter.io.yaml` holds.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = Meter::crd();
+    format!(
+        "# Generated by `kloudmeter crd`; do not edit.\n---\n{}",
+        serde_yaml::to_string(&crd).expect("CRD serialises")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(agg: &str, vp: Option<&str>) -> MeterSpec {
+        MeterSpec {
+            description: None,
+            event_type: "api.request".into(),
+            aggregation: agg.into(),
+            value_property: vp.map(String::from),
+            group_by: BTreeMap::new(),
+            window_size: None,
+        }
+    }
+
+    #[test]
+    fn spec_errors_name_spec_fields() {
+        assert_eq!(
+            spec("sum", None).to_def("ns", "m").unwrap_err().field,
+            "spec.valueProperty"
+        );
+        assert_eq!(
+            spec("median", Some("$.x"))
+                .to_def("ns", "m")
+                .unwrap_err()
+                .field,
+            "spec.aggregation"
+        );
+        assert_eq!(
+            spec("sum", Some("$.[["))
+                .to_def("ns", "m")
+                .unwrap_err()
+                .field,
+            "spec.valueProperty"
+        );
+        let def = spec("SUM", Some("$.x")).to_def("ns", "m").unwrap();
+        assert_eq!(
+            (def.id.as_str(), def.aggregation, def.window_size),
+            ("ns/m", Aggregation::Sum, WindowSize::Hour)
+        );
+        assert_eq!(MeterSpec::from_def(&def).to_def("ns", "m").unwrap(), def);
+    }
+
+    #[test]
+    fn crd_has_the_contract_names_and_columns() {
+        let y = crd_yaml();
+        for needle in [
+            "name: meters.kloudmeter.io",
+            "shortNames:",
+            "- mtr",
+            "- kloudmeter",
+            "EVENT TYPE",
+            "AGGREGATION",
+            "VALUE",
+            "EVENTS",
+            "READY",
+            "AGE",
+            "status: {}",
+            "pattern: ^\\$",
+        ] {
+            assert!(y.contains(needle), "{needle} missing in\n{y}");
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The claim log and the local claim index against a real nats-server.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod log;

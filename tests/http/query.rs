@@ -1,0 +1,520 @@
+//! Usage queries through the real pipeline (HTTP → JetStream → aggregator → KV → query).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::common::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+
+async fn setup(stream: &str, meters: &[Value], events: &[Value]) -> (Nats, Km) {
+    let nats = Nats::start();
+    let km = Km::start(&nats, stream, &[]).await;
+    for m in meters {
+        let (s, b) = post(&km.url("/api/v1/meters"), m).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    for chunk in events.chunks(500) {
+        let (s, b) = post(&km.url("/api/v1/events"), &Value::Array(chunk.to_vec())).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    caught_up(&nats.client().await, stream, T).await;
+    for m in meters {
+        let id = m["id"].as_str().unwrap().to_string();
+        wait_for("meter ready", T, || async {
+            meter_reading(&km, &id).await["ready"] == json!(true)
+        })
+        .await;
+    }
+    (nats, km)
+}
+
+async fn query(km: &Km, meter: &str, params: &str) -> Value {
+    let (s, b) = get(&km.url(&format!("/api/v1/meters/{meter}/query?{params}"))).await;
+    assert_eq!(s, 200, "{params}: {b}");
+    b
+}
+
+/// Rows as (windowStart, subject, groupBy, value) for compact comparison.
+fn rows(b: &Value) -> Vec<(String, String, String, String)> {
+    b["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["windowStart"].as_str().unwrap().to_string(),
+                r["subject"].as_str().unwrap().to_string(),
+                r["groupBy"].to_string(),
+                r["value"].as_str().unwrap_or("null").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn row(w: &str, s: &str, g: Value, v: &str) -> (String, String, String, String) {
+    (w.to_string(), s.to_string(), g.to_string(), v.to_string())
+}
+
+fn ev(id: usize, subject: &str, time: &str, data: Value) -> Value {
+    json!({"id": format!("q{id}"), "eventType": "use", "subject": subject, "time": time, "data": data})
+}
+
+#[tokio::test]
+async fn every_aggregation_at_every_window_size() {
+    let aggs = [
+        "count",
+        "sum",
+        "avg",
+        "min",
+        "max",
+        "unique_count",
+        "latest",
+    ];
+    let meters: Vec<Value> = aggs
+        .iter()
+        .map(|a| {
+            let vp = if *a == "unique_count" { "$.u" } else { "$.v" };
+            json!({"id": a, "eventType": "use", "aggregation": a, "valueProperty": vp, "groupBy": {"model": "$.model"}, "windowSize": "MINUTE"})
+        })
+        .collect();
+    // c1: three events in one minute and one an hour later, then one on the next day;
+    // c2: one event.
+    let events = vec![
+        ev(
+            1,
+            "c1",
+            "2026-11-24T10:00:05Z",
+            json!({"v": 4, "u": "a", "model": "x"}),
+        ),
+        ev(
+            2,
+            "c1",
+            "2026-11-24T10:00:50Z",
+            json!({"v": "1.5", "u": "b", "model": "y"}),
+        ),
+        ev(
+            3,
+            "c1",
+            "2026-11-24T10:00:30Z",
+            json!({"v": 10, "u": "a", "model": "x"}),
+        ),
+        ev(
+            4,
+            "c1",
+            "2026-11-24T11:20:00Z",
+            json!({"v": -2, "u": "a", "model": "x"}),
+        ),
+        ev(
+            5,
+            "c1",
+            "2026-11-25T09:00:00Z",
+            json!({"v": 7, "u": "c", "model": "y"}),
+        ),
+        ev(
+            6,
+            "c2",
+            "2026-11-24T10:00:00Z",
+            json!({"v": 3, "u": "z", "model": "x"}),
+        ),
+    ];
+    let (_nats, km) = setup("qa", &meters, &events).await;
+    let range = "from=2026-11-24T00:00:00Z&to=2026-11-26T00:00:00Z";
+    // per aggregation: c1 at MINUTE 10:00 (3 events), c1 at HOUR 11:00, c1 per DAY (24th, 25th), c1 whole range, c2 whole range
+    let expected = [
+        ("count", ["3", "1", "4", "1", "5", "1"]),
+        ("sum", ["15.5", "-2", "13.5", "7", "20.5", "3"]),
+        (
+            "avg",
+            [
+                "5.1666666666666666666666666667",
+                "-2",
+                "3.375",
+                "7",
+                "4.1",
+                "3",
+            ],
+        ),
+        ("min", ["1.5", "-2", "-2", "7", "-2", "3"]),
+        ("max", ["10", "-2", "10", "7", "10", "3"]),
+        ("unique_count", ["2", "1", "2", "1", "3", "1"]),
+        // latest by event time: 10:00:50 in the first minute
+        ("latest", ["1.5", "-2", "-2", "7", "7", "3"]),
+    ];
+    for (agg, want) in expected {
+        let minute = query(&km, agg, &format!("{range}&windowSize=MINUTE&subject=c1")).await;
+        assert_eq!(
+            rows(&minute)[0],
+            row("2026-11-24T10:00:00Z", "c1", json!({}), want[0]),
+            "{agg} minute"
+        );
+        assert_eq!(rows(&minute).len(), 3, "{agg}: three minutes with events");
+        let hour = query(&km, agg, &format!("{range}&windowSize=HOUR&subject=c1")).await;
+        assert_eq!(
+            rows(&hour)[1],
+            row("2026-11-24T11:00:00Z", "c1", json!({}), want[1]),
+            "{agg} hour"
+        );
+        let day = query(&km, agg, &format!("{range}&windowSize=DAY&subject=c1")).await;
+        assert_eq!(
+            rows(&day),
+            vec![
+                row("2026-11-24T00:00:00Z", "c1", json!({}), want[2]),
+                row("2026-11-25T00:00:00Z", "c1", json!({}), want[3])
+            ],
+            "{agg} day"
+        );
+        let month = query(&km, agg, &format!("{range}&windowSize=MONTH&subject=c1")).await;
+        assert_eq!(
+            rows(&month),
+            vec![row("2026-11-24T00:00:00Z", "c1", json!({}), want[4])],
+            "{agg} month"
+        );
+        let all = query(&km, agg, range).await;
+        assert_eq!(
+            rows(&all),
+            vec![
+                row("2026-11-24T00:00:00Z", "c1", json!({}), want[4]),
+                row("2026-11-24T00:00:00Z", "c2", json!({}), want[5])
+            ],
+            "{agg} total"
+        );
+        assert_eq!(all["data"][0]["windowEnd"], json!("2026-11-26T00:00:00Z"));
+    }
+    // groupBy and filterGroupBy
+    let by = query(&km, "sum", &format!("{range}&groupBy=model&subject=c1")).await;
+    assert_eq!(
+        rows(&by),
+        vec![
+            row("2026-11-24T00:00:00Z", "c1", json!({"model": "x"}), "12"),
+            row("2026-11-24T00:00:00Z", "c1", json!({"model": "y"}), "8.5")
+        ]
+    );
+    let filtered = query(&km, "sum", &format!("{range}&filterGroupBy[model]=x")).await;
+    assert_eq!(
+        rows(&filtered),
+        vec![
+            row("2026-11-24T00:00:00Z", "c1", json!({}), "12"),
+            row("2026-11-24T00:00:00Z", "c2", json!({}), "3")
+        ]
+    );
+    // CSV
+    let csv = reqwest::Client::new()
+        .get(km.url(&format!(
+            "/api/v1/meters/sum/query?{range}&windowSize=DAY&groupBy=model&subject=c1"
+        )))
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    assert_eq!(
+        csv.text().await.unwrap(),
+        "windowStart,windowEnd,subject,model,value\n\
+         2026-11-24T00:00:00Z,2026-11-25T00:00:00Z,c1,x,12\n\
+         2026-11-24T00:00:00Z,2026-11-25T00:00:00Z,c1,y,1.5\n\
+         2026-11-25T00:00:00Z,2026-11-26T00:00:00Z,c1,y,7\n"
+    );
+    // errors name the parameter
+    for (params, want) in [
+        ("", "from: is required"),
+        (
+            "from=2026-11-24T00:00:00Z&to=2026-11-23T00:00:00Z",
+            "from: must be before to",
+        ),
+        (
+            "from=2026-11-24T00:00:30Z&to=2026-11-25T00:00:00Z",
+            "from: window boundaries",
+        ),
+        (
+            "from=2026-11-24T00:00:00Z&windowTimeZone=Nowhere/City",
+            "windowTimeZone: unknown",
+        ),
+        (
+            "from=2026-11-24T00:00:00Z&groupBy=colour",
+            "groupBy: unknown group key",
+        ),
+    ] {
+        let (s, b) = get(&km.url(&format!("/api/v1/meters/sum/query?{params}"))).await;
+        assert_eq!(s, 400, "{params}: {b}");
+        assert!(
+            b["message"].as_str().unwrap().starts_with(want),
+            "{params}: {b}"
+        );
+    }
+    let (s, _) = get(&km.url("/api/v1/meters/nope/query?from=2026-11-24T00:00:00Z")).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn unique_count_merges_distinct_values_across_hours() {
+    let meters = [
+        json!({"id": "users", "eventType": "use", "aggregation": "unique_count", "valueProperty": "$.user", "windowSize": "HOUR"}),
+    ];
+    // the same users return hour after hour: per hour 2, 2, 2; per day 3 (not 6)
+    let events = vec![
+        ev(1, "c", "2026-11-24T01:10:00Z", json!({"user": "ann"})),
+        ev(2, "c", "2026-11-24T01:20:00Z", json!({"user": "bob"})),
+        ev(3, "c", "2026-11-24T02:10:00Z", json!({"user": "ann"})),
+        ev(4, "c", "2026-11-24T02:20:00Z", json!({"user": "cy"})),
+        ev(5, "c", "2026-11-24T03:10:00Z", json!({"user": "bob"})),
+        ev(6, "c", "2026-11-24T03:20:00Z", json!({"user": "cy"})),
+        ev(7, "c", "2026-11-24T03:30:00Z", json!({"user": "cy"})),
+    ];
+    let (_nats, km) = setup("qu", &meters, &events).await;
+    let hours = query(
+        &km,
+        "users",
+        "from=2026-11-24T00:00:00Z&to=2026-11-25T00:00:00Z&windowSize=HOUR",
+    )
+    .await;
+    assert_eq!(
+        rows(&hours)
+            .iter()
+            .map(|r| r.3.as_str())
+            .collect::<Vec<_>>(),
+        vec!["2", "2", "2"]
+    );
+    let day = query(
+        &km,
+        "users",
+        "from=2026-11-24T00:00:00Z&to=2026-11-25T00:00:00Z&windowSize=DAY",
+    )
+    .await;
+    assert_eq!(
+        rows(&day),
+        vec![row("2026-11-24T00:00:00Z", "c", json!({}), "3")]
+    );
+    // a range that is not whole UTC days merges hour windows: 02:00-04:00 has ann, cy, bob
+    let part = query(
+        &km,
+        "users",
+        "from=2026-11-24T02:00:00Z&to=2026-11-24T04:00:00Z",
+    )
+    .await;
+    assert_eq!(
+        rows(&part),
+        vec![row("2026-11-24T02:00:00Z", "c", json!({}), "3")]
+    );
+}
+
+#[tokio::test]
+async fn days_follow_the_zone_across_dst_and_months_cross_the_year() {
+    let meters =
+        [json!({"id": "calls", "eventType": "use", "aggregation": "count", "windowSize": "HOUR"})];
+    // one event every 6 hours from 2026-10-20 to 2026-11-05 (UTC), and around New Year
+    let mut events = Vec::new();
+    let start = chrono::DateTime::parse_from_rfc3339("2026-10-20T00:30:00Z")
+        .unwrap()
+        .timestamp();
+    for i in 0..(16 * 4) {
+        let t = chrono::DateTime::from_timestamp(start + i * 6 * 3600, 0).unwrap();
+        events.push(ev(
+            i as usize,
+            "c",
+            &t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            json!({}),
+        ));
+    }
+    for (i, t) in [
+        "2026-12-31T22:30:00Z",
+        "2027-01-01T04:30:00Z",
+        "2027-01-01T05:30:00Z",
+        "2027-01-31T23:30:00Z",
+        "2027-02-01T06:30:00Z",
+    ]
+    .iter()
+    .enumerate()
+    {
+        events.push(ev(1000 + i, "c", t, json!({})));
+    }
+    let (_nats, km) = setup("qz", &meters, &events).await;
+    // Berlin, the week of its autumn change (Sunday 2026-10-25 has 25 hours)
+    let b = query(&km, "calls", "from=2026-10-22T22:00:00Z&to=2026-10-27T23:00:00Z&windowSize=DAY&windowTimeZone=Europe/Berlin").await;
+    let got: Vec<(String, String, String)> = b["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["windowStart"].as_str().unwrap().into(),
+                r["windowEnd"].as_str().unwrap().into(),
+                r["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    // events at 00:30, 06:30, 12:30, 18:30 UTC. Berlin day of the 25th: 24th 22:00Z..25th 23:00Z
+    // holds 25th 00:30, 06:30, 12:30, 18:30 = 4; the 24th (23rd 22:00Z..24th 22:00Z) likewise 4.
+    let want: Vec<(String, String, String)> = [
+        ("2026-10-22T22:00:00Z", "2026-10-23T22:00:00Z", "4"),
+        ("2026-10-23T22:00:00Z", "2026-10-24T22:00:00Z", "4"),
+        ("2026-10-24T22:00:00Z", "2026-10-25T23:00:00Z", "4"),
+        ("2026-10-25T23:00:00Z", "2026-10-26T23:00:00Z", "4"),
+        ("2026-10-26T23:00:00Z", "2026-10-27T23:00:00Z", "4"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(got, want);
+    // New York around its change on 2026-11-01: the 1st runs 04:00Z..05:00Z next day
+    let ny = query(&km, "calls", "from=2026-10-31T04:00:00Z&to=2026-11-02T05:00:00Z&windowSize=DAY&windowTimeZone=America/New_York").await;
+    let got: Vec<(String, String)> = row_pairs(&ny, "windowStart", "value").into_iter().collect();
+    assert_eq!(
+        got,
+        vec![
+            ("2026-10-31T04:00:00Z".to_string(), "4".to_string()),
+            ("2026-11-01T04:00:00Z".to_string(), "4".to_string())
+        ]
+    );
+    // MONTH windows across the year boundary in New York (UTC-5 in winter)
+    let m = query(&km, "calls", "from=2026-12-01T05:00:00Z&to=2027-03-01T05:00:00Z&windowSize=MONTH&windowTimeZone=America/New_York").await;
+    let got: Vec<(String, String)> = row_pairs(&m, "windowStart", "value").into_iter().collect();
+    // December (NY) holds 12-31 22:30Z and 01-01 04:30Z; January holds 05:30Z and 01-31 23:30Z;
+    // February holds 02-01 06:30Z.
+    assert_eq!(
+        got,
+        vec![
+            ("2026-12-01T05:00:00Z".to_string(), "2".to_string()),
+            ("2027-01-01T05:00:00Z".to_string(), "2".to_string()),
+            ("2027-02-01T05:00:00Z".to_string(), "1".to_string())
+        ]
+    );
+}
+
+/// Random events folded in memory with the crate's own pure fold; the query answers and
+/// the stored readings must both agree with it.
+#[tokio::test]
+async fn queries_and_readings_agree_with_an_in_memory_fold() {
+    use kloudmeter::domain::event::Event;
+    use kloudmeter::domain::fold;
+    use kloudmeter::domain::meter::{parse_meter_json, CompiledMeter};
+    let def = json!({"id": "r", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v", "groupBy": {"g": "$.g"}, "windowSize": "HOUR"});
+    let compiled = CompiledMeter::compile(&parse_meter_json(&def, None).unwrap()).unwrap();
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    let mut rnd = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let base = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z")
+        .unwrap()
+        .timestamp();
+    let mut events = Vec::new();
+    let mut memory: BTreeMap<(String, String, i64), rust_decimal::Decimal> = BTreeMap::new();
+    let mut totals: BTreeMap<String, rust_decimal::Decimal> = BTreeMap::new();
+    for i in 0..600usize {
+        let subject = format!("s{}", rnd(7));
+        let t = chrono::DateTime::from_timestamp(base + rnd(20 * 86_400) as i64, 0).unwrap();
+        let v = format!("{}.{}", rnd(100), rnd(10));
+        let g = format!("g{}", rnd(3));
+        let e = ev(i, &subject, &t.to_rfc3339(), json!({"v": v, "g": g}));
+        let parsed: Event = kloudmeter::domain::event::parse_events(
+            e.to_string().as_bytes(),
+            kloudmeter::domain::event::BodyKind::Json,
+            false,
+            chrono::Utc::now(),
+        )
+        .unwrap()
+        .remove(0)
+        .to_event()
+        .unwrap();
+        let fold::Contribution::Valid {
+            value: fold::Value_::Number(d),
+            ..
+        } = fold::contribution(&compiled, &parsed)
+        else {
+            panic!("valid")
+        };
+        let day = t.timestamp().div_euclid(86_400) * 86_400;
+        *memory.entry((subject.clone(), g, day)).or_default() += d;
+        *totals.entry(subject).or_default() += d;
+        events.push(e);
+    }
+    let (_nats, km) = setup("qr", &[def], &events).await;
+    let b = query(
+        &km,
+        "r",
+        "from=2026-11-01T00:00:00Z&to=2026-11-21T00:00:00Z&windowSize=DAY&groupBy=g",
+    )
+    .await;
+    let mut got: BTreeMap<(String, String, i64), String> = BTreeMap::new();
+    for r in b["data"].as_array().unwrap() {
+        let day = chrono::DateTime::parse_from_rfc3339(r["windowStart"].as_str().unwrap())
+            .unwrap()
+            .timestamp();
+        got.insert(
+            (
+                r["subject"].as_str().unwrap().into(),
+                r["groupBy"]["g"].as_str().unwrap().into(),
+                day,
+            ),
+            r["value"].as_str().unwrap().into(),
+        );
+    }
+    let want: BTreeMap<(String, String, i64), String> = memory
+        .into_iter()
+        .map(|(k, v)| (k, v.normalize().to_string()))
+        .collect();
+    assert_eq!(got, want);
+    let readings = subject_values(&km, "r").await;
+    let want: BTreeMap<String, String> = totals
+        .iter()
+        .map(|(k, v)| (k.clone(), v.normalize().to_string()))
+        .collect();
+    assert_eq!(readings, want);
+    let all = query(
+        &km,
+        "r",
+        "from=2026-11-01T00:00:00Z&to=2026-11-21T00:00:00Z",
+    )
+    .await;
+    let from_query: BTreeMap<String, String> =
+        row_pairs(&all, "subject", "value").into_iter().collect();
+    assert_eq!(from_query, want);
+}
+
+#[tokio::test]
+async fn to_defaults_to_now_and_errors_name_what_was_sent() {
+    let now = chrono::Utc::now();
+    let recent = (now - chrono::Duration::minutes(90)).to_rfc3339();
+    let (_nats, km) = setup(
+        "qto",
+        &[json!({"id": "m", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"})],
+        &[
+            ev(1, "s1", "2026-01-05T10:00:00Z", json!({"v": 2})),
+            ev(2, "s1", &recent, json!({"v": 3})),
+        ],
+    )
+    .await;
+    // no `to`: up to now, rounded up to the meter's hour, so the last hour counts
+    let b = query(&km, "m", "from=2026-01-01T00:00:00Z").await;
+    assert_eq!(
+        rows(&b),
+        [row("2026-01-01T00:00:00Z", "s1", json!({}), "5")]
+    );
+    let to = chrono::DateTime::parse_from_rfc3339(b["to"].as_str().unwrap()).unwrap();
+    assert_eq!(to.timestamp() % 3600, 0);
+    assert!(to >= now && to <= now + chrono::Duration::hours(1), "{to}");
+    // an error names a parameter the caller sent
+    let (s, body) = get(&km.url("/api/v1/meters/m/query?from=2026-01-01T00:30:00Z")).await;
+    assert_eq!(
+        (s, body["message"].clone()),
+        (
+            400,
+            json!("from: window boundaries must fall on the meter's HOUR windows")
+        )
+    );
+    let (s, body) = get(&km.url(
+        "/api/v1/meters/m/query?from=2026-01-01T00:00:00Z&windowSize=DAY&windowTimeZone=Asia/Kolkata",
+    ))
+    .await;
+    assert_eq!(
+        (s, body["message"].clone()),
+        (
+            400,
+            json!("windowTimeZone: window boundaries must fall on the meter's HOUR windows")
+        )
+    );
+}

@@ -1,0 +1,458 @@
+//! The Helm chart against a real kube-apiserver (with kube-controller-manager, so
+//! garbage collection and ServiceAccount tokens work; no kubelet: Pods stay Pending).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::control_plane::{ControlPlane, Options};
+use crate::common::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(60);
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/kloudmeter");
+
+fn helm(cp: Option<&ControlPlane>, args: &[&str]) -> (bool, String, String) {
+    let mut c = Command::new(tools::helm());
+    if let Some(cp) = cp {
+        c.arg("--kubeconfig").arg(&cp.kubeconfig);
+    }
+    let out = c
+        .args(args)
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("km-helm-cache"),
+        )
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn helm_ok(cp: Option<&ControlPlane>, args: &[&str]) -> String {
+    let (ok, out, err) = helm(cp, args);
+    assert!(ok, "helm {args:?}: {err}");
+    out
+}
+
+/// (apiGroup, resource, verb) triples the rendered chart grants.
+fn granted(rendered: &str) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for doc in rendered.split("\n---") {
+        let Ok(v) = serde_yaml::from_str::<Value>(doc) else {
+            continue;
+        };
+        if !matches!(v["kind"].as_str(), Some("Role") | Some("ClusterRole")) {
+            continue;
+        }
+        for rule in v["rules"].as_array().unwrap() {
+            for g in rule["apiGroups"].as_array().unwrap() {
+                for r in rule["resources"].as_array().unwrap() {
+                    for verb in rule["verbs"].as_array().unwrap() {
+                        let (g, r, verb) = (
+                            g.as_str().unwrap(),
+                            r.as_str().unwrap(),
+                            verb.as_str().unwrap(),
+                        );
+                        assert!(g != "*" && r != "*" && verb != "*", "wildcard in {doc}");
+                        out.insert((g.to_string(), r.to_string(), verb.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn chart_lints_renders_and_validates_values() {
+    let (ok, out, err) = helm(None, &["lint", "--strict", CHART]);
+    assert!(ok, "{out}{err}");
+    // the chart ships the same CRD as crds/
+    let a = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/meters.kloudmeter.io.yaml"
+    ))
+    .unwrap();
+    let b = std::fs::read_to_string(format!("{CHART}/crds/meters.kloudmeter.io.yaml")).unwrap();
+    assert_eq!(a, b, "charts/kloudmeter/crds/ differs from crds/");
+    // a wrong type fails at install time with a message naming the value
+    let (ok, _, err) = helm(None, &["template", "x", CHART, "--set", "replicaCount=two"]);
+    assert!(
+        !ok && err.contains("replicaCount: Invalid type. Expected: integer, given: string"),
+        "{err}"
+    );
+    let (ok, _, err) = helm(
+        None,
+        &[
+            "template",
+            "x",
+            CHART,
+            "--set",
+            "config.dedupWindow=forever",
+        ],
+    );
+    assert!(
+        !ok && err.contains("config.dedupWindow: Does not match pattern"),
+        "{err}"
+    );
+    let (ok, _, err) = helm(
+        None,
+        &[
+            "template",
+            "x",
+            CHART,
+            "--set",
+            "nats.embedded.enabled=false",
+        ],
+    );
+    assert!(!ok && err.contains("nats.url is required"), "{err}");
+    // no PodDisruptionBudget at one replica (the install's notes say why)
+    let (ok, one, err) = helm(None, &["template", "x", CHART]);
+    assert!(ok, "{err}");
+    assert!(!one.contains("kind: PodDisruptionBudget"), "{one}");
+    let (ok, two, err) = helm(None, &["template", "x", CHART, "--set", "replicaCount=2"]);
+    assert!(ok, "{err}");
+    assert!(two.contains("kind: PodDisruptionBudget"), "{two}");
+    // METER_INTERVAL takes durations like every other setting
+    let (ok, _, err) = helm(
+        None,
+        &["template", "x", CHART, "--set", "config.meterInterval=5m"],
+    );
+    assert!(ok, "{err}");
+}
+
+#[tokio::test]
+async fn install_upgrade_uninstall_and_least_privilege() {
+    let cp = ControlPlane::start_with(Options {
+        audit: true,
+        controller_manager: true,
+    });
+    let kc = cp.kubeconfig.display().to_string();
+    // every documented variant passes server-side validation
+    cp.kubectl(&["create", "namespace", "kloudmeter"]);
+    cp.kubectl(&["create", "namespace", "team-a"]);
+    cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
+    let servicemonitor_crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: servicemonitors.monitoring.coreos.com}\nspec:\n  group: monitoring.coreos.com\n  names: {kind: ServiceMonitor, plural: servicemonitors}\n  scope: Namespaced\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}\n";
+    assert!(
+        cp.kubectl_stdin(&["apply", "-f", "-"], servicemonitor_crd)
+            .0
+    );
+    cp.kubectl(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/meters.kloudmeter.io",
+        "crd/servicemonitors.monitoring.coreos.com",
+    ]);
+    let variants: &[&[&str]] = &[
+        &[],
+        &[
+            "--set",
+            "nats.embedded.enabled=false",
+            "--set",
+            "nats.url=nats://nats.messaging.svc:4222",
+        ],
+        &["--set", "watchNamespace=team-a"],
+        &["--set", "apiToken.enabled=true"],
+        &[
+            "--set",
+            "apiToken.enabled=true",
+            "--set",
+            "apiToken.existingSecret=my-token",
+        ],
+        &[
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "replicaCount=3",
+        ],
+    ];
+    for v in variants {
+        // --validate renders with the API server's capabilities (e.g. which PDB version)
+        let mut args = vec![
+            "template",
+            "kloudmeter",
+            CHART,
+            "-n",
+            "kloudmeter",
+            "--validate",
+        ];
+        args.extend_from_slice(v);
+        let rendered = helm_ok(Some(&cp), &args);
+        let (ok, _, err) = cp.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered);
+        assert!(ok, "{v:?}: {err}");
+    }
+
+    // install: every object exists
+    let notes = helm_ok(
+        Some(&cp),
+        &[
+            "install",
+            "kloudmeter",
+            CHART,
+            "-n",
+            "kloudmeter",
+            "--wait=false",
+        ],
+    );
+    assert!(
+        notes.contains(
+            "No PodDisruptionBudget was created: with one replica it would block every node drain."
+        ),
+        "{notes}"
+    );
+    for obj in [
+        "serviceaccount/kloudmeter",
+        "deployment/kloudmeter",
+        "service/kloudmeter",
+        "statefulset/kloudmeter-nats",
+        "service/kloudmeter-nats",
+        "role/kloudmeter-local",
+        "rolebinding/kloudmeter-local",
+        "clusterrole/kloudmeter-meters",
+        "clusterrolebinding/kloudmeter-meters",
+    ] {
+        assert!(
+            cp.kubectl_status(&["-n", "kloudmeter", "get", obj]).0,
+            "{obj} missing after install"
+        );
+    }
+    assert!(
+        !cp.kubectl_status(&["-n", "kloudmeter", "get", "poddisruptionbudget/kloudmeter"])
+            .0,
+        "one replica: a PodDisruptionBudget would block every node drain"
+    );
+    let port = cp.jsonpath(
+        "kloudmeter",
+        "service/kloudmeter",
+        "{.spec.ports[0].name}={.spec.ports[0].port}",
+    );
+    assert_eq!(port, "http=8080");
+    let sc = cp.jsonpath(
+        "kloudmeter",
+        "deployment/kloudmeter",
+        "{.spec.template.spec.containers[0].securityContext}",
+    );
+    let sc: Value = serde_json::from_str(&sc).unwrap();
+    assert_eq!(
+        (
+            sc["readOnlyRootFilesystem"].clone(),
+            sc["allowPrivilegeEscalation"].clone(),
+            sc["capabilities"]["drop"].clone()
+        ),
+        (json!(true), json!(false), json!(["ALL"]))
+    );
+    // the claim index lives on a writable volume, the root filesystem stays read-only
+    let data = cp.jsonpath("kloudmeter", "deployment/kloudmeter", "{.spec.template.spec.containers[0].env[?(@.name=='DATA_DIR')].value} {.spec.template.spec.containers[0].volumeMounts[0].mountPath} {.spec.template.spec.volumes[0].emptyDir}");
+    assert_eq!(data, "/var/lib/kloudmeter /var/lib/kloudmeter {}");
+
+    // upgrade: more replicas and a generated API token that survives further upgrades
+    helm_ok(
+        Some(&cp),
+        &[
+            "upgrade",
+            "kloudmeter",
+            CHART,
+            "-n",
+            "kloudmeter",
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "apiToken.enabled=true",
+        ],
+    );
+    assert_eq!(
+        cp.jsonpath("kloudmeter", "deployment/kloudmeter", "{.spec.replicas}"),
+        "2"
+    );
+    // a disruption budget only once it can be honoured: none with one replica (it
+    // would block every drain), minAvailable 1 with two
+    assert_eq!(
+        cp.jsonpath(
+            "kloudmeter",
+            "poddisruptionbudget/kloudmeter",
+            "{.spec.minAvailable}"
+        ),
+        "1"
+    );
+    let token = cp.jsonpath("kloudmeter", "secret/kloudmeter-api-token", "{.data.token}");
+    assert_eq!(token.len(), 56);
+    helm_ok(
+        Some(&cp),
+        &[
+            "upgrade",
+            "kloudmeter",
+            CHART,
+            "-n",
+            "kloudmeter",
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "apiToken.enabled=true",
+            "--set",
+            "config.meterInterval=1",
+        ],
+    );
+    assert_eq!(
+        cp.jsonpath("kloudmeter", "secret/kloudmeter-api-token", "{.data.token}"),
+        token
+    );
+
+    // RBAC proof: the binary out of cluster with exactly the chart's rights
+    let sa_token = cp
+        .kubectl(&[
+            "-n",
+            "kloudmeter",
+            "create",
+            "token",
+            "kloudmeter",
+            "--duration=1h",
+        ])
+        .trim()
+        .to_string();
+    let sa_kc = cp.dir.path().join("sa-kubeconfig");
+    let admin = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+    std::fs::write(
+        &sa_kc,
+        admin
+            .replace(&cp.token, &sa_token)
+            .replace("name: admin", "name: sa")
+            .replace("user: admin", "user: sa"),
+    )
+    .unwrap();
+    let nats = Nats::start();
+    let sa_kc_s = sa_kc.display().to_string();
+    let km = Km::start(
+        &nats,
+        "rbac",
+        &[
+            ("KUBERNETES", "true"),
+            ("KUBECONFIG", sa_kc_s.as_str()),
+            ("POD_NAMESPACE", "kloudmeter"),
+            ("METER_INTERVAL", "1"),
+        ],
+    )
+    .await;
+    assert!(cp.kubectl_stdin(&["apply", "-f", "-"], "apiVersion: kloudmeter.io/v1alpha1\nkind: Meter\nmetadata: {name: calls, namespace: team-a}\nspec: {eventType: call, aggregation: count}\n").0);
+    let (s, _) = post(&km.url("/api/v1/events"), &json!([{"id": "1", "eventType": "call", "subject": "c"}, {"id": "2", "eventType": "call", "subject": "c"}])).await;
+    assert_eq!(s, 202);
+    wait_for("status written with the chart's rights", T, || async {
+        cp.jsonpath("team-a", "meter/calls", "{.status.value}") == "2"
+    })
+    .await;
+    // an invalid meter, reconciled twice: an Event, then a patch of its series
+    for desc in ["one", "two"] {
+        let m = format!("apiVersion: kloudmeter.io/v1alpha1\nkind: Meter\nmetadata: {{name: bad, namespace: team-a}}\nspec: {{eventType: call, aggregation: sum, description: {desc}}}\n");
+        assert!(cp.kubectl_stdin(&["apply", "-f", "-"], &m).0);
+        wait_for("InvalidSpec", T, || async {
+            cp.jsonpath("team-a", "meter/bad", "{.status.observedGeneration}")
+                == if desc == "one" { "1" } else { "2" }
+        })
+        .await;
+    }
+    // the HTTP API creates and deletes Meters in the operator's namespace
+    let (s, _) = post(
+        &km.url("/api/v1/meters"),
+        &json!({"id": "made", "eventType": "call", "aggregation": "count"}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let r = reqwest::Client::new()
+        .delete(km.url("/api/v1/meters/kloudmeter/made"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    cp.kubectl(&["delete", "meter", "bad", "-n", "team-a", "--timeout=60s"]);
+    let holder = cp.jsonpath(
+        "kloudmeter",
+        "lease/kloudmeter-leader",
+        "{.spec.holderIdentity}",
+    );
+    assert_eq!(
+        holder,
+        holder_of(km.pid().unwrap()),
+        "the operator holds its Lease"
+    );
+    // every request the operator made was allowed, and every granted verb was used
+    let user = "system:serviceaccount:kloudmeter:kloudmeter";
+    let mut used = BTreeSet::new();
+    for line in cp.audit_log().lines() {
+        let Ok(e) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        // every stage counts: a long-running watch completes only when it ends
+        if e["user"]["username"] != json!(user) {
+            continue;
+        }
+        let code = e["responseStatus"]["code"].as_i64().unwrap_or(0);
+        assert_ne!(code, 403, "forbidden: {line}");
+        let r = &e["objectRef"];
+        let resource = match r["subresource"].as_str() {
+            Some(sub) => format!("{}/{sub}", r["resource"].as_str().unwrap_or("")),
+            None => r["resource"].as_str().unwrap_or("").to_string(),
+        };
+        used.insert((
+            r["apiGroup"].as_str().unwrap_or("").to_string(),
+            resource,
+            e["verb"].as_str().unwrap().to_string(),
+        ));
+    }
+    let rendered = helm_ok(None, &["template", "kloudmeter", CHART, "-n", "kloudmeter"]);
+    let grants = granted(&rendered);
+    let unused: Vec<_> = grants.difference(&used).collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never used: {unused:?}\nused: {used:?}"
+    );
+    drop(km);
+
+    // uninstall: nothing of the release is left but what is documented to stay
+    helm_ok(
+        Some(&cp),
+        &["uninstall", "kloudmeter", "-n", "kloudmeter", "--wait"],
+    );
+    wait_for("garbage collection", T, || async {
+        let left = cp.kubectl(&[
+            "-n",
+            "kloudmeter",
+            "get",
+            "all,sa,role,rolebinding,pdb,secret,configmap",
+            "-l",
+            "app.kubernetes.io/instance=kloudmeter",
+            "-o",
+            "name",
+        ]);
+        let pods = cp.kubectl(&["-n", "kloudmeter", "get", "pods,replicasets", "-o", "name"]);
+        left.trim().is_empty() && pods.trim().is_empty()
+    })
+    .await;
+    assert!(cp
+        .kubectl(&["get", "clusterrole,clusterrolebinding", "-o", "name"])
+        .lines()
+        .all(|l| !l.contains("kloudmeter")));
+    // Meters and the CRD stay (Helm never deletes CRDs); a Meter still carries the
+    // finalizer, which is removed by hand once no operator runs (README)
+    assert_eq!(
+        cp.jsonpath("team-a", "meter/calls", "{.metadata.finalizers}"),
+        "[\"kloudmeter.io/cleanup\"]"
+    );
+    cp.kubectl(&[
+        "-n",
+        "team-a",
+        "patch",
+        "meter/calls",
+        "--type=merge",
+        "-p",
+        "{\"metadata\":{\"finalizers\":null}}",
+    ]);
+    cp.kubectl(&["-n", "team-a", "delete", "meter/calls", "--timeout=30s"]);
+    let _ = kc;
+}

@@ -1,0 +1,7 @@
+//! Kubernetes against a real kube-apiserver: the operator and the Helm chart.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod helm;
+mod operator;
