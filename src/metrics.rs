@@ -63,14 +63,38 @@ fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let ingest = IngestMetrics {
+impl IngestMetrics {
+    fn registered(r: &mut Registry) -> Self {
+        let m = IngestMetrics {
             accepted: Counter::default(),
             rejected: Counter::default(),
             request_seconds: seconds(),
         };
-        let aggregate = AggregateMetrics {
+        add(
+            r,
+            "events_accepted",
+            "Events acknowledged by JetStream at ingestion",
+            &m.accepted,
+        );
+        add(
+            r,
+            "events_rejected",
+            "Events refused at ingestion (invalid or unavailable)",
+            &m.rejected,
+        );
+        add(
+            r,
+            "ingest_request_seconds",
+            "Time to answer an ingestion request",
+            &m.request_seconds,
+        );
+        m
+    }
+}
+
+impl AggregateMetrics {
+    fn registered(r: &mut Registry) -> Self {
+        let m = AggregateMetrics {
             duplicate: Counter::default(),
             aggregated: Counter::default(),
             invalid: Counter::default(),
@@ -81,91 +105,81 @@ impl Default for Metrics {
             batch_seconds: seconds(),
             flush_seconds: seconds(),
         };
+        add(
+            r,
+            "events_duplicate",
+            "Events recognised as repeats within DEDUP_WINDOW",
+            &m.duplicate,
+        );
+        add(
+            r,
+            "events_aggregated",
+            "Distinct events folded by the aggregator",
+            &m.aggregated,
+        );
+        add(
+            r,
+            "events_invalid",
+            "Event-meter pairs whose value was missing or not numeric",
+            &m.invalid,
+        );
+        add(
+            r,
+            "consumer_lag",
+            "Events in the stream not yet aggregated",
+            &m.consumer_lag,
+        );
+        add(
+            r,
+            "aggregated_sequence",
+            "Stream sequence aggregated through",
+            &m.cursor,
+        );
+        add(
+            r,
+            "meter_syncs",
+            "Times the aggregator brought its meters in line with the definitions",
+            &m.meter_syncs,
+        );
+        add(
+            r,
+            "rebuilds",
+            "Meter rebuilds and backfills from retained events",
+            &m.rebuilds,
+        );
+        add(
+            r,
+            "aggregate_batch_seconds",
+            "Time to settle and fold one batch of events",
+            &m.batch_seconds,
+        );
+        add(
+            r,
+            "aggregate_flush_seconds",
+            "Time to write one flush of readings and advance the cursor",
+            &m.flush_seconds,
+        );
+        m
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("kloudmeter");
+        let ingest = IngestMetrics::registered(&mut r);
+        let aggregate = AggregateMetrics::registered(&mut r);
         let operator = OperatorMetrics {
             reconciles: Counter::default(),
         };
-        let election = ElectionMetrics {
-            leader: Gauge::default(),
-        };
-        let mut r = Registry::with_prefix("kloudmeter");
-        add(
-            &mut r,
-            "events_accepted",
-            "Events acknowledged by JetStream at ingestion",
-            &ingest.accepted,
-        );
-        add(
-            &mut r,
-            "events_rejected",
-            "Events refused at ingestion (invalid or unavailable)",
-            &ingest.rejected,
-        );
-        add(
-            &mut r,
-            "ingest_request_seconds",
-            "Time to answer an ingestion request",
-            &ingest.request_seconds,
-        );
-        add(
-            &mut r,
-            "events_duplicate",
-            "Events recognised as repeats within DEDUP_WINDOW",
-            &aggregate.duplicate,
-        );
-        add(
-            &mut r,
-            "events_aggregated",
-            "Distinct events folded by the aggregator",
-            &aggregate.aggregated,
-        );
-        add(
-            &mut r,
-            "events_invalid",
-            "Event-meter pairs whose value was missing or not numeric",
-            &aggregate.invalid,
-        );
-        add(
-            &mut r,
-            "consumer_lag",
-            "Events in the stream not yet aggregated",
-            &aggregate.consumer_lag,
-        );
-        add(
-            &mut r,
-            "aggregated_sequence",
-            "Stream sequence aggregated through",
-            &aggregate.cursor,
-        );
-        add(
-            &mut r,
-            "meter_syncs",
-            "Times the aggregator brought its meters in line with the definitions",
-            &aggregate.meter_syncs,
-        );
-        add(
-            &mut r,
-            "rebuilds",
-            "Meter rebuilds and backfills from retained events",
-            &aggregate.rebuilds,
-        );
-        add(
-            &mut r,
-            "aggregate_batch_seconds",
-            "Time to settle and fold one batch of events",
-            &aggregate.batch_seconds,
-        );
-        add(
-            &mut r,
-            "aggregate_flush_seconds",
-            "Time to write one flush of readings and advance the cursor",
-            &aggregate.flush_seconds,
-        );
         add(
             &mut r,
             "reconciles",
             "Meter custom resource reconciles by the controller",
             &operator.reconciles,
         );
+        let election = ElectionMetrics {
+            leader: Gauge::default(),
+        };
         add(
             &mut r,
             "leader",

@@ -29,7 +29,7 @@ pub(super) async fn load_meter(store: &Store, id: &str) -> ApiResult<Option<Mete
 
 pub(super) async fn all_meters(store: &Store) -> ApiResult<Vec<MeterDef>> {
     let items = store
-        .scan(&store.meters, "m.*")
+        .scan(&store.meters, keys::ALL_METERS)
         .await
         .map_err(ApiError::storage)?;
     let mut defs: Vec<MeterDef> = items

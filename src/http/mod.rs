@@ -53,6 +53,8 @@ struct Inner {
     inflight: Semaphore,
     kube: Option<KubeMeters>,
     kube_synced: tokio::sync::watch::Receiver<bool>,
+    /// `/openapi.json`, generated once from the route table.
+    description: Value,
 }
 
 impl AppState {
@@ -72,6 +74,7 @@ impl AppState {
             inflight,
             kube,
             kube_synced,
+            description: openapi::document(),
         }))
     }
     /// A meter id as given in a request: in operator mode a bare name means the

@@ -13,8 +13,10 @@ pub(super) async fn alive() -> Response {
     ok_status(StatusCode::OK)
 }
 
-pub(super) async fn openapi() -> Json<Value> {
-    Json(super::openapi::document())
+/// The description the state was built with (the route table is fixed at compile time,
+/// so it is generated once).
+pub(super) async fn openapi(State(state): State<AppState>) -> Json<Value> {
+    Json(state.0.description.clone())
 }
 
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {

@@ -75,7 +75,7 @@ async fn query_subjects(
             .await
             .map_err(ApiError::storage)?
         {
-            if let Some(subject) = item.key.split('.').nth(2).and_then(keys::untoken) {
+            if let Some(subject) = keys::subject_of_total(&item.key) {
                 totals.push((
                     subject,
                     serde_json::from_slice(&item.value).map_err(ApiError::from)?,

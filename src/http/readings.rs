@@ -95,7 +95,7 @@ async fn subject_readings(
         .map_err(ApiError::storage)?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
-        let Some(subject) = item.key.split('.').nth(2).and_then(keys::untoken) else {
+        let Some(subject) = keys::subject_of_total(&item.key) else {
             continue;
         };
         let r: Reading = serde_json::from_slice(&item.value).map_err(ApiError::from)?;

@@ -1,7 +1,8 @@
 //! The one table of what the server serves: each route's method, path, summary, the
 //! shape of what it takes and answers (for `/openapi.json`), whether it needs the API
 //! token, and its handler. [`super::router`] and [`super::openapi::document`] are both
-//! built from it, so they cannot disagree.
+//! built from it, so they cannot disagree; the description is handed to its handler
+//! through the state, so nothing here depends on the description.
 
 use axum::routing::{delete, get, post, put, MethodRouter};
 

@@ -159,6 +159,27 @@ pub fn progress_key(meter: &str) -> String {
     format!("p.{}", token(meter))
 }
 
+/// Every meter definition in the meters bucket.
+pub const ALL_METERS: &str = "m.*";
+
+/// Every build-progress record in the state bucket.
+pub const ALL_PROGRESS: &str = "p.*";
+
+/// The meter id of a key from [`meter_key`].
+pub fn meter_of(key: &str) -> Option<String> {
+    key.strip_prefix("m.").and_then(untoken)
+}
+
+/// The meter id of a key from [`progress_key`].
+pub fn progress_meter_of(key: &str) -> Option<String> {
+    key.strip_prefix("p.").and_then(untoken)
+}
+
+/// The subject of a subject-total key (`r.<meter>.<subject>.total`).
+pub fn subject_of_total(key: &str) -> Option<String> {
+    key.split('.').nth(2).and_then(untoken)
+}
+
 pub const CURSOR_KEY: &str = "cursor";
 pub const LEADER_KEY: &str = "aggregator";
 

@@ -132,7 +132,7 @@ impl Registry {
         let mut watch = store.meters.watch_all_from_revision(last + 1).await?;
         while let Some(entry) = watch.next().await {
             let entry = entry?;
-            let id = crate::nats::keys::untoken(entry.key.strip_prefix("m.").unwrap_or(&entry.key));
+            let id = crate::nats::keys::meter_of(&entry.key);
             match entry.operation {
                 Operation::Put => match serde_json::from_slice::<MeterDef>(&entry.value) {
                     Ok(def) => self.upsert(def),

@@ -101,7 +101,7 @@ async fn write(
         .scan(&store.readings, &keys::subject_totals_filter(id, None))
         .await?
     {
-        let Some(subject) = item.key.split('.').nth(2).and_then(keys::untoken) else {
+        let Some(subject) = keys::subject_of_total(&item.key) else {
             continue;
         };
         let r: Reading = serde_json::from_slice(&item.value)?;
