@@ -22,7 +22,11 @@ impl Aggregator {
         self.flush().await?;
         let live = self.registry.snapshot();
         let mut progress: HashMap<String, Progress> = HashMap::new();
-        for item in self.store.scan(&self.store.state, keys::ALL_PROGRESS).await? {
+        for item in self
+            .store
+            .scan(&self.store.state, keys::ALL_PROGRESS)
+            .await?
+        {
             let id = keys::progress_meter_of(&item.key);
             if let (Some(id), Ok(p)) = (id, serde_json::from_slice::<Progress>(&item.value)) {
                 progress.insert(id, p);

@@ -22,13 +22,13 @@ use anyhow::{bail, Context as _, Result};
 use async_nats::jetstream::consumer;
 use async_nats::Message;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::aggregate::cache::Cache;
 use crate::claims::Claims;
 use crate::domain::meter::CompiledMeter;
 use crate::metrics::Metrics;
+use crate::nats::meters::Progress;
 use crate::nats::registry::Registry;
 use crate::nats::store::Store;
 
@@ -62,13 +62,6 @@ const BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// ...or, when a flush takes long (many distinct readings), up to this often, so that
 /// writing never takes more than a fifth of the time while catching up.
 const MAX_BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Per-meter record of the definition its readings were built for.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Progress {
-    pub hash: String,
-    pub complete: bool,
-}
 
 type ByType = HashMap<String, Vec<Arc<CompiledMeter>>>;
 

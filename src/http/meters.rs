@@ -14,30 +14,14 @@ use super::{ok_status, parse_json_body, ApiError, ApiResult, AppState};
 use crate::operator::api_meters::{KubeMeterError, KubeMeters};
 
 use crate::domain::meter::{parse_meter_json, MeterDef};
-use crate::nats::keys;
 use crate::nats::store::Store;
 
 pub(super) async fn load_meter(store: &Store, id: &str) -> ApiResult<Option<MeterDef>> {
-    let raw = store
-        .meters
-        .get(keys::meter_key(id))
-        .await
-        .map_err(ApiError::storage)?;
-    raw.map(|b| serde_json::from_slice(&b).map_err(ApiError::from))
-        .transpose()
+    Ok(store.meter(id).await?)
 }
 
 pub(super) async fn all_meters(store: &Store) -> ApiResult<Vec<MeterDef>> {
-    let items = store
-        .scan(&store.meters, keys::ALL_METERS)
-        .await
-        .map_err(ApiError::storage)?;
-    let mut defs: Vec<MeterDef> = items
-        .iter()
-        .filter_map(|i| serde_json::from_slice(&i.value).ok())
-        .collect();
-    defs.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(defs)
+    Ok(store.all_meters().await?)
 }
 
 impl From<KubeMeterError> for ApiError {
@@ -77,23 +61,15 @@ impl Backend<'_> {
             Backend::Kube(k) => return Ok((StatusCode::CREATED, k.create(&def).await?)),
             Backend::Nats(store) => store,
         };
-        let body = serde_json::to_vec(&def)?;
-        match store
-            .meters
-            .create(keys::meter_key(&def.id), body.into())
-            .await
-        {
-            Ok(_) => Ok((StatusCode::CREATED, def)),
-            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-                match load_meter(store, &def.id).await? {
-                    Some(existing) if existing == def => Ok((StatusCode::OK, def)),
-                    _ => Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        format!("id: meter {:?} already exists", def.id),
-                    )),
-                }
-            }
-            Err(e) => Err(ApiError::storage(e)),
+        if store.create_meter(&def).await? {
+            return Ok((StatusCode::CREATED, def));
+        }
+        match store.meter(&def.id).await? {
+            Some(existing) if existing == def => Ok((StatusCode::OK, def)),
+            _ => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("id: meter {:?} already exists", def.id),
+            )),
         }
     }
 
@@ -102,13 +78,8 @@ impl Backend<'_> {
         match self {
             Backend::Kube(k) => Ok(k.apply(&def).await?),
             Backend::Nats(store) => {
-                let existed = load_meter(store, &def.id).await?.is_some();
-                let body = serde_json::to_vec(&def)?;
-                store
-                    .meters
-                    .put(keys::meter_key(&def.id), body.into())
-                    .await
-                    .map_err(ApiError::storage)?;
+                let existed = store.meter(&def.id).await?.is_some();
+                store.put_meter(&def).await?;
                 Ok((existed, def))
             }
         }
@@ -118,14 +89,10 @@ impl Backend<'_> {
         match self {
             Backend::Kube(k) => Ok(k.delete(id).await?),
             Backend::Nats(store) => {
-                if load_meter(store, id).await?.is_none() {
+                if store.meter(id).await?.is_none() {
                     return Err(ApiError::not_found(format!("key: no meter {id:?}")));
                 }
-                store
-                    .meters
-                    .delete(keys::meter_key(id))
-                    .await
-                    .map_err(ApiError::storage)
+                Ok(store.delete_meter(id).await?)
             }
         }
     }

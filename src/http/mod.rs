@@ -128,6 +128,19 @@ impl ApiError {
     }
 }
 
+impl From<crate::nats::meters::StoreError> for ApiError {
+    fn from(e: crate::nats::meters::StoreError) -> Self {
+        use crate::nats::meters::StoreError;
+        match e {
+            StoreError::Unavailable(_) => ApiError::storage(e),
+            StoreError::Corrupt { .. } => {
+                tracing::error!(error = %e, "a stored record did not decode");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
 /// A stored record that does not decode (or a value that does not encode) is a bug or
 /// corruption, not the caller's doing: 500 with a generic message, details in the log.
 impl From<serde_json::Error> for ApiError {

@@ -57,14 +57,7 @@ async fn meter_reading(
         Some(raw) => serde_json::from_slice(&raw).map_err(ApiError::from)?,
         None => Reading::default(),
     };
-    let progress = store
-        .state
-        .get(keys::progress_key(&def.id))
-        .await
-        .map_err(ApiError::storage)?;
-    let ready = progress
-        .and_then(|raw| serde_json::from_slice::<crate::aggregate::Progress>(&raw).ok())
-        .is_some_and(|p| p.complete && p.hash == def.semantic_hash());
+    let ready = store.progress(&def.id).await?.is_some_and(|p| p.built(def));
     let by_subject = if with_subjects {
         Some(subject_readings(store, def, None).await?)
     } else {

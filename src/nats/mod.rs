@@ -1,8 +1,10 @@
 //! The NATS layer, and the only code that knows stream, bucket, subject and key names:
 //! [`store`] connects and lays out the streams and buckets, [`keys`] names and escapes
-//! everything stored, [`registry`] follows the meter definitions every process shares.
+//! everything stored, [`registry`] follows the meter definitions every process shares, [`meters`] reads and
+//! writes them (and their build progress) as typed values.
 //! Everything else asks these for typed values.
 
 pub(crate) mod keys;
+pub(crate) mod meters;
 pub(crate) mod registry;
 pub mod store;

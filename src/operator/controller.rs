@@ -17,7 +17,6 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::aggregate::Progress;
 use crate::domain::meter::MeterDef;
 use crate::metrics::Metrics;
 use crate::nats::keys;
@@ -231,32 +230,16 @@ async fn warn(ctx: &Ctx, meter: &Meter, reason: &str, note: String) {
 /// Put the definition where every process follows it (unless already there); whether
 /// its readings are complete for this definition.
 async fn store_definition(store: &Store, id: &str, def: &MeterDef) -> Result<bool, Error> {
-    let stored = store.meters.get(keys::meter_key(id)).await.map_err(nats)?;
-    let wanted = serde_json::to_vec(def).map_err(nats)?;
-    if stored.as_deref() != Some(wanted.as_slice()) {
-        store
-            .meters
-            .put(keys::meter_key(id), wanted.into())
-            .await
-            .map_err(nats)?;
+    if store.meter(id).await.map_err(nats)?.as_ref() != Some(def) {
+        store.put_meter(def).await.map_err(nats)?;
     }
-    let progress = store
-        .state
-        .get(keys::progress_key(id))
-        .await
-        .map_err(nats)?;
-    Ok(progress
-        .and_then(|raw| serde_json::from_slice::<Progress>(&raw).ok())
-        .is_some_and(|p| p.complete && p.hash == def.semantic_hash()))
+    let progress = store.progress(id).await.map_err(nats)?;
+    Ok(progress.is_some_and(|p| p.built(def)))
 }
 
 /// Remove everything NATS holds for a meter; succeed only once nothing is left.
 pub async fn cleanup(store: &Store, id: &str) -> Result<(), Error> {
-    store
-        .meters
-        .delete(keys::meter_key(id))
-        .await
-        .map_err(nats)?;
+    store.delete_meter(id).await.map_err(nats)?;
     store
         .purge_keys(&store.readings, &keys::meter_readings_filter(id))
         .await

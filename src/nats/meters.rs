@@ -1,0 +1,119 @@
+//! Typed access to the meter definitions (meters bucket) and their build progress
+//! (state bucket): callers deal in [`MeterDef`] and [`Progress`], never in keys or bytes.
+
+use async_nats::jetstream::kv::CreateErrorKind;
+use serde::{Deserialize, Serialize};
+
+use super::keys;
+use super::store::Store;
+use crate::domain::meter::MeterDef;
+
+/// What went wrong with a stored record: NATS did not answer (retry later), or a record
+/// does not decode (a bug or corruption; never the caller's doing).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("NATS: {0}")]
+    Unavailable(String),
+    #[error("record {key} does not decode: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// Per-meter record of the definition its readings were built for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub hash: String,
+    pub complete: bool,
+}
+
+impl Progress {
+    /// Whether the readings are complete for this definition.
+    pub fn built(&self, def: &MeterDef) -> bool {
+        self.complete && self.hash == def.semantic_hash()
+    }
+}
+
+impl Store {
+    pub async fn meter(&self, id: &str) -> Result<Option<MeterDef>, StoreError> {
+        let key = keys::meter_key(id);
+        match self.meters.get(&key).await.map_err(unavailable)? {
+            Some(raw) => decode(&key, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every meter definition, by id. One that does not decode is left out (and logged):
+    /// a listing shows what it can.
+    pub async fn all_meters(&self) -> Result<Vec<MeterDef>, StoreError> {
+        let items = self
+            .scan(&self.meters, keys::ALL_METERS)
+            .await
+            .map_err(unavailable)?;
+        let mut defs: Vec<MeterDef> = items
+            .iter()
+            .filter_map(|i| {
+                decode(&i.key, &i.value)
+                    .inspect_err(|e| tracing::error!(error = %e, "unreadable meter definition"))
+                    .ok()
+            })
+            .collect();
+        defs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(defs)
+    }
+
+    pub async fn put_meter(&self, def: &MeterDef) -> Result<(), StoreError> {
+        let body = serde_json::to_vec(def).map_err(|source| StoreError::Corrupt {
+            key: keys::meter_key(&def.id),
+            source,
+        })?;
+        self.meters
+            .put(keys::meter_key(&def.id), body.into())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Create a definition; `false` when the id is already taken.
+    pub async fn create_meter(&self, def: &MeterDef) -> Result<bool, StoreError> {
+        let key = keys::meter_key(&def.id);
+        let body = serde_json::to_vec(def).map_err(|source| StoreError::Corrupt {
+            key: key.clone(),
+            source,
+        })?;
+        match self.meters.create(key, body.into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Delete a definition (every process's registry follows; the aggregator then removes
+    /// the meter's readings).
+    pub async fn delete_meter(&self, id: &str) -> Result<(), StoreError> {
+        self.meters
+            .delete(keys::meter_key(id))
+            .await
+            .map_err(unavailable)
+    }
+
+    pub async fn progress(&self, id: &str) -> Result<Option<Progress>, StoreError> {
+        let key = keys::progress_key(id);
+        match self.state.get(&key).await.map_err(unavailable)? {
+            Some(raw) => decode(&key, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+}
