@@ -14,6 +14,27 @@ async fn wait_kubectl(cp: &ControlPlane, what: &str, ns: &str, obj: &str, path: 
 }
 
 /// The Meter manifest of the README's Kubernetes section (so the README stays true).
+/// Wait for a Warning Event with `reason` on the Meter `name` whose note satisfies `note`.
+async fn wait_event(
+    cp: &ControlPlane,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    note: impl Fn(&str) -> bool,
+) {
+    wait_for(&format!("a {reason} event on {name}"), T, || async {
+        let ev = cp.kubectl(&["get", "events.v1.events.k8s.io", "-n", ns, "-o", "json"]);
+        let ev: Value = serde_json::from_str(&ev).unwrap();
+        ev["items"].as_array().unwrap().iter().any(|e| {
+            e["reason"] == json!(reason)
+                && e["type"] == json!("Warning")
+                && e["regarding"]["name"] == json!(name)
+                && e["note"].as_str().is_some_and(&note)
+        })
+    })
+    .await;
+}
+
 fn readme_manifest() -> String {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
@@ -246,21 +267,8 @@ async fn operator_against_a_real_api_server() {
         assert!(cp
             .try_jsonpath("team-b", &obj, "{.status.conditions[0].message}")
             .starts_with(msg));
-        wait_for("an InvalidSpec event", T, || async {
-            let ev = cp.kubectl(&[
-                "get",
-                "events.v1.events.k8s.io",
-                "-n",
-                "team-b",
-                "-o",
-                "json",
-            ]);
-            let ev: Value = serde_json::from_str(&ev).unwrap();
-            ev["items"].as_array().unwrap().iter().any(|e| {
-                e["reason"] == json!("InvalidSpec")
-                    && e["regarding"]["name"] == json!(name)
-                    && e["note"].as_str().is_some_and(|n| n.starts_with(msg))
-            })
+        wait_event(&cp, "team-b", name, "InvalidSpec", |note| {
+            note.starts_with(msg)
         })
         .await;
     }
@@ -276,23 +284,8 @@ async fn operator_against_a_real_api_server() {
         ),
     );
     assert!(ok, "{err}");
-    wait_for("an UnknownField event", T, || async {
-        let ev = cp.kubectl(&[
-            "get",
-            "events.v1.events.k8s.io",
-            "-n",
-            "team-b",
-            "-o",
-            "json",
-        ]);
-        let ev: Value = serde_json::from_str(&ev).unwrap();
-        ev["items"].as_array().unwrap().iter().any(|e| {
-            e["reason"] == json!("UnknownField")
-                && e["type"] == json!("Warning")
-                && e["regarding"]["name"] == json!("typo")
-                && e["note"]
-                    == json!("spec.groupby: unknown field; did you mean groupBy?; the API server dropped it")
-        })
+    wait_event(&cp, "team-b", "typo", "UnknownField", |note| {
+        note == "spec.groupby: unknown field; did you mean groupBy?; the API server dropped it"
     })
     .await;
     // the meter itself is valid without the dropped field (count needs nothing else)
