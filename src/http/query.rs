@@ -67,36 +67,21 @@ async fn query_subjects(
         std::collections::BTreeMap<String, crate::domain::fold::SharedGroup>,
     )>,
 > {
-    let mut totals: Vec<(String, Reading)> = Vec::new();
-    if wanted.is_empty() {
-        let filter = keys::subject_totals_filter(&def.id, None);
-        for item in store
-            .scan(&store.readings, &filter)
-            .await
-            .map_err(ApiError::storage)?
-        {
-            if let Some(subject) = keys::subject_of_total(&item.key) {
-                totals.push((
-                    subject,
-                    serde_json::from_slice(&item.value).map_err(ApiError::from)?,
-                ));
-            }
-        }
+    let totals = if wanted.is_empty() {
+        store.subject_totals(&def.id, None).await?
     } else {
+        let mut found = Vec::with_capacity(wanted.len());
         for subject in wanted {
             let key = ReadingKey::SubjectTotal {
                 meter: def.id.as_str().into(),
                 subject: subject.as_str().into(),
-            }
-            .kv_key();
-            if let Some(raw) = store.readings.get(key).await.map_err(ApiError::storage)? {
-                totals.push((
-                    subject.clone(),
-                    serde_json::from_slice(&raw).map_err(ApiError::from)?,
-                ));
+            };
+            if let Some(reading) = store.reading(&key).await? {
+                found.push((subject.clone(), reading));
             }
         }
-    }
+        found
+    };
     Ok(totals
         .into_iter()
         .map(|(s, r)| {

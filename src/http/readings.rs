@@ -9,10 +9,8 @@ use super::{ApiError, ApiResult, AppState};
 use chrono::{DateTime, Utc};
 
 use super::meters::{all_meters, load_meter, required_key, KeyQuery};
-use crate::domain::fold::Reading;
 use crate::domain::meter::MeterDef;
 use crate::domain::window::ReadingKey;
-use crate::nats::keys;
 use crate::nats::store::Store;
 
 #[derive(Serialize, schemars::JsonSchema)]
@@ -49,14 +47,12 @@ async fn meter_reading(
     def: &MeterDef,
     with_subjects: bool,
 ) -> ApiResult<MeterReading> {
-    let key = ReadingKey::Summary {
-        meter: def.id.as_str().into(),
-    }
-    .kv_key();
-    let summary: Reading = match store.readings.get(key).await.map_err(ApiError::storage)? {
-        Some(raw) => serde_json::from_slice(&raw).map_err(ApiError::from)?,
-        None => Reading::default(),
-    };
+    let summary = store
+        .reading(&ReadingKey::Summary {
+            meter: def.id.as_str().into(),
+        })
+        .await?
+        .unwrap_or_default();
     let ready = store.progress(&def.id).await?.is_some_and(|p| p.built(def));
     let by_subject = if with_subjects {
         Some(subject_readings(store, def, None).await?)
@@ -81,26 +77,17 @@ async fn subject_readings(
     def: &MeterDef,
     subject: Option<&str>,
 ) -> ApiResult<Vec<SubjectReading>> {
-    let filter = keys::subject_totals_filter(&def.id, subject);
-    let items = store
-        .scan(&store.readings, &filter)
-        .await
-        .map_err(ApiError::storage)?;
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let Some(subject) = keys::subject_of_total(&item.key) else {
-            continue;
-        };
-        let r: Reading = serde_json::from_slice(&item.value).map_err(ApiError::from)?;
-        out.push(SubjectReading {
+    let totals = store.subject_totals(&def.id, subject).await?;
+    let out: Vec<SubjectReading> = totals
+        .into_iter()
+        .map(|(subject, r)| SubjectReading {
             meter: def.id.clone(),
             subject,
             value: r.acc.value(def.aggregation).map(|d| d.to_string()),
             events: r.acc.count,
             last_event_time: r.last_event_time,
-        });
-    }
-    out.sort_by(|a, b| a.subject.cmp(&b.subject));
+        })
+        .collect();
     Ok(out)
 }
 

@@ -1,12 +1,16 @@
-//! Typed access to the meter definitions (meters bucket) and their build progress
-//! (state bucket): callers deal in [`MeterDef`] and [`Progress`], never in keys or bytes.
+//! Typed access to the meter definitions (meters bucket), their build progress (state
+//! bucket) and, for readers, their readings: callers deal in [`MeterDef`], [`Progress`]
+//! and [`Reading`], never in keys or bytes. (The aggregator reads and writes readings
+//! itself, with revisions, on its hot path.)
 
 use async_nats::jetstream::kv::CreateErrorKind;
 use serde::{Deserialize, Serialize};
 
 use super::keys;
 use super::store::Store;
+use crate::domain::fold::Reading;
 use crate::domain::meter::MeterDef;
+use crate::domain::window::ReadingKey;
 
 /// What went wrong with a stored record: NATS did not answer (retry later), or a record
 /// does not decode (a bug or corruption; never the caller's doing).
@@ -115,5 +119,36 @@ impl Store {
             Some(raw) => decode(&key, &raw).map(Some),
             None => Ok(None),
         }
+    }
+}
+
+impl Store {
+    /// One reading (`None`: nothing counted there yet).
+    pub async fn reading(&self, key: &ReadingKey) -> Result<Option<Reading>, StoreError> {
+        let key = key.kv_key();
+        match self.readings.get(&key).await.map_err(unavailable)? {
+            Some(raw) => decode(&key, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The all-time reading of every subject of a meter (or of one subject), by subject.
+    pub async fn subject_totals(
+        &self,
+        meter: &str,
+        subject: Option<&str>,
+    ) -> Result<Vec<(String, Reading)>, StoreError> {
+        let items = self
+            .scan(&self.readings, &keys::subject_totals_filter(meter, subject))
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            if let Some(subject) = keys::subject_of_total(&item.key) {
+                out.push((subject, decode(&item.key, &item.value)?));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 }

@@ -12,9 +12,7 @@ use kube::Client;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::domain::fold::Reading;
 use crate::domain::window::ReadingKey;
-use crate::nats::keys;
 use crate::nats::registry::Registry;
 use crate::nats::store::Store;
 use crate::operator::crd::{Meter, TopSubject};
@@ -88,27 +86,16 @@ async fn write(
         return Ok(());
     };
     let agg = meter.def.aggregation;
-    let summary: Reading = match store
-        .readings
-        .get(ReadingKey::Summary { meter: id.into() }.kv_key())
+    let summary = store
+        .reading(&ReadingKey::Summary { meter: id.into() })
         .await?
-    {
-        Some(raw) => serde_json::from_slice(&raw)?,
-        None => Reading::default(),
-    };
-    let mut subjects: Vec<(rust_decimal::Decimal, String)> = Vec::new();
-    for item in store
-        .scan(&store.readings, &keys::subject_totals_filter(id, None))
+        .unwrap_or_default();
+    let mut subjects: Vec<(rust_decimal::Decimal, String)> = store
+        .subject_totals(id, None)
         .await?
-    {
-        let Some(subject) = keys::subject_of_total(&item.key) else {
-            continue;
-        };
-        let r: Reading = serde_json::from_slice(&item.value)?;
-        if let Some(v) = r.acc.value(agg) {
-            subjects.push((v, subject));
-        }
-    }
+        .into_iter()
+        .filter_map(|(subject, r)| r.acc.value(agg).map(|v| (v, subject)))
+        .collect();
     subjects.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
     let top: Vec<TopSubject> = subjects
         .into_iter()
