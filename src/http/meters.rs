@@ -16,14 +16,6 @@ use crate::operator::api_meters::{KubeMeterError, KubeMeters};
 use crate::domain::meter::{parse_meter_json, MeterDef};
 use crate::nats::store::Store;
 
-pub(super) async fn load_meter(store: &Store, id: &str) -> ApiResult<Option<MeterDef>> {
-    Ok(store.meter(id).await?)
-}
-
-pub(super) async fn all_meters(store: &Store) -> ApiResult<Vec<MeterDef>> {
-    Ok(store.all_meters().await?)
-}
-
 impl From<KubeMeterError> for ApiError {
     fn from(e: KubeMeterError) -> Self {
         match e {
@@ -119,7 +111,7 @@ pub(super) async fn create_v1(
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<MeterDef>>> {
-    Ok(Json(all_meters(state.store()?).await?))
+    Ok(Json(state.store()?.all_meters().await?))
 }
 
 #[derive(Deserialize)]
@@ -135,7 +127,9 @@ pub(super) fn required_key(q: KeyQuery) -> ApiResult<String> {
 
 async fn get_meter(state: &AppState, id: &str) -> ApiResult<Json<MeterDef>> {
     let id = &state.resolve_id(id);
-    load_meter(state.store()?, id)
+    state
+        .store()?
+        .meter(id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("key: no meter {id:?}")))

@@ -120,6 +120,11 @@ impl ApiError {
     fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
+    /// A bug or a corrupt record: 500 with a generic message, the details in the log.
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "a stored record did not decode");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
     /// NATS or the Kubernetes API failed: 503, so clients retry. What failed goes to the
     /// log, never on the wire.
     fn storage(e: impl std::fmt::Display) -> Self {
@@ -133,10 +138,7 @@ impl From<crate::nats::meters::StoreError> for ApiError {
         use crate::nats::meters::StoreError;
         match e {
             StoreError::Unavailable(_) => ApiError::storage(e),
-            StoreError::Corrupt { .. } => {
-                tracing::error!(error = %e, "a stored record did not decode");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-            }
+            StoreError::Corrupt { .. } => ApiError::internal(e),
         }
     }
 }
@@ -145,8 +147,7 @@ impl From<crate::nats::meters::StoreError> for ApiError {
 /// corruption, not the caller's doing: 500 with a generic message, details in the log.
 impl From<serde_json::Error> for ApiError {
     fn from(e: serde_json::Error) -> Self {
-        tracing::error!(error = %e, "a stored record did not decode");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        ApiError::internal(e)
     }
 }
 

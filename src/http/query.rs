@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::DateTime;
 use futures::{StreamExt, TryStreamExt};
 
-use super::meters::load_meter;
 use crate::domain::fold::Reading;
 use crate::domain::meter::MeterDef;
 use crate::domain::query;
@@ -119,7 +118,8 @@ async fn run_query(
 ) -> ApiResult<Response> {
     let id = state.resolve_id(id);
     let store = state.store()?;
-    let def = load_meter(store, &id)
+    let def = store
+        .meter(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
     let p = query::parse_query(&pairs, &def, Utc::now())?;

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::{ApiError, ApiResult, AppState};
 use chrono::{DateTime, Utc};
 
-use super::meters::{all_meters, load_meter, required_key, KeyQuery};
+use super::meters::{required_key, KeyQuery};
 use crate::domain::meter::MeterDef;
 use crate::domain::window::ReadingKey;
 use crate::nats::store::Store;
@@ -94,7 +94,7 @@ async fn subject_readings(
 pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<MeterReading>>> {
     let store = state.store()?;
     let mut out = Vec::new();
-    for def in all_meters(store).await? {
+    for def in store.all_meters().await? {
         out.push(meter_reading(store, &def, false).await?);
     }
     Ok(Json(out))
@@ -106,7 +106,8 @@ pub(super) async fn get_seed(
 ) -> ApiResult<Json<MeterReading>> {
     let id = state.resolve_id(&required_key(q)?);
     let store = state.store()?;
-    let def = load_meter(store, &id)
+    let def = store
+        .meter(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("key: no meter {id:?}")))?;
     Ok(Json(meter_reading(store, &def, true).await?))
@@ -124,10 +125,11 @@ pub(super) async fn readings_v1(
 ) -> ApiResult<Json<Value>> {
     let store = state.store()?;
     let defs = match q.meter.as_deref().filter(|m| !m.is_empty()) {
-        Some(id) => vec![load_meter(store, id)
+        Some(id) => vec![store
+            .meter(id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("meter: no meter {id:?}")))?],
-        None => all_meters(store).await?,
+        None => store.all_meters().await?,
     };
     let mut data = Vec::new();
     for def in &defs {
