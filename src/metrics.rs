@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry};
@@ -34,6 +36,40 @@ pub struct AggregateMetrics {
     pub batch_seconds: Histogram,
     /// Writing one flush's readings and advancing the cursor over them.
     pub flush_seconds: Histogram,
+    /// Events replayed by meter builds (beside the live pass, and at their hand-over).
+    pub build_events: Counter,
+    /// Per meter being built: percent done, and events replayed per second.
+    pub build_percent: Family<MeterLabel, Gauge>,
+    pub build_rate: Family<MeterLabel, Gauge>,
+}
+
+/// The `meter` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeterLabel {
+    pub meter: String,
+}
+
+impl AggregateMetrics {
+    pub fn build_progress(&self, meter: &str, percent: u8, rate: u64) {
+        let label = MeterLabel {
+            meter: meter.to_string(),
+        };
+        self.build_percent
+            .get_or_create(&label)
+            .set(i64::from(percent));
+        self.build_rate
+            .get_or_create(&label)
+            .set(i64::try_from(rate).unwrap_or(i64::MAX));
+    }
+
+    /// A meter's build ended (or never ran): its series go.
+    pub fn build_ended(&self, meter: &str) {
+        let label = MeterLabel {
+            meter: meter.to_string(),
+        };
+        self.build_percent.remove(&label);
+        self.build_rate.remove(&label);
+    }
 }
 
 /// The Meter controller.
@@ -104,6 +140,9 @@ impl AggregateMetrics {
             rebuilds: Counter::default(),
             batch_seconds: seconds(),
             flush_seconds: seconds(),
+            build_events: Counter::default(),
+            build_percent: Family::default(),
+            build_rate: Family::default(),
         };
         add(
             r,
@@ -158,6 +197,24 @@ impl AggregateMetrics {
             "aggregate_flush_seconds",
             "Time to write one flush of readings and advance the cursor",
             &m.flush_seconds,
+        );
+        add(
+            r,
+            "build_events",
+            "Events replayed by meter builds",
+            &m.build_events,
+        );
+        add(
+            r,
+            "build_progress_percent",
+            "Per meter being built: percent of its retained events replayed",
+            &m.build_percent,
+        );
+        add(
+            r,
+            "build_events_per_second",
+            "Per meter being built: events replayed per second",
+            &m.build_rate,
         );
         m
     }

@@ -11,6 +11,7 @@ use futures::{stream, StreamExt};
 
 use super::cache::{EventSlots, MeterRef};
 use super::*;
+use crate::domain::build::kept_already;
 use crate::domain::dedup::{self, Candidate, Decision};
 use crate::domain::event::Event;
 use crate::domain::fold::{self, Applied, Contribution, Group, Reading};
@@ -39,6 +40,8 @@ impl Aggregator {
         let last_info = crate::aggregate::pull::delivery(last)?;
         let (last_seq, lag) = (last_info.stream_sequence, last_info.pending);
         self.lag = lag;
+        self.live_lag
+            .store(lag, std::sync::atomic::Ordering::Relaxed);
 
         let mut candidates = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
@@ -176,6 +179,18 @@ impl Aggregator {
         events: &[(u64, Event)],
         meters: &ByType,
     ) -> Result<()> {
+        let unkept: Vec<(u64, Event)>;
+        let events = match self.skip_kept {
+            Some((frozen, from)) => {
+                unkept = events
+                    .iter()
+                    .filter(|(seq, e)| !kept_already(*seq, e.time, frozen, Some(from)))
+                    .cloned()
+                    .collect();
+                &unkept[..]
+            }
+            None => events,
+        };
         if events.is_empty() {
             return Ok(());
         }

@@ -20,10 +20,16 @@ impl Aggregator {
             }
         }
         self.metrics.aggregate.cursor.set(self.cursor);
+        self.committed.send_replace(self.cursor);
         Ok(())
     }
 
+    /// Record that every reading includes the events through `seq`: the cursor, or in a
+    /// build the build's checkpoint.
     pub(super) async fn commit_cursor(&mut self, seq: u64) -> Result<()> {
+        if self.building.is_some() {
+            return self.commit_checkpoint(seq).await;
+        }
         for _ in 0..5 {
             let value = seq.to_string().into();
             let res = match self.cursor_rev {
@@ -45,6 +51,7 @@ impl Aggregator {
                     self.cursor = seq;
                     self.cursor_rev = Some(rev);
                     self.metrics.aggregate.cursor.set(seq);
+                    self.committed.send_replace(seq);
                     return Ok(());
                 }
                 Err(e) => {

@@ -91,7 +91,9 @@ impl Aggregator {
             match outcome {
                 Ok(rev) => {
                     if self.changed.is_some() {
-                        let meter = reading_meter(&self.cache.slot(i).key);
+                        let meter = crate::nats::keys::meter_of_readings_id(reading_meter(
+                            &self.cache.slot(i).key,
+                        ));
                         if !meters.contains(meter) {
                             meters.insert(meter.to_string());
                         }

@@ -4,6 +4,7 @@
 //! keeps in memory, [`pull`] its own pull loop over the consumer.
 
 mod batch;
+mod builder;
 mod builds;
 pub(crate) mod cache;
 mod cursor;
@@ -26,9 +27,9 @@ use tokio::sync::watch;
 
 use crate::aggregate::cache::Cache;
 use crate::claims::Claims;
+use crate::domain::build::Progress;
 use crate::domain::meter::CompiledMeter;
 use crate::metrics::Metrics;
-use crate::nats::meters::Progress;
 use crate::nats::registry::Registry;
 use crate::nats::store::Store;
 
@@ -65,6 +66,17 @@ const MAX_BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 type ByType = HashMap<String, Vec<Arc<CompiledMeter>>>;
 
+/// Builds replaying at once; more wait their turn (each is one consumer and a share of
+/// the CPU that the live pass also needs).
+const BUILDS_AT_ONCE: usize = 2;
+
+/// A meter the live pass follows: the generation of its readings it writes.
+#[derive(Clone)]
+pub(super) struct Active {
+    meter: Arc<CompiledMeter>,
+    generation: u64,
+}
+
 pub(crate) struct Aggregator {
     store: Store,
     registry: Registry,
@@ -77,8 +89,26 @@ pub(crate) struct Aggregator {
     /// Highest sequence applied to the cached readings but not yet covered by the cursor.
     pending: Option<u64>,
     last_flush: std::time::Instant,
-    /// Meters whose readings are complete up to `cursor`.
-    active: HashMap<String, Arc<CompiledMeter>>,
+    /// Meters whose readings are complete up to `cursor`, with the generation followed
+    /// (each meter's `id` is the name that generation's readings are stored under).
+    active: HashMap<String, Active>,
+    /// Builds running beside this pass, by meter id.
+    builds: HashMap<String, builder::Running>,
+    /// Where builds report (their end, or their failure).
+    reports: tokio::sync::mpsc::UnboundedSender<builder::Report>,
+    /// The cursor as last committed: builds replay only events this pass has settled.
+    committed: watch::Sender<u64>,
+    /// Messages waiting for this pass, so that builds can yield to it.
+    live_lag: Arc<std::sync::atomic::AtomicU64>,
+    /// Builds that may replay at once.
+    build_slots: Arc<tokio::sync::Semaphore>,
+    /// Set when this aggregator is a build: its flushes advance the build's checkpoint
+    /// instead of the cursor.
+    building: Option<builder::Mark>,
+    /// Events a fold leaves out because kept history already holds them: the previous
+    /// generation's last sequence and where kept history ends (see
+    /// [`crate::domain::build::kept_already`]).
+    skip_kept: Option<(u64, i64)>,
     by_type: ByType,
     cursor: u64,
     cursor_rev: Option<u64>,
@@ -126,6 +156,13 @@ impl Aggregator {
             pending: None,
             last_flush: std::time::Instant::now(),
             active: HashMap::new(),
+            builds: HashMap::new(),
+            reports: tokio::sync::mpsc::unbounded_channel().0,
+            committed: watch::channel(0).0,
+            live_lag: Arc::default(),
+            build_slots: Arc::new(tokio::sync::Semaphore::new(BUILDS_AT_ONCE)),
+            building: None,
+            skip_kept: None,
             by_type: HashMap::new(),
             cursor: 0,
             cursor_rev: None,
@@ -145,6 +182,8 @@ impl Aggregator {
         let read = self.claims.lock().await.catch_up().await?;
         tracing::debug!(claims = read, "claim log caught up");
         self.load_cursor().await?;
+        let (reports, mut reported) = tokio::sync::mpsc::unbounded_channel();
+        self.reports = reports;
         let mut meters_changed = self.registry.subscribe();
         meters_changed.borrow_and_update();
         self.reconcile().await?;
@@ -171,6 +210,9 @@ impl Aggregator {
                 changed = meters_changed.changed() => {
                     changed?;
                     self.reconcile().await?;
+                }
+                Some(report) = reported.recv() => {
+                    self.on_report(report).await?;
                 }
                 done = async { (&mut self.inflight.as_mut().expect("checked").task).await }, if self.inflight.is_some() => {
                     self.flush_done(done).await?;

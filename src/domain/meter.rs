@@ -120,6 +120,11 @@ pub struct MeterDef {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub group_by: BTreeMap<String, String>,
     pub window_size: WindowSize,
+    /// A suspended meter aggregates nothing until resumed; its events stay in the stream
+    /// and are counted when it resumes. Not part of [`Self::semantic_hash`]: suspending
+    /// and resuming never rebuild.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 impl MeterDef {
@@ -175,6 +180,7 @@ pub const METER_FIELDS: &[&str] = &[
     "valueProperty",
     "groupBy",
     "windowSize",
+    "suspend",
 ];
 
 /// `<field>: unknown field`, with the known field it most likely misspells
@@ -272,6 +278,11 @@ pub fn parse_meter_json(
         value_property: get_str("valueProperty")?.filter(|s| !s.is_empty()),
         group_by,
         window_size,
+        suspend: match obj.get("suspend") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(_) => return Err(FieldError::new("suspend", "must be true or false")),
+        },
     };
     CompiledMeter::compile(&def)?;
     Ok(def)

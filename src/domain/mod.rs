@@ -9,8 +9,11 @@
 //!   rollups).
 //! - [`fold`]: readings and the exact arithmetic that updates and merges them.
 //! - [`dedup`]: which events of a batch repeat an id already counted.
+//! - [`build`]: generations of a meter's readings: which is served, which is built,
+//!   what history a rebuild keeps.
 //! - [`query`]: query parameters, output windows and the cover of stored windows.
 
+pub mod build;
 pub mod dedup;
 pub mod event;
 pub mod fold;

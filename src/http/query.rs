@@ -122,6 +122,12 @@ async fn run_query(
         .meter(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
+    // Readings are stored under the served generation's name; from here on the
+    // definition stands for them.
+    let def = MeterDef {
+        id: store.served(&def).await?.readings_id,
+        ..def
+    };
     let p = query::parse_query(&pairs, &def, Utc::now())?;
     let windows = query::output_windows(&p).ok_or_else(|| {
         ApiError::bad_request(format!(

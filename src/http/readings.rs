@@ -24,8 +24,21 @@ pub struct MeterReading {
     subjects: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_event_time: Option<DateTime<Utc>>,
-    /// False while the meter is being built or rebuilt from retained events.
+    /// False while the meter is being built or rebuilt from retained events (its
+    /// previous readings, if any, are shown meanwhile), and while it is suspended.
     ready: bool,
+    /// While the meter is being built: percent of its retained events replayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    progress: Option<u8>,
+    /// Windows starting before this instant keep the readings of the meter's previous
+    /// definition: their events had left the stream (EVENT_RETENTION) when it was
+    /// rebuilt. Totals include them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebuilt_from: Option<DateTime<Utc>>,
+    /// The meter is suspended: it counts nothing until resumed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    suspended: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     by_subject: Option<Vec<SubjectReading>>,
 }
@@ -47,15 +60,15 @@ async fn meter_reading(
     def: &MeterDef,
     with_subjects: bool,
 ) -> ApiResult<MeterReading> {
+    let served = store.served(def).await?;
     let summary = store
         .reading(&ReadingKey::Summary {
-            meter: def.id.as_str().into(),
+            meter: served.readings_id.as_str().into(),
         })
         .await?
         .unwrap_or_default();
-    let ready = store.progress(&def.id).await?.is_some_and(|p| p.built(def));
     let by_subject = if with_subjects {
-        Some(subject_readings(store, def, None).await?)
+        Some(subject_readings(store, def, &served.readings_id, None).await?)
     } else {
         None
     };
@@ -67,17 +80,22 @@ async fn meter_reading(
         invalid_events: summary.invalid_events,
         subjects: summary.subjects,
         last_event_time: summary.last_event_time,
-        ready,
+        ready: served.ready,
+        progress: served.progress,
+        rebuilt_from: served.rebuilt_from,
+        suspended: served.suspended,
         by_subject,
     })
 }
 
+/// `readings_id`: where the meter's served readings are stored ([`Store::served`]).
 async fn subject_readings(
     store: &Store,
     def: &MeterDef,
+    readings_id: &str,
     subject: Option<&str>,
 ) -> ApiResult<Vec<SubjectReading>> {
-    let totals = store.subject_totals(&def.id, subject).await?;
+    let totals = store.subject_totals(readings_id, subject).await?;
     let out: Vec<SubjectReading> = totals
         .into_iter()
         .map(|(subject, r)| SubjectReading {
@@ -133,9 +151,9 @@ pub(super) async fn readings_v1(
     };
     let mut data = Vec::new();
     for def in &defs {
-        data.extend(
-            subject_readings(store, def, q.subject.as_deref().filter(|s| !s.is_empty())).await?,
-        );
+        let served = store.served(def).await?;
+        let subject = q.subject.as_deref().filter(|s| !s.is_empty());
+        data.extend(subject_readings(store, def, &served.readings_id, subject).await?);
     }
     Ok(Json(json!({"data": data})))
 }

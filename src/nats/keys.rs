@@ -132,6 +132,22 @@ impl ReadingKey {
     }
 }
 
+/// The name a generation of a meter's readings is stored under: the meter id for
+/// generation 0 (as before builds had generations), `<id>@<generation>` after. Meter
+/// ids never contain `@`, so no two meters' generations share a name.
+pub fn readings_id(meter: &str, generation: u64) -> String {
+    if generation == 0 {
+        meter.to_string()
+    } else {
+        format!("{meter}@{generation}")
+    }
+}
+
+/// The meter id of a name from [`readings_id`].
+pub fn meter_of_readings_id(name: &str) -> &str {
+    name.split_once('@').map_or(name, |(id, _)| id)
+}
+
 /// Key filter for everything stored for one meter in the readings bucket.
 pub fn meter_readings_filter(meter: &str) -> String {
     format!("r.{}.>", token(meter))
@@ -173,6 +189,25 @@ pub fn meter_of(key: &str) -> Option<String> {
 /// The meter id of a key from [`progress_key`].
 pub fn progress_meter_of(key: &str) -> Option<String> {
     key.strip_prefix("p.").and_then(untoken)
+}
+
+/// A window at a meter's own size from a readings key (`r.<meter>.<subject>.<group>.<start>`,
+/// no rollup prefix): subject, group token and start.
+pub fn own_window_of(key: &str) -> Option<(String, String, i64)> {
+    let mut parts = key.split('.');
+    let (_, _, subject, group, start) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    if parts.next().is_some() {
+        return None;
+    }
+    // rollups are prefixed with a letter, so only own windows parse
+    let start: i64 = start.parse().ok()?;
+    Some((untoken(subject)?, group.to_string(), start))
 }
 
 /// The subject of a subject-total key (`r.<meter>.<subject>.total`).

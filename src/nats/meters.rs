@@ -4,7 +4,7 @@
 //! itself, with revisions, on its hot path.)
 
 use async_nats::jetstream::kv::CreateErrorKind;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::keys;
 use super::store::Store;
@@ -36,18 +36,21 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, raw: &[u8]) -> Result<T, Stor
     })
 }
 
-/// Per-meter record of the definition its readings were built for.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Progress {
-    pub hash: String,
-    pub complete: bool,
-}
+pub use crate::domain::build::Progress;
 
-impl Progress {
-    /// Whether the readings are complete for this definition.
-    pub fn built(&self, def: &MeterDef) -> bool {
-        self.complete && self.hash == def.semantic_hash()
-    }
+/// Where a meter's readings are read from, and how far they are.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The name its served readings are stored under (see [`keys::readings_id`]).
+    pub readings_id: String,
+    /// Complete for the current definition and followed live.
+    pub ready: bool,
+    /// Building: percent done.
+    pub progress: Option<u8>,
+    /// Windows starting before this kept the previous definition's readings.
+    pub rebuilt_from: Option<chrono::DateTime<chrono::Utc>>,
+    pub suspended: bool,
+    pub record: Option<Progress>,
 }
 
 impl Store {
@@ -119,6 +122,85 @@ impl Store {
             Some(raw) => decode(&key, &raw).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Every meter's progress record, by meter id.
+    pub async fn all_progress(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Progress>, StoreError> {
+        let items = self
+            .scan(&self.state, keys::ALL_PROGRESS)
+            .await
+            .map_err(unavailable)?;
+        let mut out = std::collections::HashMap::new();
+        for item in items {
+            if let Some(id) = keys::progress_meter_of(&item.key) {
+                out.insert(id, decode(&item.key, &item.value)?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn put_progress(&self, id: &str, p: &Progress) -> Result<(), StoreError> {
+        let key = keys::progress_key(id);
+        let body = serde_json::to_vec(p).map_err(|source| StoreError::Corrupt {
+            key: key.clone(),
+            source,
+        })?;
+        self.state
+            .put(key, body.into())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Where readers find a meter's readings.
+    pub async fn served(&self, def: &MeterDef) -> Result<Served, StoreError> {
+        let record = self.progress(&def.id).await?;
+        let p = record.as_ref();
+        Ok(Served {
+            readings_id: keys::readings_id(&def.id, p.and_then(Progress::served).unwrap_or(0)),
+            ready: p.is_some_and(|p| p.built(def)),
+            progress: p.and_then(|p| p.percent(def)),
+            rebuilt_from: p
+                .and_then(|p| p.rebuilt_from)
+                .and_then(|s| chrono::DateTime::from_timestamp(s, 0)),
+            suspended: def.suspend,
+            record,
+        })
+    }
+
+    /// Remove one generation of a meter's readings.
+    pub async fn purge_generation(&self, id: &str, generation: u64) -> Result<(), StoreError> {
+        let filter = keys::meter_readings_filter(&keys::readings_id(id, generation));
+        self.purge_keys(&self.readings, &filter)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Remove everything stored for a deleted meter: every generation of its readings,
+    /// its dead letters, its progress record (last, so that a failure part-way leaves
+    /// the record that names the generations left). The one place meters are removed.
+    pub async fn purge_meter(&self, id: &str) -> Result<(), StoreError> {
+        let generations = match self.progress(id).await {
+            Ok(Some(p)) => p.generations(),
+            Ok(None) | Err(StoreError::Corrupt { .. }) => vec![0],
+            Err(e) => return Err(e),
+        };
+        for generation in generations {
+            self.purge_generation(id, generation).await?;
+        }
+        if let Err(e) = self
+            .events_dl_purge(&self.names.deadletter_subject(id))
+            .await
+        {
+            tracing::warn!(meter = %id, error = %e, "could not purge dead letters");
+        }
+        self.state
+            .purge(keys::progress_key(id))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::domain::meter::MeterDef;
 use crate::metrics::Metrics;
 use crate::nats::keys;
+use crate::nats::meters::Served;
 use crate::nats::store::Store;
 use crate::operator::crd::{meter_id, Meter, MeterCondition};
 
@@ -164,17 +165,42 @@ async fn reconcile(meter: Arc<Meter>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    let built = store_definition(&ctx.store, &id, &def).await?;
-    let (cond, action) = if built {
+    let served = store_definition(&ctx.store, &id, &def).await?;
+    let (cond, action) = if def.suspend {
+        let msg = "suspended: events are kept in the stream and counted on resume".to_string();
+        (
+            ready_condition(&meter, false, "Suspended", msg),
+            Action::await_change(),
+        )
+    } else if served.ready {
+        let was_ready = meter.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if let (false, Some(from)) = (was_ready, served.rebuilt_from) {
+            let note = format!(
+                "windows before {} keep the readings of the previous definition: their events were no longer retained (EVENT_RETENTION)",
+                from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            record(
+                &ctx,
+                &meter,
+                EventType::Normal,
+                "HistoryKept",
+                "Build",
+                note,
+            )
+            .await;
+        }
         (
             ready_condition(&meter, true, "Ready", "readings are complete".into()),
             Action::await_change(),
         )
     } else {
-        let msg = "building readings from retained events".to_string();
         (
-            ready_condition(&meter, false, "Rebuilding", msg),
-            Action::requeue(Duration::from_millis(500)),
+            ready_condition(&meter, false, "Building", building_message(&served)),
+            Action::requeue(Duration::from_secs(1)),
         )
     };
     set_condition(&api, &meter, cond).await?;
@@ -213,13 +239,47 @@ async fn finalize(meter: &Meter, ctx: &Ctx, api: &Api<Meter>, id: &str) -> Resul
     Ok(Action::await_change())
 }
 
+/// What a building meter's condition says: how far, and how long still.
+fn building_message(served: &Served) -> String {
+    let record = served.record.as_ref();
+    let Some(pct) = served.progress else {
+        return "waiting for the build to start".into();
+    };
+    let (done, left) = record.map_or((0, 0), |p| (p.replayed, p.remaining));
+    let eta = match record.and_then(|p| p.eta_seconds()) {
+        Some(secs) => format!(", about {secs} s left"),
+        None => String::new(),
+    };
+    let kept = if record.is_some_and(|p| p.previous.is_some()) {
+        "; the previous readings are served meanwhile"
+    } else {
+        ""
+    };
+    format!(
+        "building from retained events: {pct}% ({done} of {} events){eta}{kept}",
+        done + left
+    )
+}
+
 /// A Warning Event on the Meter (failing to record one is logged, not fatal).
 async fn warn(ctx: &Ctx, meter: &Meter, reason: &str, note: String) {
+    record(ctx, meter, EventType::Warning, reason, "Validate", note).await;
+}
+
+/// An Event on the Meter (failing to record one is logged, not fatal).
+async fn record(
+    ctx: &Ctx,
+    meter: &Meter,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let ev = KubeEvent {
-        type_: EventType::Warning,
+        type_,
         reason: reason.into(),
         note: Some(note),
-        action: "Validate".into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(err) = ctx.recorder.publish(&ev, &meter.object_ref(&())).await {
@@ -227,28 +287,20 @@ async fn warn(ctx: &Ctx, meter: &Meter, reason: &str, note: String) {
     }
 }
 
-/// Put the definition where every process follows it (unless already there); whether
-/// its readings are complete for this definition.
-async fn store_definition(store: &Store, id: &str, def: &MeterDef) -> Result<bool, Error> {
+/// Put the definition where every process follows it (unless already there); where its
+/// readings stand.
+async fn store_definition(store: &Store, id: &str, def: &MeterDef) -> Result<Served, Error> {
     if store.meter(id).await.map_err(nats)?.as_ref() != Some(def) {
         store.put_meter(def).await.map_err(nats)?;
     }
-    let progress = store.progress(id).await.map_err(nats)?;
-    Ok(progress.is_some_and(|p| p.built(def)))
+    store.served(def).await.map_err(nats)
 }
 
-/// Remove everything NATS holds for a meter; succeed only once nothing is left.
+/// Remove everything NATS holds for a meter (its definition first, so that the
+/// aggregator stops following it); succeed only once nothing is left.
 pub async fn cleanup(store: &Store, id: &str) -> Result<(), Error> {
     store.delete_meter(id).await.map_err(nats)?;
-    store
-        .purge_keys(&store.readings, &keys::meter_readings_filter(id))
-        .await
-        .map_err(nats)?;
-    store
-        .state
-        .purge(keys::progress_key(id))
-        .await
-        .map_err(nats)?;
+    store.purge_meter(id).await.map_err(nats)?;
     let left = store
         .scan(&store.readings, &keys::meter_readings_filter(id))
         .await

@@ -59,6 +59,10 @@ pub struct MeterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "window_schema")]
     pub window_size: Option<String>,
+    /// Stop aggregating (Ready=False, reason Suspended) until set back to false: events
+    /// keep arriving in the stream and count once when the meter resumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
 }
 
 /// The fields of [`MeterSpec`] as they are spelt in a manifest: a meter definition's
@@ -116,7 +120,8 @@ fn window_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 #[serde(rename_all = "camelCase")]
 pub struct MeterStatus {
     /// `Ready`: True once the meter's readings are complete; False with reason
-    /// InvalidSpec (naming the bad field), Rebuilding, or CleanupPending.
+    /// InvalidSpec (naming the bad field), Building (percent done and time left),
+    /// Suspended, or CleanupPending.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<MeterCondition>,
@@ -138,6 +143,10 @@ pub struct MeterStatus {
     /// Greatest event time seen (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_time: Option<String>,
+    /// Windows starting before this instant (RFC 3339) keep the readings of the previous
+    /// definition: their events had left the stream when the meter was rebuilt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt_from: Option<String>,
     /// When the aggregator last wrote this status (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated: Option<String>,
@@ -204,6 +213,7 @@ impl MeterSpec {
             value_property: self.value_property.clone().filter(|v| !v.is_empty()),
             group_by: self.group_by.clone(),
             window_size,
+            suspend: self.suspend.unwrap_or(false),
         };
         crate::domain::meter::CompiledMeter::compile(&def)
             .map_err(|e| FieldError::new(format!("spec.{}", e.field), e.message))?;
@@ -218,6 +228,7 @@ impl MeterSpec {
             value_property: def.value_property.clone(),
             group_by: def.group_by.clone(),
             window_size: Some(format!("{:?}", def.window_size).to_uppercase()),
+            suspend: def.suspend.then_some(true),
         }
     }
 }
@@ -244,6 +255,7 @@ mod tests {
             value_property: vp.map(String::from),
             group_by: BTreeMap::new(),
             window_size: None,
+            suspend: None,
         }
     }
 

@@ -86,12 +86,15 @@ async fn write(
         return Ok(());
     };
     let agg = meter.def.aggregation;
+    let served = store.served(&meter.def).await?;
     let summary = store
-        .reading(&ReadingKey::Summary { meter: id.into() })
+        .reading(&ReadingKey::Summary {
+            meter: served.readings_id.as_str().into(),
+        })
         .await?
         .unwrap_or_default();
     let mut subjects: Vec<(rust_decimal::Decimal, String)> = store
-        .subject_totals(id, None)
+        .subject_totals(&served.readings_id, None)
         .await?
         .into_iter()
         .filter_map(|(subject, r)| r.acc.value(agg).map(|v| (v, subject)))
@@ -116,6 +119,7 @@ async fn write(
             "lastEventTime": summary.last_event_time.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
             "lastUpdated": Timestamp::now().to_string(),
             "topSubjects": top,
+            "rebuiltFrom": served.rebuilt_from.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         }
     });
     let api: Api<Meter> = Api::namespaced(client.clone(), ns);

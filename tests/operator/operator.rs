@@ -364,6 +364,85 @@ async fn operator_against_a_real_api_server() {
     )
     .await;
 
+    // --- a build's progress is in its Ready condition; suspend, resume ---
+    ns(&cp, "team-e");
+    let js = nats.client().await;
+    let n = 300_000;
+    preload_events(&js, "op", "bulk", n).await;
+    caught_up(&js, "op", Duration::from_secs(300)).await;
+    let big = |suspend: bool| {
+        format!("apiVersion: kloudmeter.io/v1alpha1\nkind: Meter\nmetadata: {{name: big, namespace: team-e}}\nspec: {{eventType: bulk, aggregation: count, suspend: {suspend}}}\n")
+    };
+    assert!(cp.kubectl_stdin(&["apply", "-f", "-"], &big(false)).0);
+    let ready = "{.status.conditions[?(@.type==\"Ready\")]}";
+    wait_for("Building, with percent done and time left", T, || async {
+        let cond: Value = serde_json::from_str(&cp.try_jsonpath("team-e", "meter/big", ready))
+            .unwrap_or(Value::Null);
+        let message = cond["message"].as_str().unwrap_or_default();
+        cond["reason"] == json!("Building")
+            && cond["status"] == json!("False")
+            && message.contains("% (")
+            && message.contains("s left")
+    })
+    .await;
+    wait_kubectl(
+        &cp,
+        "big built",
+        "team-e",
+        "meter/big",
+        "{.status.value}",
+        &n.to_string(),
+    )
+    .await;
+    wait_kubectl(
+        &cp,
+        "big Ready",
+        "team-e",
+        "meter/big",
+        "{.status.conditions[0].reason}",
+        "Ready",
+    )
+    .await;
+    assert!(cp.kubectl_stdin(&["apply", "-f", "-"], &big(true)).0);
+    wait_kubectl(
+        &cp,
+        "big Suspended",
+        "team-e",
+        "meter/big",
+        "{.status.conditions[0].reason}",
+        "Suspended",
+    )
+    .await;
+    post_ok(
+        &a,
+        json!([{"id": "late-1", "eventType": "bulk", "subject": "s", "data": {}}]),
+    )
+    .await;
+    caught_up(&js, "op", T).await;
+    assert_eq!(
+        cp.try_jsonpath("team-e", "meter/big", "{.status.value}"),
+        n.to_string()
+    );
+    assert!(cp.kubectl_stdin(&["apply", "-f", "-"], &big(false)).0);
+    wait_kubectl(
+        &cp,
+        "big resumed",
+        "team-e",
+        "meter/big",
+        "{.status.value}",
+        &(n + 1).to_string(),
+    )
+    .await;
+    wait_kubectl(
+        &cp,
+        "big Ready again",
+        "team-e",
+        "meter/big",
+        "{.status.conditions[0].reason}",
+        "Ready",
+    )
+    .await;
+
     // --- a meter created over HTTP is a Meter resource kubectl shows ---
     let (s, body) = post(
         &a.url("/api/v1/meters"),
@@ -490,9 +569,10 @@ async fn operator_against_a_real_api_server() {
             n
         }
     };
-    assert!(count_keys("r.team-c=2Fm.").await > 0);
+    // (every generation: `m` was rebuilt, its readings are under `team-c/m@1`)
+    assert!(count_keys("r.team-c=2Fm=401.").await > 0);
     cp.kubectl(&["delete", "meter", "m", "-n", "team-c", "--timeout=60s"]);
-    assert_eq!(count_keys("r.team-c=2Fm.").await, 0);
+    assert_eq!(count_keys("r.team-c=2Fm").await, 0);
     nats.stop();
     cp.kubectl(&["delete", "meter", "ha", "-n", "team-d", "--wait=false"]);
     wait_kubectl(
@@ -519,7 +599,7 @@ async fn operator_against_a_real_api_server() {
     use futures::StreamExt;
     while let Some(k) = keys.next().await {
         assert!(
-            !k.unwrap().starts_with("r.team-d=2Fha."),
+            !k.unwrap().starts_with("r.team-d=2Fha"),
             "readings of a deleted meter remain"
         );
     }

@@ -135,7 +135,7 @@ impl Acc {
     }
 
     /// Add one value in place (callers check [`Self::can_add`] first).
-    pub(super) fn add(&mut self, v: &Value_, time: DateTime<Utc>, seq: u64) {
+    pub(crate) fn add(&mut self, v: &Value_, time: DateTime<Utc>, seq: u64) {
         self.count += 1;
         match v {
             Value_::None => {}
