@@ -78,6 +78,11 @@ pub struct NatsConfig {
     /// within this time after the leader dies.
     #[arg(long, env = "LEADER_TTL", default_value = "10s", value_parser = parse_duration)]
     pub leader_ttl: Duration,
+    /// A meter build writes its readings and checkpoint this often: a restarted build
+    /// repeats at most this much replay, and each checkpoint rewrites every reading the
+    /// build touched since the last (more often builds slower).
+    #[arg(long, env = "BUILD_CHECKPOINT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub build_checkpoint_interval: Duration,
     /// Log filter (JSON logs on stdout), e.g. `info` or `info,kloudmeter=debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info,async_nats=warn", value_parser = parse_log_level)]
     pub log_level: String,

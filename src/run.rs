@@ -219,6 +219,7 @@ async fn lead_when_elected(
         registry,
         metrics,
         dedup_window: cfg.nats.dedup_window,
+        build_checkpoint: cfg.nats.build_checkpoint_interval,
         claims,
         changed,
     };

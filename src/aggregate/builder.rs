@@ -24,8 +24,9 @@ use crate::nats::keys;
 
 /// With no event for this long, a build has replayed everything there is.
 const IDLE: Duration = Duration::from_millis(500);
-/// A build's readings and checkpoint are written at least this often.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// A build's progress (percent, rate) is shown this often (its readings and checkpoint
+/// are written every BUILD_CHECKPOINT_INTERVAL).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// A build pauses while the live pass has more than this many events waiting...
 const YIELD_LAG: u64 = BATCH as u64;
 /// ...for at most this long at a time (a live pass that never catches up must not stop
@@ -182,6 +183,7 @@ async fn build(
     let only: ByType = HashMap::from([(meter.def.event_type.clone(), vec![meter.clone()])]);
     let mut messages = consumer.messages().await?;
     let mut batch = Vec::with_capacity(BATCH);
+    let mut shown = Instant::now();
     loop {
         yield_to_live(&live.lag).await;
         let first = match tokio::time::timeout(IDLE, messages.next()).await {
@@ -216,12 +218,21 @@ async fn build(
         if reached_live {
             break;
         }
-        if agg.cache.dirty_len() >= MAX_DIRTY || agg.last_flush.elapsed() >= CHECKPOINT_EVERY {
-            agg.flush().await?;
+        if agg.cache.dirty_len() >= MAX_DIRTY || agg.last_flush.elapsed() >= agg.build_checkpoint {
+            // written by a task of its own while replay goes on; the checkpoint follows
+            agg.start_flush().await?;
+        } else if shown.elapsed() >= PROGRESS_EVERY {
+            agg.show_progress().await?;
+            shown = Instant::now();
         }
     }
     agg.pending = Some(through);
     agg.flush().await?;
+    if let Some(mark) = &agg.building {
+        let secs = mark.started.elapsed().as_secs_f64();
+        let replayed = mark.progress.replayed - mark.replayed_before;
+        tracing::info!(meter = %id, replayed, secs, rate = (replayed as f64 / secs.max(1e-3)) as u64, through, "build replayed up to the live pass");
+    }
     Ok(through)
 }
 
@@ -236,10 +247,18 @@ async fn yield_to_live(lag: &AtomicU64) {
 impl Aggregator {
     /// Build mode: the checkpoint is `seq` (the readings through it are written).
     pub(super) async fn commit_checkpoint(&mut self, seq: u64) -> Result<()> {
+        if let Some(mark) = self.building.as_mut() {
+            mark.progress.through = seq;
+        }
+        self.show_progress().await
+    }
+
+    /// Build mode: store the progress record (percent, rate; the checkpoint as last
+    /// committed) and show it in the metrics.
+    async fn show_progress(&mut self) -> Result<()> {
         let Some(mark) = self.building.as_mut() else {
             return Ok(());
         };
-        mark.progress.through = seq;
         let secs = mark.started.elapsed().as_secs_f64().max(1e-3);
         let this_run = mark.progress.replayed - mark.replayed_before;
         mark.progress.rate = (this_run as f64 / secs) as u64;

@@ -68,6 +68,11 @@ impl Aggregator {
                 }
                 Plan::Follow => {
                     let generation = stored.get(id).map_or(0, |p| p.generation);
+                    if let Some(mut p) = stored.get(id).filter(|p| !p.retired.is_empty()).cloned() {
+                        // switched over just before a crash: the old generation goes now
+                        self.retire(id, &mut p).await?;
+                        self.store.put_progress(id, &p).await?;
+                    }
                     self.follow(id, &live[id], generation);
                 }
                 Plan::Build(mut p) => {
@@ -151,6 +156,7 @@ impl Aggregator {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             dedup_window: Duration::from_nanos(u64::try_from(self.dedup_window_ns).unwrap_or(0)),
+            build_checkpoint: self.build_checkpoint,
             claims: self.claims.clone(),
             changed: None,
         }

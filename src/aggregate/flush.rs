@@ -143,6 +143,15 @@ pub(super) struct Flush {
     pub(super) task: tokio::task::JoinHandle<Vec<(u32, Result<u64>)>>,
 }
 
+/// A flush dropped unfinished (its aggregator stopped: a build cancelled, leadership
+/// lost) writes no more: nothing may land after a deleted meter's readings are purged.
+/// What it wrote stays valid (the cursor or checkpoint only ever follows a whole flush).
+impl Drop for Flush {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Write readings with compare-and-swap, many in flight (a slice serialized at a time);
 /// one outcome (the new revision) per reading.
 pub(super) async fn write_readings(store: Store, writes: Vec<Write>) -> Vec<(u32, Result<u64>)> {

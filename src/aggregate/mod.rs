@@ -82,6 +82,7 @@ pub(crate) struct Aggregator {
     registry: Registry,
     metrics: Metrics,
     dedup_window_ns: i64,
+    build_checkpoint: Duration,
     claims: Arc<tokio::sync::Mutex<Claims>>,
     /// Current readings of the keys touched recently (written or waiting to be), with
     /// their KV revisions and which of them changed since the last flush.
@@ -131,6 +132,8 @@ pub(crate) struct Parts {
     pub registry: Registry,
     pub metrics: Metrics,
     pub dedup_window: Duration,
+    /// How often a build writes its readings and checkpoint.
+    pub build_checkpoint: Duration,
     pub claims: Arc<tokio::sync::Mutex<Claims>>,
     /// Operator mode: where the ids of meters whose readings were written go.
     pub changed: Option<crate::operator::status::ChangedSender>,
@@ -143,6 +146,7 @@ impl Aggregator {
             registry,
             metrics,
             dedup_window,
+            build_checkpoint,
             claims,
             changed,
         } = parts;
@@ -151,6 +155,7 @@ impl Aggregator {
             registry,
             metrics,
             dedup_window_ns: i64::try_from(dedup_window.as_nanos()).unwrap_or(i64::MAX),
+            build_checkpoint,
             claims,
             cache: Cache::default(),
             pending: None,

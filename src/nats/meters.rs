@@ -132,10 +132,17 @@ impl Store {
             .scan(&self.state, keys::ALL_PROGRESS)
             .await
             .map_err(unavailable)?;
+        // One that does not decode is left out (and logged): the meter is then built
+        // afresh rather than every meter's metering stopping on it.
         let mut out = std::collections::HashMap::new();
         for item in items {
             if let Some(id) = keys::progress_meter_of(&item.key) {
-                out.insert(id, decode(&item.key, &item.value)?);
+                match decode(&item.key, &item.value) {
+                    Ok(p) => {
+                        out.insert(id, p);
+                    }
+                    Err(e) => tracing::error!(error = %e, "unreadable build progress"),
+                }
             }
         }
         Ok(out)

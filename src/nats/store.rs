@@ -130,41 +130,59 @@ impl Store {
                 ..Default::default()
             })
             .await?;
-        let pending = consumer.cached_info().num_pending;
-        let mut out = Vec::new();
-        if pending == 0 {
-            return Ok(out);
-        }
-        let mut messages = consumer.messages().await?;
-        while let Some(msg) = messages.next().await {
-            let msg = msg?;
-            let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (left, revision) = (info.pending, info.stream_sequence);
-            let op = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .map(|v| v.as_str().to_string());
-            if op.is_none() {
-                let key = msg
-                    .subject
-                    .as_str()
-                    .strip_prefix(&prefix)
-                    .unwrap_or_default()
-                    .to_string();
-                out.push(KvItem {
-                    key,
-                    value: msg.payload.clone(),
-                    revision,
-                });
-            }
-            if left == 0 {
-                break;
-            }
-        }
-        Ok(out)
+        let name = consumer.cached_info().name.clone();
+        let scanned = read_scan(consumer, &prefix).await;
+        // Removed as soon as it is read (in the background: the answer need not wait).
+        // Left to expire (30 s for an ordered consumer), the consumers of a client that
+        // polls readings add up to the server's consumer limit and reads fail.
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
+        scanned
     }
+}
 
+/// Every live key of a scan's consumer, with its value and revision.
+async fn read_scan(
+    consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+    prefix: &str,
+) -> Result<Vec<KvItem>> {
+    let pending = consumer.cached_info().num_pending;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await?;
+    while let Some(msg) = messages.next().await {
+        let msg = msg?;
+        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (left, revision) = (info.pending, info.stream_sequence);
+        let op = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .map(|v| v.as_str().to_string());
+        if op.is_none() {
+            let key = msg
+                .subject
+                .as_str()
+                .strip_prefix(prefix)
+                .unwrap_or_default()
+                .to_string();
+            out.push(KvItem {
+                key,
+                value: msg.payload.clone(),
+                revision,
+            });
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+impl Store {
     /// Remove every entry of `bucket` under `filter` in one call (no per-key deletes).
     pub async fn purge_keys(&self, bucket: &kv::Store, filter: &str) -> Result<()> {
         let stream = self.js.get_stream(format!("KV_{}", bucket.name)).await?;

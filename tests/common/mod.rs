@@ -152,17 +152,20 @@ impl Km {
             .unwrap();
         // KM_WRAPPER="heaptrack -o /tmp/km" (say) runs kloudmeter under a profiler
         let wrapper = std::env::var("KM_WRAPPER").unwrap_or_default();
+        // KLOUDMETER_BIN=/path/to/another/build compares binaries (before/after a change)
+        let binary = std::env::var("KLOUDMETER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kloudmeter").to_string());
         let mut words = wrapper.split_whitespace();
         let mut command = match words.next() {
             Some(program) => {
                 let mut c = Command::new(program);
-                c.args(words).arg(env!("CARGO_BIN_EXE_kloudmeter"));
+                c.args(words).arg(&binary);
                 c.env_clear()
                     .env("PATH", std::env::var("PATH").unwrap_or_default());
                 c
             }
             None => {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_kloudmeter"));
+                let mut c = Command::new(&binary);
                 c.env_clear();
                 c
             }
@@ -454,7 +457,14 @@ pub async fn subject_values(km: &Km, meter: &str) -> std::collections::BTreeMap<
 /// The meter-level reading from the seed endpoint.
 pub async fn meter_reading(km: &Km, meter: &str) -> Value {
     let (status, body) = get(&km.url(&format!("/api/reading/?key={meter}"))).await;
-    assert_eq!(status, 200, "{body}");
+    if status != 200 {
+        let log = km.logs();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        panic!(
+            "{status} {body}; kloudmeter's errors:\n{}",
+            errors.join("\n")
+        );
+    }
     body
 }
 

@@ -638,6 +638,152 @@ async fn end_to_end(
     )
 }
 
+/// What the backfill scenario measured.
+struct Backfill {
+    build_rate: f64,
+    build_secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    worst_ms: f64,
+    samples: usize,
+    km_rss: u64,
+    nats_rss: u64,
+}
+
+/// Backfill: a new meter built over `n` retained events while a live meter receives
+/// `rate` events/s, one request each. The build's events/s (meter created → `ready`),
+/// and the live meter's acknowledgement → KV reading latency for the events posted
+/// while it built.
+async fn backfill(n: usize, rate: f64, failures: &mut Vec<String>) -> Backfill {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "meters", &[]).await;
+    let (s, _) = post(
+        &km.url("/api/create-meter"),
+        &json!({"id": "live", "eventType": "live", "aggregation": "count"}),
+    )
+    .await;
+    assert_eq!(s, 202);
+    wait_for("live meter ready", Duration::from_secs(20), || async {
+        meter_reading(&km, "live").await["ready"] == json!(true)
+    })
+    .await;
+    let js = js_for(&nats).await;
+    preload(&js, n).await;
+    caught_up(&js, "meters", Duration::from_secs(900)).await;
+
+    // the live load: one event per request at `rate`, acknowledgement times kept
+    let acks: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (url, acks, stop) = (km.url("/api/register-event"), acks.clone(), stop.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                k += 1;
+                let r = client
+                    .post(&url)
+                    .json(&json!({"id": format!("l{k}"), "eventType": "live", "subject": "s"}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success());
+                acks.lock().unwrap().push(Instant::now());
+            }
+        })
+    };
+    // the live meter's count as KV sees it: when each event first shows
+    let kv = js.get_key_value("meters-readings").await.unwrap();
+    let mut watch = kv.watch("r.live.s.total").await.unwrap();
+    let shown: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+    let watcher = {
+        let shown = shown.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(e)) = watch.next().await {
+                let r: Value = serde_json::from_slice(&e.value).unwrap_or(Value::Null);
+                let count = r["acc"]["count"].as_u64().unwrap_or(0) as usize;
+                let mut shown = shown.lock().unwrap();
+                while shown.len() < count {
+                    shown.push(Instant::now());
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t0 = Instant::now();
+    let (s, _) = post(&km.url("/api/create-meter"), &json!({"id": "backfilled", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}})).await;
+    assert_eq!(s, 202);
+    let t1 = loop {
+        if meter_reading(&km, "backfilled").await["ready"] == json!(true) {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let km_rss = rss_kib(km.pid().unwrap());
+    let nats_rss = rss_kib(nats_pid(&nats));
+    // where the build's time went, from kloudmeter's own account
+    for line in km
+        .logs()
+        .lines()
+        .filter(|l| l.contains("build") || l.contains("built"))
+    {
+        eprintln!("  {line}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    caught_up(&js, "meters", Duration::from_secs(60)).await;
+    let posted = acks.lock().unwrap().len();
+    wait_for(
+        "every live event shown",
+        Duration::from_secs(30),
+        || async { shown.lock().unwrap().len() >= posted },
+    )
+    .await;
+    watcher.abort();
+    let (acks, shown) = (acks.lock().unwrap().clone(), shown.lock().unwrap().clone());
+    let mut lat: Vec<f64> = acks
+        .iter()
+        .zip(&shown)
+        .filter(|(a, _)| **a >= t0 && **a <= t1)
+        .map(|(a, s)| s.saturating_duration_since(*a).as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let r = meter_reading(&km, "backfilled").await;
+    let want = (expected_sum(n).to_string(), n as u64);
+    let got = (
+        r["value"].as_str().unwrap_or("").to_string(),
+        r["events"].as_u64().unwrap_or(0),
+    );
+    if got != want {
+        failures.push(format!("backfill: got {got:?}, want {want:?}"));
+    }
+    let live = meter_reading(&km, "live").await["events"].as_u64();
+    if live != Some(posted as u64) {
+        failures.push(format!(
+            "backfill: live meter has {live:?} events, {posted} acknowledged"
+        ));
+    }
+    let p = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let build_secs = (t1 - t0).as_secs_f64();
+    Backfill {
+        build_rate: n as f64 / build_secs,
+        build_secs,
+        p50_ms: p(0.5),
+        p99_ms: p(0.99),
+        worst_ms: lat.last().copied().unwrap_or(f64::NAN),
+        samples: lat.len(),
+        km_rss,
+        nats_rss,
+    }
+}
+
 fn rss_now_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -873,6 +1019,23 @@ async fn main() {
             "end to end at {half:.0} events/s (half the batch ingest maximum): 2xx -> KV reading p50 {p50:.1} ms, p99 {p99:.1} ms over {samples} probes; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB",
             krss as f64 / 1024.0,
             nrss as f64 / 1024.0
+        );
+    }
+    if want("backfill") {
+        let n = env_usize("BENCH_BACKFILL_EVENTS", 2_000_000);
+        let rate = env_usize("BENCH_BACKFILL_RATE", 130) as f64;
+        let b = backfill(n, rate, &mut failures).await;
+        println!();
+        println!(
+            "backfill: a meter built over {n} retained events in {:.1} s ({:.0} events/s) while a live meter received {rate:.0} events/s: its 2xx -> KV reading p50 {:.1} ms, p99 {:.1} ms, worst {:.1} ms over {} events during the build; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB",
+            b.build_secs,
+            b.build_rate,
+            b.p50_ms,
+            b.p99_ms,
+            b.worst_ms,
+            b.samples,
+            b.km_rss as f64 / 1024.0,
+            b.nats_rss as f64 / 1024.0
         );
     }
     if !failures.is_empty() {

@@ -10,6 +10,9 @@ use crate::common::*;
 
 const T: Duration = Duration::from_secs(60);
 
+/// The freshness test runs alone (write); the others may share the machine (read).
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn create(km: &Km, def: Value) {
     let (status, body) = post(&km.url("/api/v1/meters"), &def).await;
     assert_eq!(status, 201, "{body}");
@@ -35,9 +38,7 @@ fn event(id: &str, event_type: &str, time: &str, data: Value) -> Value {
 }
 
 async fn reading(km: &Km, id: &str) -> Value {
-    let (status, body) = get(&km.url(&format!("/api/reading/?key={id}"))).await;
-    assert_eq!(status, 200, "{body}\n{}", tail(km));
-    body
+    meter_reading(km, id).await
 }
 
 async fn wait_ready(km: &Km, id: &str, timeout: Duration) -> Value {
@@ -66,6 +67,7 @@ fn tail(km: &Km) -> String {
 /// shows in its reading within a second; the built meter is exact when it turns ready.
 #[tokio::test]
 async fn a_live_meter_stays_fresh_while_another_meter_builds() {
+    let _alone = MACHINE.write().await;
     let n: usize = std::env::var("BUILD_TEST_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -143,43 +145,53 @@ async fn a_live_meter_stays_fresh_while_another_meter_builds() {
     );
 }
 
-/// `kill -9` part-way through a build: the restarted process resumes the build from its
-/// checkpoint (it replays less than what is retained) and ends exact.
+/// `kill -9` of the leader part-way through a build: the standby that takes over
+/// resumes the build from its checkpoint (it replays less than what is retained) and
+/// ends exact.
 #[tokio::test]
-async fn a_killed_build_resumes_from_its_checkpoint() {
+async fn a_killed_build_resumes_from_its_checkpoint_on_the_next_leader() {
+    let _shared = MACHINE.read().await;
     let n = 300_000;
     let nats = Nats::start();
-    let mut km = Km::start(&nats, "bk", &[]).await;
+    // checkpoints often enough to be interrupted between them
+    let env = [("BUILD_CHECKPOINT_INTERVAL", "1s")];
+    let mut a = Km::start(&nats, "bk", &env).await;
     let js = nats.client().await;
     preload_events(&js, "bk", "bulk", n).await;
-    caught_up_or_log(&js, "bk", Duration::from_secs(300), &km).await;
+    caught_up_or_log(&js, "bk", Duration::from_secs(300), &a).await;
+    let b = Km::start(&nats, "bk", &env).await;
+    assert_eq!(
+        b.metric("kloudmeter_leader").await,
+        0.0,
+        "a leads, b stands by"
+    );
     create(
-        &km,
+        &a,
         json!({"id": "built", "eventType": "bulk", "aggregation": "count"}),
     )
     .await;
     let deadline = Instant::now() + T;
     let before = loop {
-        let r = reading(&km, "built").await;
+        let r = reading(&a, "built").await;
         assert_ne!(
             r["ready"],
             json!(true),
             "built before it could be interrupted"
         );
         if r["progress"].as_u64().is_some_and(|p| p >= 30) {
-            break km.metric("kloudmeter_build_events_total").await;
+            break a.metric("kloudmeter_build_events_total").await;
         }
-        assert!(Instant::now() < deadline, "no progress: {r}\n{}", tail(&km));
+        assert!(Instant::now() < deadline, "no progress: {r}\n{}", tail(&a));
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    km.restart().await;
-    let r = wait_ready(&km, "built", T).await;
+    a.kill9();
+    let r = wait_ready(&b, "built", T).await;
     assert_eq!(r["events"], json!(n), "{r}");
     assert_eq!(r["value"], json!(n.to_string()));
-    let after = km.metric("kloudmeter_build_events_total").await;
+    let after = b.metric("kloudmeter_build_events_total").await;
     assert!(
         after < 0.8 * n as f64,
-        "the restarted build replayed {after} of {n} events: it started over"
+        "the new leader replayed {after} of {n} events: it started over"
     );
     assert!(before + after < 2.0 * n as f64, "{before} + {after}");
 }
@@ -190,6 +202,7 @@ async fn a_killed_build_resumes_from_its_checkpoint() {
 /// kept history ends, and a query over both windows returns both.
 #[tokio::test]
 async fn a_rebuild_keeps_the_windows_whose_events_left_the_stream() {
+    let _shared = MACHINE.read().await;
     let nats = Nats::start();
     let km = Km::start(&nats, "bh", &[("EVENT_RETENTION", "3s")]).await;
     let js = nats.client().await;
@@ -269,6 +282,7 @@ async fn a_rebuild_keeps_the_windows_whose_events_left_the_stream() {
 /// a build restarts that build, which ends exact.
 #[tokio::test]
 async fn suspend_resume_and_an_edit_during_a_build_are_exact() {
+    let _shared = MACHINE.read().await;
     let nats = Nats::start();
     let km = Km::start(&nats, "bs", &[]).await;
     let js = nats.client().await;
@@ -344,4 +358,42 @@ async fn suspend_resume_and_an_edit_during_a_build_are_exact() {
         "{r}"
     );
     assert_eq!(r["aggregation"], json!("count"));
+
+    // deleted during its build: the build stops and nothing of the meter stays
+    create(
+        &km,
+        json!({"id": "d", "eventType": "e", "aggregation": "count"}),
+    )
+    .await;
+    wait_for("the build of d to start", T, || async {
+        reading(&km, "d").await["progress"].as_u64().is_some()
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .delete(km.url("/api/v1/meters/d"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let readings = js.get_key_value("bs-readings").await.unwrap();
+    let state = js.get_key_value("bs-state").await.unwrap();
+    wait_for("d's readings and progress removed", T, || async {
+        let mut keys = readings.keys().await.unwrap();
+        let mut left = 0;
+        while let Some(k) = futures::StreamExt::next(&mut keys).await {
+            if k.unwrap().starts_with("r.d") {
+                left += 1;
+            }
+        }
+        left == 0 && state.get("p.d").await.unwrap().is_none()
+    })
+    .await;
+    // and a meter of the same name starts from nothing
+    create(
+        &km,
+        json!({"id": "d", "eventType": "e", "aggregation": "count"}),
+    )
+    .await;
+    let r = wait_ready(&km, "d", T).await;
+    assert_eq!(r["events"], json!(n), "{r}");
 }
