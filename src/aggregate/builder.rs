@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
-use async_nats::jetstream::consumer;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -165,14 +164,7 @@ async fn build(
     let settled = *live.committed.borrow_and_update();
     let consumer = agg
         .store
-        .events
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: agg.store.names.event_subject(&meter.def.event_type),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: through + 1,
-            },
-            ..Default::default()
-        })
+        .events_of_type_after(&meter.def.event_type, through)
         .await
         .context("creating the build's consumer")?;
     if consumer.cached_info().num_pending == 0 {

@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Result;
-use async_nats::jetstream::consumer;
 use futures::StreamExt;
 
 use super::builder::{self, Report};
@@ -272,14 +271,7 @@ impl Aggregator {
         }
         let consumer = self
             .store
-            .events
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.store.names.event_subject(&meter.def.event_type),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
-                },
-                ..Default::default()
-            })
+            .events_of_type_after(&meter.def.event_type, after)
             .await?;
         if consumer.cached_info().num_pending == 0 {
             return Ok(0);

@@ -183,6 +183,25 @@ async fn read_scan(
 }
 
 impl Store {
+    /// An ordered consumer over the stored events of one type after stream sequence
+    /// `after` (builds and the hand-over to the live pass replay them).
+    pub async fn events_of_type_after(
+        &self,
+        event_type: &str,
+        after: u64,
+    ) -> Result<consumer::Consumer<consumer::pull::OrderedConfig>> {
+        Ok(self
+            .events
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.names.event_subject(event_type),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await?)
+    }
+
     /// Remove every entry of `bucket` under `filter` in one call (no per-key deletes).
     pub async fn purge_keys(&self, bucket: &kv::Store, filter: &str) -> Result<()> {
         let stream = self.js.get_stream(format!("KV_{}", bucket.name)).await?;
