@@ -255,7 +255,7 @@ impl Aggregator {
         let this_run = mark.progress.replayed - mark.replayed_before;
         mark.progress.rate = (this_run as f64 / secs) as u64;
         self.store.put_progress(&mark.id, &mark.progress).await?;
-        let pct = mark.progress.percent_of_replay().unwrap_or_default();
+        let pct = mark.progress.replay_percent();
         self.metrics
             .aggregate
             .build_progress(&mark.id, pct, mark.progress.rate);
@@ -377,12 +377,4 @@ fn coarsest_fitting(starts: impl Iterator<Item = i64>) -> WindowSize {
         }
     }
     size
-}
-
-impl Progress {
-    /// Percent of the replay done, for the metric.
-    fn percent_of_replay(&self) -> Option<u8> {
-        let total = self.replayed + self.remaining;
-        (total > 0).then(|| (self.replayed * 100 / total).min(100) as u8)
-    }
 }

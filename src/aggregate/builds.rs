@@ -174,17 +174,10 @@ impl Aggregator {
                 generation,
                 error,
             } => {
-                let current = self
-                    .builds
-                    .get(&id)
-                    .is_some_and(|r| r.progress.generation == generation);
-                if !current {
-                    return Ok(());
-                }
-                tracing::warn!(meter = %id, error = %error, "build failed; resuming it from its checkpoint");
-                let Some(running) = self.builds.remove(&id) else {
-                    return Ok(());
+                let Some(running) = self.take_build(&id, generation) else {
+                    return Ok(()); // cancelled meanwhile
                 };
+                tracing::warn!(meter = %id, error = %error, "build failed; resuming it from its checkpoint");
                 let last = running.stop().await;
                 let p = self.store.progress(&id).await?.unwrap_or(last);
                 if let Some(meter) = self.registry.get(&id) {
@@ -195,19 +188,22 @@ impl Aggregator {
         }
     }
 
-    /// A build has every event of its meter through `through`: apply the few after it
-    /// up to the cursor, switch readers to the new generation with one write, and follow
-    /// it from here on.
-    async fn hand_over(&mut self, id: &str, generation: u64, through: u64) -> Result<()> {
+    /// The running build a report is about, unless it was cancelled (or replaced by a
+    /// build of another generation) since.
+    fn take_build(&mut self, id: &str, generation: u64) -> Option<builder::Running> {
         let current = self
             .builds
             .get(id)
             .is_some_and(|r| r.progress.generation == generation);
-        if !current {
+        current.then(|| self.builds.remove(id)).flatten()
+    }
+
+    /// A build has every event of its meter through `through`: apply the few after it
+    /// up to the cursor, switch readers to the new generation with one write, and follow
+    /// it from here on.
+    async fn hand_over(&mut self, id: &str, generation: u64, through: u64) -> Result<()> {
+        let Some(running) = self.take_build(id, generation) else {
             return Ok(()); // cancelled meanwhile
-        }
-        let Some(running) = self.builds.remove(id) else {
-            return Ok(());
         };
         let meter = running.meter.clone();
         let last = running.stop().await;

@@ -92,10 +92,17 @@ impl Progress {
         if self.complete || self.suspended || self.hash != def.semantic_hash() {
             return None;
         }
-        let total = self.replayed + self.remaining;
-        let pct = (self.replayed * 100).checked_div(total).unwrap_or(0);
         // 100 only once the readings are switched over
-        Some(pct.min(99) as u8)
+        Some(self.replay_percent().min(99))
+    }
+
+    /// Percent of the replay done (events replayed of replayed and left).
+    pub fn replay_percent(&self) -> u8 {
+        let total = self.replayed + self.remaining;
+        (self.replayed * 100)
+            .checked_div(total)
+            .unwrap_or(0)
+            .min(100) as u8
     }
 
     /// Building: the time left at the current rate, if there is one.
@@ -170,23 +177,13 @@ pub fn plan(
     let stored = stored.cloned();
     // The generation being followed (or complete in store) stops at the cursor.
     let complete = match (followed, &stored) {
-        (Some(f), Some(p)) => Some((
+        (Some(f), p) => Some((
             Progress {
                 hash: f.hash.clone(),
                 complete: true,
                 generation: f.generation,
                 window_size: Some(f.window_size),
-                ..p.clone()
-            },
-            f.hash.clone(),
-        )),
-        (Some(f), None) => Some((
-            Progress {
-                hash: f.hash.clone(),
-                complete: true,
-                generation: f.generation,
-                window_size: Some(f.window_size),
-                ..Progress::default()
+                ..p.clone().unwrap_or_default()
             },
             f.hash.clone(),
         )),
