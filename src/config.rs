@@ -58,9 +58,14 @@ fn parse_stream(raw: &str) -> Result<String, String> {
 /// [`Config`] the NATS layer reads.
 #[derive(Args, Clone, Debug)]
 pub struct NatsConfig {
-    /// NATS server (JetStream enabled).
+    /// NATS server (JetStream enabled), or a comma-separated list of a cluster's
+    /// servers: the connection moves to another while any of them is up.
     #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
     pub nats_url: String,
+    /// Copies of every stream and bucket KloudMeter creates (1, 3 or 5; at most the
+    /// servers in the NATS cluster). With 3 they survive the loss of one server.
+    #[arg(long, env = "NATS_REPLICAS", default_value_t = 1, value_parser = parse_replicas)]
+    pub nats_replicas: usize,
     /// JetStream stream that holds ingested events; KV buckets are named after it.
     #[arg(long, env = "METER_NATS_STREAM", default_value = "meters", value_parser = parse_stream)]
     pub meter_nats_stream: String,
@@ -93,13 +98,33 @@ impl NatsConfig {
         if self.leader_ttl < Duration::from_secs(1) {
             return Err("LEADER_TTL: must be at least 1s".into());
         }
-        if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
-            return Err(format!(
-                "NATS_URL: {:?} is not a NATS URL (nats://host:4222)",
-                self.nats_url
-            ));
-        }
-        Ok(())
+        self.servers().map(|_| ())
+    }
+
+    /// The servers of NATS_URL, each checked (a list is what NATS clients
+    /// conventionally take: `nats://a:4222,nats://b:4222`).
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+        self.nats_url
+            .split(',')
+            .map(str::trim)
+            .map(|url| {
+                let parsed = (url.contains("://") || url.contains(':'))
+                    .then(|| url.parse::<async_nats::ServerAddr>().ok())
+                    .flatten();
+                parsed.ok_or_else(|| {
+                    format!("NATS_URL: {url:?} is not a NATS URL (nats://host:4222, or a comma-separated list of them)")
+                })
+            })
+            .collect()
+    }
+}
+
+fn parse_replicas(raw: &str) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(n @ (1 | 3 | 5)) => Ok(n),
+        _ => Err(format!(
+            "{raw:?} must be 1, 3 or 5 (copies kept by a NATS cluster)"
+        )),
     }
 }
 

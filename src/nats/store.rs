@@ -60,9 +60,10 @@ impl Store {
         if retry {
             options = options.retry_on_initial_connect();
         }
+        let servers = cfg.servers().map_err(anyhow::Error::msg)?;
         let client = options
             .clone()
-            .connect(&cfg.nats_url)
+            .connect(servers.as_slice())
             .await
             .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
         // Ingested events travel on a connection of their own: one connection is one
@@ -70,7 +71,7 @@ impl Store {
         // appends and reading writes would otherwise queue in front of publish acks.
         let ingest_client = options
             .name("kloudmeter-ingest")
-            .connect(&cfg.nats_url)
+            .connect(servers.as_slice())
             .await
             .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
         let ingest = crate::ingest::publisher::Publisher::start(ingest_client)
@@ -268,6 +269,7 @@ fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 3] {
         subjects: vec![subject],
         storage: stream::StorageType::File,
         max_age,
+        num_replicas: cfg.nats_replicas,
         ..Default::default()
     };
     [
@@ -308,6 +310,7 @@ fn bucket_configs(names: &Names, cfg: &NatsConfig) -> [kv::Config; 4] {
         history,
         max_age,
         storage: stream::StorageType::File,
+        num_replicas: cfg.nats_replicas,
         ..Default::default()
     };
     [

@@ -5,6 +5,7 @@
 mod common;
 
 mod chaos;
+mod cluster;
 mod faults;
 mod pipeline;
 mod pull;

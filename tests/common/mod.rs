@@ -45,6 +45,8 @@ fn wait_port(port: u16, timeout: Duration) {
 pub struct Nats {
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// Arguments beyond the single server's (a cluster member's name and routes).
+    cluster_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -53,11 +55,51 @@ impl Nats {
         let mut n = Nats {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            cluster_args: vec![],
             child: None,
         };
         n.spawn();
         n
     }
+
+    /// A JetStream cluster of `size` servers routed to each other on loopback.
+    pub fn cluster(size: usize) -> Vec<Nats> {
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers: Vec<Nats> = route_ports
+            .iter()
+            .enumerate()
+            .map(|(i, route)| Nats {
+                port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                cluster_args: vec![
+                    "--server_name".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "km".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{route}"),
+                    "--routes".into(),
+                    routes.clone(),
+                ],
+                child: None,
+            })
+            .collect();
+        for n in &mut servers {
+            n.spawn();
+        }
+        servers
+    }
+
+    /// Every server of a cluster, as NATS_URL takes them.
+    pub fn urls(cluster: &[Nats]) -> String {
+        cluster.iter().map(Nats::url).collect::<Vec<_>>().join(",")
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
         let child = Command::new(nats_server_bin())
@@ -70,6 +112,7 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.dir.path().join("js"))
+            .args(&self.cluster_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

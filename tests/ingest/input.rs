@@ -363,6 +363,10 @@ fn invalid_configuration_stops_startup_with_one_line() {
         ("KUBERNETES", "maybe"),
         ("METER_NATS_STREAM", "a.b"),
         ("DATA_DIR", "/dev/null"),
+        ("NATS_URL", "nats://a:4222,nats://b:notaport"),
+        ("NATS_URL", "nats://a:4222,"),
+        ("NATS_REPLICAS", "2"),
+        ("NATS_REPLICAS", "0"),
     ];
     for (var, value) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kloudmeter"))

@@ -158,6 +158,15 @@ async fn install_upgrade_uninstall_and_least_privilege() {
             "nats.url=nats://nats.messaging.svc:4222",
         ],
         &["--set", "watchNamespace=team-a"],
+        &["--set", "nats.embedded.cluster.enabled=true"],
+        &[
+            "--set",
+            "nats.embedded.enabled=false",
+            "--set",
+            "nats.url=nats://a.messaging.svc:4222\\,nats://b.messaging.svc:4222",
+            "--set",
+            "nats.replicas=3",
+        ],
         &["--set", "apiToken.enabled=true"],
         &[
             "--set",
@@ -188,6 +197,23 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         let rendered = helm_ok(Some(&cp), &args);
         let (ok, _, err) = cp.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered);
         assert!(ok, "{v:?}: {err}");
+        // a NATS cluster: every server in NATS_URL, three copies of everything
+        if v.iter().any(|a| a.contains("cluster.enabled") || a.contains("replicas")) {
+            let servers = rendered
+                .lines()
+                .find(|l| l.contains("name: NATS_URL"))
+                .map(|l| l.matches("nats://").count());
+            assert_eq!(servers, Some(if v.len() == 2 { 3 } else { 2 }), "{v:?}");
+            assert!(
+                rendered.contains(r#"{name: NATS_REPLICAS, value: "3"}"#),
+                "{v:?}"
+            );
+        } else {
+            assert!(
+                rendered.contains(r#"{name: NATS_REPLICAS, value: "1"}"#),
+                "{v:?}"
+            );
+        }
     }
 
     // install: every object exists
