@@ -169,6 +169,11 @@ pub struct Config {
     /// every start reads the claim log again.
     #[arg(long, env = "DATA_DIR")]
     pub data_dir: Option<std::path::PathBuf>,
+    /// How often the aggregator leader publishes a snapshot of its claim index to NATS
+    /// (when it has changed): a process with an empty DATA_DIR fetches it and reads only
+    /// the claim log after it.
+    #[arg(long, env = "CLAIM_SNAPSHOT_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub claim_snapshot_interval: Duration,
     /// Most events in flight to JetStream from ingestion before new requests get 503.
     #[arg(long, env = "MAX_INFLIGHT_EVENTS", default_value_t = 20_000)]
     pub max_inflight_events: usize,

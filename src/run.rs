@@ -210,6 +210,11 @@ async fn lead_when_elected(
     let claims = read_claims(index, &store, cfg.nats.dedup_window).await;
     let (leading_tx, leading_rx) = watch::channel(false);
     let standby = tokio::spawn(follow_claims(claims.clone(), leading_rx.clone()));
+    let snapshots = tokio::spawn(snapshot_claims(
+        claims.clone(),
+        cfg.claim_snapshot_interval,
+        leading_rx.clone(),
+    ));
     let holder = format!("{}-{}", hostname(), std::process::id());
     // operator mode: meters whose readings the aggregator wrote, for the status write-back
     let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -263,6 +268,7 @@ async fn lead_when_elected(
     }
     follower.abort();
     standby.abort();
+    snapshots.abort();
     let _ = store.client.flush().await;
 }
 
@@ -285,6 +291,42 @@ async fn follow_claims(
                 error = format!("{e:#}"),
                 "following the claim log failed; retrying"
             );
+        }
+    }
+}
+
+/// While leading, publish a snapshot of the claim index every `interval` when it has
+/// changed, for processes that start with an empty DATA_DIR.
+async fn snapshot_claims(
+    claims: Arc<tokio::sync::Mutex<crate::claims::Claims>>,
+    interval: Duration,
+    leading: watch::Receiver<bool>,
+) {
+    let mut published = 0;
+    loop {
+        tokio::time::sleep(interval).await;
+        if !*leading.borrow() {
+            continue;
+        }
+        let taking = {
+            let mut c = claims.lock().await;
+            // everything applied so far goes into the file first (the snapshot reads
+            // the file): an idle leader's last claims would otherwise wait for the next
+            if let Err(e) = c.persist().await {
+                tracing::warn!(error = format!("{e:#}"), "writing the claim index failed");
+                continue;
+            }
+            if c.persisted() == published {
+                continue;
+            }
+            c.snapshot()
+        };
+        match taking.await {
+            Ok(header) => published = header.map_or(0, |h| h.applied),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "publishing a claim index snapshot failed; trying again later"
+            ),
         }
     }
 }

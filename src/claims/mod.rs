@@ -13,6 +13,8 @@
 //! append fails and the aggregator restarts from its cursor after reading the log again,
 //! so no two processes ever decide from different histories.
 
+pub mod snapshot;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +26,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::domain::dedup::{IdKey, IdMap, Record};
 use crate::nats::store::Store;
+use snapshot::Base;
 
 /// id → (sequence, receipt time in ns)
 const CLAIMS: TableDefinition<&[u8; 16], (u64, u64)> = TableDefinition::new("claims");
@@ -38,6 +41,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_STREAM: &str = "stream_created_ns";
 const META_APPLIED: &str = "applied";
 const META_NEWEST: &str = "newest_ns";
+/// The log position of the snapshot the index sits on (`claims.base`), when it does.
+const META_BASE: &str = "base";
 /// Layout of the file; an index of another layout is rebuilt from the log.
 const META_FORMAT: &str = "format";
 const FORMAT: u64 = 2;
@@ -111,10 +116,24 @@ impl LocalIndex {
             _temp: temp,
         })
     }
+
+    /// The snapshot the index sits on, when it was started from one.
+    fn base_path(&self) -> PathBuf {
+        self.path.with_file_name("claims.base")
+    }
+
+    /// Where the leader writes a snapshot before publishing it.
+    fn snapshot_path(&self) -> PathBuf {
+        self.path.with_file_name("claims.snapshot")
+    }
 }
 
 pub struct Claims {
     index: Arc<LocalIndex>,
+    /// The snapshot under the B-tree (ids claimed through its position), until all of
+    /// it has left the window.
+    base: Option<Arc<Base>>,
+    snapshots: async_nats::jetstream::object_store::ObjectStore,
     js: jetstream::Context,
     stream: stream::Stream,
     subject: String,
@@ -137,6 +156,8 @@ struct Writing {
     task: tokio::sync::oneshot::Receiver<Result<()>>,
     claims: Arc<IdMap<Record>>,
     applied: u64,
+    /// The write lets go of the snapshot layer (all of it out of the window).
+    drops_base: bool,
 }
 
 impl Claims {
@@ -148,7 +169,7 @@ impl Claims {
         let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0);
         let last = info.state.last_sequence;
         let db = index.db.clone();
-        let (applied, newest) = blocking(move || {
+        let (mut applied, mut newest, base_at) = blocking(move || {
             let txn = db.begin_read()?;
             let meta = txn.open_table(META)?;
             let get = |k: &str| -> Result<Option<u64>> { Ok(meta.get(k)?.map(|v| v.value())) };
@@ -159,17 +180,59 @@ impl Claims {
                 return Ok((
                     get(META_APPLIED)?.unwrap_or(0),
                     get(META_NEWEST)?.unwrap_or(0),
+                    get(META_BASE)?,
                 ));
             }
             drop(meta);
             drop(txn);
             wipe(&db, created)?;
-            Ok((0, 0))
+            Ok((0, 0, None))
         })
         .await?;
+        let mut base = None;
+        if let Some(at) = base_at {
+            match Base::open(&index.base_path()) {
+                Ok(b) if b.header.applied == at => base = Some(Arc::new(b)),
+                outcome => {
+                    let why = outcome
+                        .err()
+                        .map_or("another snapshot".into(), |e| format!("{e:#}"));
+                    tracing::warn!(
+                        error = why,
+                        "the claim index's snapshot layer is unusable; starting the index afresh"
+                    );
+                    let db = index.db.clone();
+                    blocking(move || wipe(&db, created)).await?;
+                    (applied, newest) = (0, 0);
+                }
+            }
+        }
+        if base.is_none() {
+            let _ = std::fs::remove_file(index.base_path());
+        }
+        if applied == 0 {
+            // An empty index (a new DATA_DIR): start from the leader's latest snapshot
+            // rather than insert the whole log.
+            match snapshot::fetch(&store.claim_snapshots, &index.base_path(), created, last).await {
+                Ok(Some(b)) => {
+                    let h = b.header;
+                    let db = index.db.clone();
+                    blocking(move || adopt(&db, &h)).await?;
+                    (applied, newest) = (h.applied, u64::try_from(h.newest_ns).unwrap_or(0));
+                    base = Some(Arc::new(b));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "no claim index snapshot; reading the whole claim log"
+                ),
+            }
+        }
         tracing::info!(path = %index.path.display(), applied, log_last = last, "claim index attached");
         Ok(Claims {
             index,
+            base,
+            snapshots: store.claim_snapshots.clone(),
             js: store.js.clone(),
             stream,
             subject: store.names.claims_subject(),
@@ -196,6 +259,9 @@ impl Claims {
             let db = self.index.db.clone();
             blocking(move || wipe(&db, created)).await?;
             self.overlay.clear();
+            if let Some(b) = self.base.take() {
+                let _ = std::fs::remove_file(&b.path);
+            }
             (self.applied, self.persisted, self.newest_ns) = (0, 0, 0);
             self.stream_created_ns = created;
         }
@@ -255,7 +321,7 @@ impl Claims {
         if rest.is_empty() {
             return Ok(found);
         }
-        let db = self.index.db.clone();
+        let (db, base) = (self.index.db.clone(), self.base.clone());
         let stored = blocking(move || {
             let txn = db.begin_read()?;
             let table = txn.open_table(CLAIMS)?;
@@ -270,6 +336,8 @@ impl Claims {
                             time_ns: i64::try_from(t).unwrap_or(i64::MAX),
                         },
                     ));
+                } else if let Some(r) = base.as_ref().map(|b| b.get(&k)).transpose()?.flatten() {
+                    out.push((k, r));
                 }
             }
             Ok(out)
@@ -344,6 +412,10 @@ impl Claims {
         let cutoff = newest
             .saturating_sub(self.window_ns)
             .saturating_sub(CLOCK_MARGIN_NS);
+        let drops_base = self
+            .base
+            .as_ref()
+            .is_some_and(|b| b.header.newest_ns < cutoff);
         let db = self.index.db.clone();
         let claims = frozen.clone();
         // On a thread of its own at a lower CPU priority: inserting random keys into the
@@ -356,7 +428,7 @@ impl Claims {
             .name("claim-index".into())
             .spawn(move || {
                 lower_priority();
-                let result = write(&db, &claims, applied, newest, cutoff);
+                let result = write(&db, &claims, applied, newest, cutoff, drops_base);
                 // the database is released before anyone hears the write is done, so
                 // that it can be reopened at once (as a finished task would have it)
                 drop((db, claims));
@@ -367,6 +439,7 @@ impl Claims {
             task,
             claims: frozen,
             applied,
+            drops_base,
         });
         self.last_persist = Instant::now();
         Ok(())
@@ -384,6 +457,14 @@ impl Claims {
         match outcome {
             Ok(()) => {
                 self.persisted = w.applied;
+                if w.drops_base {
+                    if let Some(b) = self.base.take() {
+                        tracing::info!(
+                            "the claim index snapshot layer has left the window; removed"
+                        );
+                        let _ = std::fs::remove_file(&b.path);
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
@@ -392,6 +473,60 @@ impl Claims {
                 self.applied = self.persisted;
                 Err(e.context("writing the local claim index"))
             }
+        }
+    }
+
+    /// How many claims the snapshot layer holds (0 without one).
+    pub fn base_claims(&self) -> u64 {
+        self.base.as_ref().map_or(0, |b| b.header.count)
+    }
+
+    /// The log position the index file reflects.
+    pub fn persisted(&self) -> u64 {
+        self.persisted
+    }
+
+    /// Write a snapshot of the index file (as it stands after its last write, over the
+    /// snapshot layer) and publish it for cold starts. Runs beside the aggregator: it
+    /// reads a consistent view of the file while writes go on. Returns what it held.
+    pub fn snapshot(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Option<snapshot::Header>>> + Send + 'static {
+        let (db, base, bucket) = (
+            self.index.db.clone(),
+            self.base.clone(),
+            self.snapshots.clone(),
+        );
+        let (window_ns, path) = (self.window_ns, self.index.snapshot_path());
+        async move {
+            let started = Instant::now();
+            // a thread of its own at a lower priority, as the index writer (it reads
+            // the whole index: it must not take the cores from ingestion)
+            let (done, written) = tokio::sync::oneshot::channel();
+            let target = path.clone();
+            std::thread::Builder::new()
+                .name("claim-snapshot".into())
+                .spawn(move || {
+                    lower_priority();
+                    let _ = done.send(snapshot::write(&db, base.as_deref(), window_ns, &target));
+                })
+                .context("starting the claim snapshot writer")?;
+            let written = written
+                .await
+                .map_err(|_| anyhow!("the claim snapshot writer stopped"))??;
+            let Some(header) = written else {
+                return Ok(None);
+            };
+            let published = snapshot::publish(&bucket, &path).await;
+            let _ = std::fs::remove_file(&path);
+            published?;
+            tracing::info!(
+                claims = header.count,
+                through = header.applied,
+                seconds = started.elapsed().as_secs_f64(),
+                "claim index snapshot published"
+            );
+            Ok(Some(header))
         }
     }
 
@@ -420,14 +555,27 @@ fn wipe(db: &Database, created: u64) -> Result<()> {
     Ok(())
 }
 
+/// Sit the (empty) index on a snapshot: its position is the index's.
+fn adopt(db: &Database, h: &snapshot::Header) -> Result<()> {
+    let txn = db.begin_write()?;
+    let mut meta = txn.open_table(META)?;
+    meta.insert(META_APPLIED, h.applied)?;
+    meta.insert(META_NEWEST, u64::try_from(h.newest_ns).unwrap_or(0))?;
+    meta.insert(META_BASE, h.applied)?;
+    drop(meta);
+    txn.commit()?;
+    Ok(())
+}
+
 /// One transaction: the claims, their expiry entry, the log position, and the purge of
-/// claims older than `cutoff`.
+/// claims older than `cutoff` (and of the snapshot layer, when all of it is).
 fn write(
     db: &Database,
     overlay: &IdMap<Record>,
     applied: u64,
     newest: i64,
     cutoff: i64,
+    drops_base: bool,
 ) -> Result<()> {
     let txn = db.begin_write()?;
     {
@@ -453,6 +601,9 @@ fn write(
         let mut meta = txn.open_table(META)?;
         meta.insert(META_APPLIED, applied)?;
         meta.insert(META_NEWEST, u64::try_from(newest).unwrap_or(0))?;
+        if drops_base {
+            meta.remove(META_BASE)?;
+        }
     }
     txn.commit()?;
     Ok(())

@@ -81,6 +81,10 @@ impl Names {
     pub fn claims_stream(&self) -> String {
         format!("{}-claims", self.stream)
     }
+    /// The object store bucket of the claim index snapshot (`claims::snapshot`).
+    pub fn claim_snapshots_bucket(&self) -> String {
+        format!("{}-claim-snapshots", self.stream)
+    }
     pub fn claims_subject(&self) -> String {
         format!("{}.claims", self.stream)
     }

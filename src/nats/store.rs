@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream};
+use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, object_store, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -29,6 +29,8 @@ pub struct Store {
     pub meters: kv::Store,
     pub readings: kv::Store,
     pub claims: stream::Stream,
+    /// Where the leader leaves snapshots of the claim index for cold starts.
+    pub claim_snapshots: object_store::ObjectStore,
     pub state: kv::Store,
     pub leader: kv::Store,
 }
@@ -87,6 +89,10 @@ impl Store {
         }
         let events = js.get_stream(&names.stream).await?;
         let claims = js.get_stream(names.claims_stream()).await?;
+        let claim_snapshots = js
+            .get_object_store(names.claim_snapshots_bucket())
+            .await
+            .context("opening the claim snapshot bucket")?;
         let mut buckets = Vec::with_capacity(4);
         for config in bucket_configs(&names, cfg) {
             let name = config.bucket.clone();
@@ -108,6 +114,7 @@ impl Store {
             meters,
             readings,
             claims,
+            claim_snapshots,
             state,
             leader,
         })
@@ -258,8 +265,8 @@ impl Store {
 }
 
 /// The streams KloudMeter keeps: its events, the events invalid for a meter (with the
-/// reason), and the claim log.
-fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 3] {
+/// reason), the claim log, and the object store of claim index snapshots.
+fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 4] {
     // Claims are read back for DEDUP_WINDOW after they are made; the extra retention
     // covers an aggregator that lags behind the clock (disk only, no server memory).
     let claims_age = (cfg.dedup_window * 2).max(cfg.dedup_window + Duration::from_secs(3600));
@@ -296,6 +303,23 @@ fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 3] {
                 "KloudMeter claim log: the stream sequence that first claimed each event id",
                 names.claims_subject(),
                 claims_age,
+            )
+        },
+        // laid out as an object store bucket is (what `create_object_store` would make),
+        // but created or updated like the others, so NATS_REPLICAS applies to it too
+        stream::Config {
+            subjects: vec![
+                format!("$O.{}.C.>", names.claim_snapshots_bucket()),
+                format!("$O.{}.M.>", names.claim_snapshots_bucket()),
+            ],
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            allow_direct: true,
+            ..file(
+                format!("OBJ_{}", names.claim_snapshots_bucket()),
+                "KloudMeter claim index snapshots (cold starts)",
+                String::new(),
+                Duration::ZERO,
             )
         },
     ]

@@ -205,3 +205,78 @@ async fn claims_leave_the_index_after_the_window() {
     s.persist().await.unwrap();
     assert_eq!(s.lookup((1..=5).map(key).collect()).await.unwrap(), found);
 }
+
+#[tokio::test]
+async fn a_new_index_starts_from_the_snapshot_and_reads_only_the_log_after_it() {
+    let nats = Nats::start();
+    let store = store(&nats, "snap").await;
+    let mut leader = attach(&Arc::new(LocalIndex::open(None).unwrap()), &store).await;
+    assert_eq!(
+        leader.snapshot().await.unwrap(),
+        None,
+        "nothing to snapshot yet"
+    );
+    // one claim that leaves the window (10 s + 60 s margin) before the snapshot is taken
+    let n = 40_000u32;
+    let now = T0 + 100 * SEC;
+    leader.record(vec![(key(n + 1), rec(1, T0))]).await.unwrap();
+    leader
+        .record(
+            (0..n)
+                .map(|i| (key(i), rec(u64::from(i) + 2, now)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    leader.persist().await.unwrap();
+    let taken = leader.snapshot().await.unwrap().unwrap();
+    assert_eq!((taken.count, taken.newest_ns), (u64::from(n), now));
+    // after the snapshot: a new id, and an id claimed again (the later claim wins)
+    let after = vec![
+        (key(n + 2), rec(50_000, now + SEC)),
+        (key(7), rec(50_001, now + SEC)),
+    ];
+    leader.record(after).await.unwrap();
+    let ids: Vec<IdKey> = (0..n + 3).map(key).collect();
+    let want = leader.lookup(ids.clone()).await.unwrap();
+    assert_eq!(want.len(), n as usize + 1);
+    assert_eq!(want[&key(7)], rec(50_001, now + SEC));
+
+    // an empty DATA_DIR: the snapshot as the lower layer, one log message read after it
+    let dir = tempfile::tempdir().unwrap();
+    let index = Arc::new(LocalIndex::open(Some(dir.path())).unwrap());
+    let mut fresh = Claims::attach(index.clone(), &store, WINDOW).await.unwrap();
+    assert_eq!(fresh.base_claims(), u64::from(n));
+    assert_eq!(fresh.catch_up().await.unwrap(), 2);
+    assert_eq!(fresh.lookup(ids.clone()).await.unwrap(), want);
+    fresh.persist().await.unwrap();
+    assert_eq!(
+        fresh.stored().await.unwrap(),
+        2,
+        "the snapshot is never inserted"
+    );
+    drop(fresh);
+    drop(index);
+    // restarted on the same DATA_DIR: the layer is reopened, nothing is read again
+    let index = Arc::new(LocalIndex::open(Some(dir.path())).unwrap());
+    let mut again = Claims::attach(index, &store, WINDOW).await.unwrap();
+    assert_eq!(again.base_claims(), u64::from(n));
+    assert_eq!(again.catch_up().await.unwrap(), 0);
+    assert_eq!(again.lookup(ids.clone()).await.unwrap(), want);
+
+    // a snapshot of a layered index merges both layers
+    let merged = again.snapshot().await.unwrap().unwrap();
+    assert_eq!(merged.count, u64::from(n) + 1);
+    let mut third = attach(&Arc::new(LocalIndex::open(None).unwrap()), &store).await;
+    assert_eq!(third.base_claims(), u64::from(n) + 1);
+    assert_eq!(third.lookup(ids.clone()).await.unwrap(), want);
+
+    // once all of the snapshot has left the window, the layer goes
+    third
+        .record(vec![(key(n + 3), rec(50_002, now + 80 * SEC))])
+        .await
+        .unwrap();
+    third.persist().await.unwrap();
+    assert_eq!(third.base_claims(), 0);
+    assert!(third.lookup(ids).await.unwrap().is_empty());
+}

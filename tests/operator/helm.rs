@@ -198,7 +198,9 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         let (ok, _, err) = cp.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered);
         assert!(ok, "{v:?}: {err}");
         // a NATS cluster: every server in NATS_URL, three copies of everything
-        if v.iter().any(|a| a.contains("cluster.enabled") || a.contains("replicas")) {
+        if v.iter()
+            .any(|a| a.contains("cluster.enabled") || a.contains("replicas"))
+        {
             let servers = rendered
                 .lines()
                 .find(|l| l.contains("name: NATS_URL"))

@@ -1,0 +1,145 @@
+//! A cold start: the only warm process dies and a new one with an empty DATA_DIR takes
+//! over. It starts from the leader's snapshot of the claim index instead of reading
+//! the whole claim log into its own, and a live meter is fresh again within
+//! LEADER_TTL + 10 s.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use kloudmeter::claims::encode;
+use kloudmeter::domain::dedup::Record;
+use serde_json::json;
+
+const CLAIMS: usize = 2_000_000;
+/// Claims per log message, as the aggregator writes them.
+const PER_MESSAGE: usize = 16_384;
+const LEADER_TTL: Duration = Duration::from_secs(2);
+
+/// `n` claims of ids no event has, received now (inside the window), straight into the
+/// claim log as the aggregator appends them.
+async fn fill_claim_log(js: &async_nats::jetstream::Context, stream: &str, n: usize) {
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let mut acks = Vec::new();
+    for first in (0..n).step_by(PER_MESSAGE) {
+        let claims: Vec<([u8; 16], Record)> = (first..(first + PER_MESSAGE).min(n))
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[..8]
+                    .copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+                id[8..].copy_from_slice(&(i as u64).to_be_bytes());
+                (
+                    id,
+                    Record {
+                        seq: i as u64 + 1_000_000_000,
+                        time_ns: now,
+                    },
+                )
+            })
+            .collect();
+        acks.push(
+            js.publish(format!("{stream}.claims"), encode(&claims).into())
+                .await
+                .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_empty_data_dir_leads_within_seconds_of_the_only_warm_process_dying() {
+    let nats = Nats::start();
+    let js = nats.client().await;
+    let env = [("CLAIM_SNAPSHOT_INTERVAL", "1s"), ("LEADER_TTL", "2s")];
+    // the streams exist once a process has started; the claims go in before the warm
+    // one reads them
+    let mut setup = Km::start(&nats, "cold", &env).await;
+    setup.kill9();
+    fill_claim_log(&js, "cold", CLAIMS).await;
+    let mut warm = Km::start(&nats, "cold", &env).await;
+    let (s, body) = post(
+        &warm.url("/api/v1/meters"),
+        &json!({"id": "live", "eventType": "live", "aggregation": "count"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let event = |n: usize| json!({"id": format!("live-{n}"), "eventType": "live", "subject": "s", "time": "2026-11-30T08:00:00Z"});
+    post_until_accepted(
+        &warm.url("/api/v1/events"),
+        &event(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_for(
+        "the warm process counts",
+        Duration::from_secs(120),
+        || async {
+            subject_values(&warm, "live")
+                .await
+                .get("s")
+                .map(String::as_str)
+                == Some("1")
+        },
+    )
+    .await;
+    // its snapshot holds every claim of the log
+    let bucket = js.get_object_store("cold-claim-snapshots").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !bucket
+        .info("claim-index")
+        .await
+        .is_ok_and(|i| i.size >= 48 + 32 * (CLAIMS + 1))
+    {
+        let log = warm.logs();
+        let said: Vec<&str> = log.lines().filter(|l| l.contains("claim")).collect();
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot of every claim; the warm process said:\n{}",
+            said.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    warm.kill9();
+    let died = Instant::now();
+    let cold = Km::start(&nats, "cold", &env).await;
+    post_until_accepted(
+        &cold.url("/api/v1/events"),
+        &event(2),
+        Duration::from_secs(30),
+    )
+    .await;
+    // a repeat of the first event: the new process knows it was counted
+    post_until_accepted(
+        &cold.url("/api/v1/events"),
+        &event(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    let limit = LEADER_TTL + Duration::from_secs(10);
+    wait_for("the new process to count the new event", limit, || async {
+        subject_values(&cold, "live")
+            .await
+            .get("s")
+            .map(String::as_str)
+            == Some("2")
+    })
+    .await;
+    let fresh_after = died.elapsed();
+    caught_up_or_log(&js, "cold", Duration::from_secs(30), &cold).await;
+    assert_eq!(subject_values(&cold, "live").await["s"], "2");
+    let log = cold.logs();
+    let fetched = log
+        .lines()
+        .find(|l| l.contains("claim index snapshot fetched"))
+        .unwrap_or_else(|| panic!("no snapshot fetched:\n{log}"));
+    let restored: serde_json::Value = serde_json::from_str(fetched).unwrap();
+    // every claim of the log and the first live event's, exactly
+    assert_eq!(
+        restored["fields"]["claims"].as_u64(),
+        Some(CLAIMS as u64 + 1),
+        "{fetched}"
+    );
+    eprintln!("cold start: fresh {fresh_after:?} after the kill ({CLAIMS} claims); {fetched}");
+}
