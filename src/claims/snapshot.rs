@@ -199,14 +199,10 @@ pub fn write(
         Some(b) => Some(b.iter()?.peekable()),
         None => None,
     };
-    let tmp = path.with_extension("partial");
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-    out.write_all(&[0u8; HEADER])?;
-    let mut count = 0u64;
-    loop {
+    let merged = std::iter::from_fn(move || loop {
         // the smaller id of the two layers; on a tie the upper (later) claim wins
         let next = match (upper.peek(), lower.as_mut().and_then(|l| l.peek())) {
-            (None, None) => break,
+            (None, None) => return None,
             (Some(_), None) => upper.next(),
             (None, Some(_)) => lower.as_mut().and_then(Iterator::next),
             (Some(Ok((u, _))), Some(Ok((l, _)))) => {
@@ -222,19 +218,38 @@ pub fn write(
             (Some(Err(_)), _) => upper.next(),
             (_, Some(Err(_))) => lower.as_mut().and_then(Iterator::next),
         };
-        let (id, r) = next.expect("peeked")?;
-        if r.time_ns < cutoff {
-            continue;
+        match next {
+            Some(Ok((_, r))) if r.time_ns < cutoff => continue,
+            other => return other,
         }
+    });
+    write_sorted(path, created, applied, newest, merged).map(Some)
+}
+
+/// Write claims sorted by id (each id once) as a snapshot of the log created at
+/// `stream_created_ns`, through log sequence `applied`, to `path` (whole or not at all).
+pub fn write_sorted(
+    path: &Path,
+    stream_created_ns: u64,
+    applied: u64,
+    newest_ns: i64,
+    claims: impl Iterator<Item = Result<(IdKey, Record)>>,
+) -> Result<Header> {
+    let tmp = path.with_extension("partial");
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    out.write_all(&[0u8; HEADER])?;
+    let mut count = 0u64;
+    for claim in claims {
+        let (id, r) = claim?;
         out.write_all(&id)?;
         out.write_all(&r.seq.to_be_bytes())?;
         out.write_all(&r.time_ns.to_be_bytes())?;
         count += 1;
     }
     let header = Header {
-        stream_created_ns: created,
+        stream_created_ns,
         applied,
-        newest_ns: newest,
+        newest_ns,
         count,
     };
     let mut file = out.into_inner().map_err(|e| e.into_error())?;
@@ -242,7 +257,7 @@ pub fn write(
     file.write_all(&header.encode())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    Ok(Some(header))
+    Ok(header)
 }
 
 /// Replace the shared snapshot with the file at `path`.

@@ -6,46 +6,10 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use kloudmeter::claims::encode;
-use kloudmeter::domain::dedup::Record;
 use serde_json::json;
 
 const CLAIMS: usize = 2_000_000;
-/// Claims per log message, as the aggregator writes them.
-const PER_MESSAGE: usize = 16_384;
 const LEADER_TTL: Duration = Duration::from_secs(2);
-
-/// `n` claims of ids no event has, received now (inside the window), straight into the
-/// claim log as the aggregator appends them.
-async fn fill_claim_log(js: &async_nats::jetstream::Context, stream: &str, n: usize) {
-    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
-    let mut acks = Vec::new();
-    for first in (0..n).step_by(PER_MESSAGE) {
-        let claims: Vec<([u8; 16], Record)> = (first..(first + PER_MESSAGE).min(n))
-            .map(|i| {
-                let mut id = [0u8; 16];
-                id[..8]
-                    .copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
-                id[8..].copy_from_slice(&(i as u64).to_be_bytes());
-                (
-                    id,
-                    Record {
-                        seq: i as u64 + 1_000_000_000,
-                        time_ns: now,
-                    },
-                )
-            })
-            .collect();
-        acks.push(
-            js.publish(format!("{stream}.claims"), encode(&claims).into())
-                .await
-                .unwrap(),
-        );
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
-}
 
 #[tokio::test]
 async fn an_empty_data_dir_leads_within_seconds_of_the_only_warm_process_dying() {

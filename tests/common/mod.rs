@@ -451,6 +451,47 @@ async fn wait_caught_up(
     }
 }
 
+/// The `i`th claim [`fill_claim_log`] makes: an id no event has, received at `time_ns`.
+pub fn claim(i: usize, time_ns: i64) -> ([u8; 16], kloudmeter::domain::dedup::Record) {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+    id[8..].copy_from_slice(&(i as u64).to_be_bytes());
+    (
+        id,
+        kloudmeter::domain::dedup::Record {
+            seq: i as u64 + 1_000_000_000,
+            time_ns,
+        },
+    )
+}
+
+/// Claims per claim-log message, as the aggregator appends them.
+pub const CLAIMS_PER_MESSAGE: usize = 16_384;
+
+/// `n` claims ([`claim`]) received now (inside the window), straight into the claim
+/// log of `stream` as the aggregator appends them. Returns their receipt time.
+pub async fn fill_claim_log(js: &jetstream::Context, stream: &str, n: usize) -> i64 {
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let mut acks = Vec::new();
+    for first in (0..n).step_by(CLAIMS_PER_MESSAGE) {
+        let claims: Vec<_> = (first..(first + CLAIMS_PER_MESSAGE).min(n))
+            .map(|i| claim(i, now))
+            .collect();
+        acks.push(
+            js.publish(
+                format!("{stream}.claims"),
+                kloudmeter::claims::encode(&claims).into(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    now
+}
+
 /// Wait until `check` holds (for state that changes asynchronously, such as a meter
 /// being picked up), failing with `what` after `timeout`.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)

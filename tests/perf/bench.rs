@@ -784,6 +784,144 @@ async fn backfill(n: usize, rate: f64, failures: &mut Vec<String>) -> Backfill {
     }
 }
 
+/// What one cold start measured.
+struct ColdStart {
+    fresh_secs: f64,
+    /// The new process's own account of fetching the snapshot (none: it read the log).
+    fetched: Option<String>,
+    km_rss: u64,
+}
+
+/// Cold start: `n` claims in the claim log, the only warm process `kill -9`ed and a new
+/// one started on an empty DATA_DIR at once: seconds from the kill until an event posted
+/// to the new process is counted. Without `snapshots` no snapshot is ever published and
+/// the new process reads the whole log (the path before snapshots). With `seed` the
+/// warm process itself starts from a snapshot the benchmark writes (reading tens of
+/// millions of claims into its B-tree would take most of the run); it then publishes
+/// its own, which is the one the new process fetches.
+async fn cold_start(
+    n: usize,
+    snapshots: bool,
+    seed: bool,
+    failures: &mut Vec<String>,
+) -> ColdStart {
+    let nats = Nats::start();
+    let js = js_for(&nats).await;
+    let interval = if snapshots { "5s" } else { "24h" };
+    let env = [("CLAIM_SNAPSHOT_INTERVAL", interval), ("LEADER_TTL", "2s")];
+    Km::start(&nats, "meters", &env).await.kill9(); // lays out the streams
+    let now = fill_claim_log(&js, "meters", n).await;
+    let bucket = js.get_object_store("meters-claim-snapshots").await.unwrap();
+    let mut seeded = None;
+    if seed {
+        let mut claims: Vec<_> = (0..n).map(|i| claim(i, now)).collect();
+        claims.sort_unstable_by_key(|(id, _)| *id);
+        let info = js
+            .get_stream("meters-claims")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed");
+        kloudmeter::claims::snapshot::write_sorted(
+            &path,
+            created,
+            info.state.last_sequence,
+            now,
+            claims.into_iter().map(Ok),
+        )
+        .unwrap();
+        kloudmeter::claims::snapshot::publish(&bucket, &path)
+            .await
+            .unwrap();
+        seeded = Some(bucket.info("claim-index").await.unwrap().nuid);
+    }
+    let mut warm = Km::start(&nats, "meters", &env).await;
+    let (s, _) = post(
+        &warm.url("/api/v1/meters"),
+        &json!({"id": "live", "eventType": "live", "aggregation": "count"}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let event = |k: usize| json!({"id": format!("live-{k}"), "eventType": "live", "subject": "s"});
+    post_until_accepted(
+        &warm.url("/api/v1/events"),
+        &event(1),
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_for(
+        "the warm process counts",
+        Duration::from_secs(900),
+        || async {
+            subject_values(&warm, "live")
+                .await
+                .get("s")
+                .map(String::as_str)
+                == Some("1")
+        },
+    )
+    .await;
+    if snapshots {
+        // the warm leader's own snapshot, holding every claim
+        wait_for(
+            "the leader's snapshot",
+            Duration::from_secs(600),
+            || async {
+                bucket
+                    .info("claim-index")
+                    .await
+                    .is_ok_and(|i| Some(&i.nuid) != seeded.as_ref() && i.size >= 48 + 32 * (n + 1))
+            },
+        )
+        .await;
+        for line in warm.logs().lines().filter(|l| l.contains("snapshot")) {
+            eprintln!("  warm: {line}");
+        }
+    }
+    warm.kill9();
+    let died = Instant::now();
+    let cold = Km::start(&nats, "meters", &env).await;
+    post_until_accepted(
+        &cold.url("/api/v1/events"),
+        &event(2),
+        Duration::from_secs(600),
+    )
+    .await;
+    wait_for(
+        "the new process counts",
+        Duration::from_secs(900),
+        || async {
+            subject_values(&cold, "live")
+                .await
+                .get("s")
+                .map(String::as_str)
+                == Some("2")
+        },
+    )
+    .await;
+    let fresh_secs = died.elapsed().as_secs_f64();
+    let fetched = cold
+        .logs()
+        .lines()
+        .find(|l| l.contains("snapshot fetched"))
+        .map(str::to_string);
+    if snapshots != fetched.is_some() {
+        failures.push(format!(
+            "cold start of {n} claims: snapshot fetched {fetched:?}"
+        ));
+    }
+    ColdStart {
+        fresh_secs,
+        fetched,
+        km_rss: rss_kib(cold.pid().unwrap()),
+    }
+}
+
 fn rss_now_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -1037,6 +1175,30 @@ async fn main() {
             b.km_rss as f64 / 1024.0,
             b.nats_rss as f64 / 1024.0
         );
+    }
+    if want("coldstart") {
+        let n = env_usize("BENCH_COLDSTART_CLAIMS", 20_000_000);
+        let before_n = env_usize("BENCH_COLDSTART_BEFORE_CLAIMS", 2_000_000);
+        println!();
+        println!("cold start (LEADER_TTL 2s): kill -9 of the only warm process, a new one on an empty DATA_DIR; seconds until an event posted to it is counted");
+        for (claims, snapshots, seed) in [
+            (before_n, false, false),
+            (before_n, true, false),
+            (n, true, true),
+        ] {
+            let c = cold_start(claims, snapshots, seed, &mut failures).await;
+            println!(
+                "  {claims} claims, {}: fresh after {:.1} s; peak RSS {:.1} MiB{}",
+                if snapshots {
+                    "from the snapshot"
+                } else {
+                    "reading the whole claim log"
+                },
+                c.fresh_secs,
+                c.km_rss as f64 / 1024.0,
+                c.fetched.map(|l| format!("; {l}")).unwrap_or_default()
+            );
+        }
     }
     if !failures.is_empty() {
         eprintln!("WRONG READINGS:");
