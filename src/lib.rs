@@ -51,8 +51,12 @@
 //! bytes, retained for twice `DEDUP_WINDOW` (at least `DEDUP_WINDOW` + 1 h). Every process
 //! keeps a local on-disk index of that log (redb, in `DATA_DIR`, with a fixed 16 MiB page
 //! cache), so a lookup is a local read; standbys follow the log every second, so a new
-//! leader starts warm, and a process starting on an empty `DATA_DIR` reads the log first
-//! (before it campaigns); an index built from another log (the stream was recreated, at
+//! leader starts warm. The leader publishes a snapshot of its index every
+//! `CLAIM_SNAPSHOT_INTERVAL` (every claim still in the window, sorted by id, to the object
+//! store bucket `<stream>-claim-snapshots`); a process starting on an empty `DATA_DIR`
+//! fetches it, uses it in place as the lower layer of its index (never inserted into the
+//! B-tree) and reads only the log after it, before it campaigns ([`claims::snapshot`]);
+//! an index built from another log (the stream was recreated, at
 //! start or while running) is emptied and rebuilt from the new one. The leader appends with `Nats-Expected-Last-Sequence` set to the
 //! last log entry it has read: if another process appended meanwhile (two leaders during a
 //! hand-over), the append fails and the aggregator restarts from its cursor after reading
@@ -82,8 +86,8 @@
 //! keeps counting values it has not seen without remembering them, so repeats of those are
 //! over-counted. The local claim index takes about 170 bytes of disk per event id inside
 //! `DEDUP_WINDOW` (measured with 400,000 random ids; the file includes the B-tree's free
-//! space; the log takes 32 bytes); a process on an empty `DATA_DIR` must read the
-//! whole log before it may lead, which for a day at 10,000 events/s is ~860 million claims.
+//! space; the log and a snapshot take 32 bytes); a process on an empty `DATA_DIR`
+//! downloads the snapshot (32 bytes per id in the window) before it may lead.
 
 // The crate docs are the maintainers' map of the code, built with
 // `--document-private-items` (`task lint`): they link to internal modules on purpose.

@@ -213,19 +213,14 @@ impl Claims {
         if applied == 0 {
             // An empty index (a new DATA_DIR): start from the leader's latest snapshot
             // rather than insert the whole log.
-            match snapshot::fetch(&store.claim_snapshots, &index.base_path(), created, last).await {
-                Ok(Some(b)) => {
-                    let h = b.header;
-                    let db = index.db.clone();
-                    blocking(move || adopt(&db, &h)).await?;
-                    (applied, newest) = (h.applied, u64::try_from(h.newest_ns).unwrap_or(0));
-                    base = Some(Arc::new(b));
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(
-                    error = format!("{e:#}"),
-                    "no claim index snapshot; reading the whole claim log"
-                ),
+            if let Some(b) =
+                fetch_snapshot(&store.claim_snapshots, &index.base_path(), created, last).await
+            {
+                let h = b.header;
+                let db = index.db.clone();
+                blocking(move || adopt(&db, &h)).await?;
+                (applied, newest) = (h.applied, u64::try_from(h.newest_ns).unwrap_or(0));
+                base = Some(Arc::new(b));
             }
         }
         tracing::info!(path = %index.path.display(), applied, log_last = last, "claim index attached");
@@ -535,6 +530,28 @@ impl Claims {
         let db = self.index.db.clone();
         blocking(move || Ok(db.begin_read()?.open_table(CLAIMS)?.len()?)).await
     }
+}
+
+/// The latest snapshot, if there is a usable one. A fetch that fails is tried again: the
+/// leader replacing the snapshot meanwhile removes the chunks being read.
+async fn fetch_snapshot(
+    bucket: &async_nats::jetstream::object_store::ObjectStore,
+    path: &Path,
+    created: u64,
+    last: u64,
+) -> Option<Base> {
+    for attempt in 1..=3 {
+        match snapshot::fetch(bucket, path, created, last).await {
+            Ok(found) => return found,
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                attempt,
+                "fetching the claim index snapshot failed"
+            ),
+        }
+    }
+    tracing::warn!("no claim index snapshot; reading the whole claim log");
+    None
 }
 
 /// Empty the index and record which log it will follow.
