@@ -72,6 +72,62 @@ impl AggregateMetrics {
     }
 }
 
+/// Usage itself, read from the served readings at each scrape: every meter's total and
+/// events, and the highest subjects of meters that export them. Values are floats here
+/// (Prometheus has no other kind); the API has them exact.
+#[derive(Clone, Default)]
+pub struct UsageMetrics {
+    pub meter_value: Family<MeterLabel, Gauge<f64, AtomicU64>>,
+    pub meter_events: Family<MeterLabel, Gauge>,
+    pub subject_value: Family<SubjectLabel, Gauge<f64, AtomicU64>>,
+    /// One refresh at a time: a scrape sees every series of one refresh.
+    pub refreshing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The `meter` and `subject` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubjectLabel {
+    pub meter: String,
+    pub subject: String,
+}
+
+/// A meter's usage for [`UsageMetrics::set`].
+pub struct MeterUsage {
+    pub meter: String,
+    pub value: Option<f64>,
+    pub events: u64,
+    /// (subject, value), highest first; empty unless the meter exports them.
+    pub top_subjects: Vec<(String, f64)>,
+}
+
+impl UsageMetrics {
+    /// Replace every usage series with these (a deleted meter's go).
+    pub fn set(&self, usage: Vec<MeterUsage>) {
+        self.meter_value.clear();
+        self.meter_events.clear();
+        self.subject_value.clear();
+        for u in usage {
+            let label = MeterLabel {
+                meter: u.meter.clone(),
+            };
+            if let Some(v) = u.value {
+                self.meter_value.get_or_create(&label).set(v);
+            }
+            self.meter_events
+                .get_or_create(&label)
+                .set(i64::try_from(u.events).unwrap_or(i64::MAX));
+            for (subject, v) in u.top_subjects {
+                self.subject_value
+                    .get_or_create(&SubjectLabel {
+                        meter: u.meter.clone(),
+                        subject,
+                    })
+                    .set(v);
+            }
+        }
+    }
+}
+
 /// The Meter controller.
 #[derive(Clone)]
 pub struct OperatorMetrics {
@@ -92,6 +148,7 @@ pub struct Metrics {
     pub aggregate: AggregateMetrics,
     pub operator: OperatorMetrics,
     pub election: ElectionMetrics,
+    pub usage: UsageMetrics,
 }
 
 /// Latency buckets from 0.5 ms to about 16 s.
@@ -234,6 +291,25 @@ impl Default for Metrics {
             "Meter custom resource reconciles by the controller",
             &operator.reconciles,
         );
+        let usage = UsageMetrics::default();
+        add(
+            &mut r,
+            "meter_value",
+            "A meter's all-time value (as a float; the API has it exact)",
+            &usage.meter_value,
+        );
+        add(
+            &mut r,
+            "meter_events",
+            "Events a meter has counted",
+            &usage.meter_events,
+        );
+        add(
+            &mut r,
+            "subject_value",
+            "All-time value of a meter's highest subjects, for meters with export.topSubjects (at most that many)",
+            &usage.subject_value,
+        );
         let election = ElectionMetrics {
             leader: Gauge::default(),
         };
@@ -249,6 +325,7 @@ impl Default for Metrics {
             aggregate,
             operator,
             election,
+            usage,
         }
     }
 }

@@ -235,6 +235,7 @@ impl Aggregator {
                 };
                 contributions.push(c.clone());
                 plan.push(match c {
+                    Contribution::Filtered => continue,
                     Contribution::Valid { value, group } => {
                         let slots = self.cache.touch_at(
                             m,
@@ -313,7 +314,7 @@ impl Aggregator {
                                 self.cache.mark_dirty(i);
                             }
                         }
-                        Applied::AlreadyApplied => {}
+                        Applied::AlreadyApplied | Applied::Filtered => {}
                         Applied::Invalid(why) => {
                             // (a sum out of the exact range: only the summary counts it)
                             let summary = slots.slots()[0];

@@ -76,6 +76,8 @@ pub enum Applied {
     Invalid(String),
     /// Already applied earlier (replay): nothing changed.
     AlreadyApplied,
+    /// Not the meter's event (its `filter` does not match): nothing changed.
+    Filtered,
 }
 
 /// The readings one valid event touches for one meter, by position: 0 the meter's
@@ -205,6 +207,7 @@ pub fn apply<S: BuildHasher>(
 ) -> Applied {
     let keys = keys_for(meter, event, c);
     match c {
+        Contribution::Filtered => Applied::Filtered,
         Contribution::Invalid(why) => {
             apply_invalid(readings.entry(keys[0].clone()).or_default(), seq, why)
         }

@@ -120,6 +120,14 @@ pub struct MeterDef {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub group_by: BTreeMap<String, String>,
     pub window_size: WindowSize,
+    /// Conditions on the event's `data` that must all hold for the meter to count it
+    /// (JSONPath → `{"<op>": operand}`, see [`crate::domain::filter`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub filter: BTreeMap<String, serde_json::Value>,
+    /// Usage exported as Prometheus metrics beyond the meter's total. Not part of
+    /// [`Self::semantic_hash`]: it changes no reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<Export>,
     /// A suspended meter aggregates nothing until resumed; its events stay in the stream
     /// and are counted when it resumes. Not part of [`Self::semantic_hash`]: suspending
     /// and resuming never rebuild.
@@ -131,19 +139,37 @@ impl MeterDef {
     /// Fingerprint of everything that changes what the readings contain. A change of
     /// fingerprint rebuilds the meter; `description` is deliberately not part of it.
     pub fn semantic_hash(&self) -> String {
-        let canon = serde_json::json!({
+        let mut canon = serde_json::json!({
             "eventType": self.event_type,
             "aggregation": self.aggregation,
             "valueProperty": self.value_property,
             "groupBy": self.group_by,
             "windowSize": self.window_size,
         });
+        // only when set: meters without a filter keep the fingerprint they had before
+        // filters existed (a new fingerprint would rebuild every meter on upgrade)
+        if !self.filter.is_empty() {
+            canon["filter"] = serde_json::json!(self.filter);
+        }
         format!(
             "{:016x}",
             xxhash_rust::xxh3::xxh3_64(canon.to_string().as_bytes())
         )
     }
 }
+
+/// What a meter exports to `/metrics` beyond its total and events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Export {
+    /// The subjects with the highest values, as `kloudmeter_subject_value` (1-100: the
+    /// series a meter adds are bounded by it).
+    #[schemars(range(min = 1, max = 100))]
+    pub top_subjects: u32,
+}
+
+/// Most subjects a meter may export.
+pub const MAX_EXPORTED_SUBJECTS: u32 = 100;
 
 const MAX_ID: usize = 253;
 
@@ -180,6 +206,8 @@ pub const METER_FIELDS: &[&str] = &[
     "valueProperty",
     "groupBy",
     "windowSize",
+    "filter",
+    "export",
     "suspend",
 ];
 
@@ -252,6 +280,35 @@ pub fn parse_meter_json(
             ))
         }
     };
+    let filter = match obj.get("filter") {
+        None | Some(serde_json::Value::Null) => BTreeMap::new(),
+        Some(serde_json::Value::Object(m)) => m.clone().into_iter().collect(),
+        Some(_) => {
+            return Err(FieldError::new(
+                "filter",
+                "must be an object of JSONPath to condition",
+            ))
+        }
+    };
+    let export = match obj.get("export") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Object(m)) => {
+            if let Some(k) = m.keys().find(|k| *k != "topSubjects") {
+                return Err(unknown_field(&format!("export.{k}"), &["topSubjects"]));
+            }
+            let n = m.get("topSubjects").and_then(serde_json::Value::as_u64);
+            match n.and_then(|n| u32::try_from(n).ok()) {
+                Some(top_subjects) => Some(Export { top_subjects }),
+                None => {
+                    return Err(FieldError::new(
+                        "export.topSubjects",
+                        format!("must be a whole number 1-{MAX_EXPORTED_SUBJECTS}"),
+                    ))
+                }
+            }
+        }
+        Some(_) => return Err(FieldError::new("export", "must be an object")),
+    };
     let aggregation_raw =
         get_str("aggregation")?.ok_or_else(|| FieldError::new("aggregation", "is required"))?;
     let aggregation = Aggregation::parse(&aggregation_raw).ok_or_else(|| {
@@ -278,6 +335,8 @@ pub fn parse_meter_json(
         value_property: get_str("valueProperty")?.filter(|s| !s.is_empty()),
         group_by,
         window_size,
+        filter,
+        export,
         suspend: match obj.get("suspend") {
             None | Some(serde_json::Value::Null) => false,
             Some(serde_json::Value::Bool(b)) => *b,
@@ -298,6 +357,7 @@ pub struct CompiledMeter {
     pub value_path: Option<Path>,
     /// In name order (as `def.group_by`).
     pub group_paths: Vec<(String, Path)>,
+    pub filter: crate::domain::filter::Filter,
 }
 
 /// A compiled JSONPath. `$.a.b` style paths (the common case) are kept as the field
@@ -308,7 +368,7 @@ pub enum Path {
     Query(JpQuery),
 }
 
-fn compile_path(field: &str, path: &str) -> Result<Path, FieldError> {
+pub(crate) fn compile_path(field: &str, path: &str) -> Result<Path, FieldError> {
     if !path.starts_with('$') {
         return Err(FieldError::new(field, "JSONPath must start with '$'"));
     }
@@ -370,7 +430,17 @@ impl CompiledMeter {
             }
             group_paths.push((name.clone(), compile_path(&field, path)?));
         }
+        let filter = crate::domain::filter::Filter::compile(&def.filter)?;
+        if let Some(e) = &def.export {
+            if !(1..=MAX_EXPORTED_SUBJECTS).contains(&e.top_subjects) {
+                return Err(FieldError::new(
+                    "export.topSubjects",
+                    format!("must be a whole number 1-{MAX_EXPORTED_SUBJECTS}"),
+                ));
+            }
+        }
         Ok(CompiledMeter {
+            filter,
             id: def.id.as_str().into(),
             hash: def.semantic_hash(),
             def: def.clone(),
@@ -482,6 +552,38 @@ mod tests {
         assert_eq!(a.semantic_hash(), b.semantic_hash());
         b.value_property = Some("$.y".into());
         assert_ne!(a.semantic_hash(), b.semantic_hash());
+    }
+
+    #[test]
+    fn a_filter_rebuilds_and_export_does_not_and_unfiltered_hashes_stay() {
+        let a = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"}))
+            .unwrap();
+        // the fingerprint meters had before filters existed: upgrading rebuilds nothing
+        let before = serde_json::json!({"eventType": "a", "aggregation": "sum",
+            "valueProperty": "$.x", "groupBy": {}, "windowSize": "HOUR"});
+        assert_eq!(
+            a.semantic_hash(),
+            format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(before.to_string().as_bytes())
+            )
+        );
+        let mut b = a.clone();
+        b.export = Some(Export { top_subjects: 5 });
+        assert_eq!(a.semantic_hash(), b.semantic_hash());
+        b.filter = serde_json::from_value(json!({"$.region": {"eq": "eu"}})).unwrap();
+        assert_ne!(a.semantic_hash(), b.semantic_hash());
+        let parsed = parse(json!({"id":"m","eventType":"a","aggregation":"count",
+            "filter": {"$.region": {"nin": ["eu"]}}, "export": {"topSubjects": 3}}))
+        .unwrap();
+        assert_eq!(parsed.export, Some(Export { top_subjects: 3 }));
+        assert_eq!(parsed.filter["$.region"], json!({"nin": ["eu"]}));
+        assert_eq!(
+            parse(json!({"id":"m","eventType":"a","aggregation":"count","filter": []}))
+                .unwrap_err()
+                .field,
+            "filter"
+        );
     }
 
     #[test]

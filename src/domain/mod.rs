@@ -16,6 +16,7 @@
 pub mod build;
 pub mod dedup;
 pub mod event;
+pub mod filter;
 pub mod fold;
 pub mod meter;
 pub mod query;

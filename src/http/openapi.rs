@@ -82,6 +82,16 @@ pub struct MeterInput {
     /// MINUTE, HOUR (default) or DAY; any case.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window_size: Option<String>,
+    /// JSONPath into `data` to one condition (`{"eq": v}`, `ne`, `in`, `nin`, `gt`, `gte`,
+    /// `lt`, `lte`, `exists`); only events meeting all of them are counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<std::collections::BTreeMap<String, Value>>,
+    /// `{"topSubjects": N}` (1-100): the N highest subjects also on `/metrics`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<crate::domain::meter::Export>,
+    /// Stop aggregating until set back to false (events count once it resumes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
 }
 
 #[derive(Serialize, JsonSchema)]

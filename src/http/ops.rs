@@ -33,6 +33,15 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+    let usage = &state.0.metrics.usage;
+    let _one_at_a_time = usage.refreshing.lock().await;
+    // Usage comes from NATS: without it the last values stay (the other series are
+    // this process's own and always there).
+    if let Ok(store) = state.store() {
+        if let Err(e) = super::readings::refresh_usage(store, usage).await {
+            tracing::warn!(error = ?e, "reading usage for /metrics failed");
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

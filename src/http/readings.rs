@@ -131,6 +131,49 @@ pub(super) async fn get_seed(
     Ok(Json(meter_reading(store, &def, true).await?))
 }
 
+/// Set the usage series of `/metrics` from the served readings: every meter's value and
+/// events, and the highest subjects of the meters that export them.
+pub(super) async fn refresh_usage(
+    store: &Store,
+    usage: &crate::metrics::UsageMetrics,
+) -> ApiResult<()> {
+    use rust_decimal::prelude::ToPrimitive;
+    let mut out = Vec::new();
+    for def in store.all_meters().await? {
+        let served = store.served(&def).await?;
+        let summary = store
+            .reading(&ReadingKey::Summary {
+                meter: served.readings_id.as_str().into(),
+            })
+            .await?
+            .unwrap_or_default();
+        let mut top_subjects = Vec::new();
+        if let Some(export) = &def.export {
+            let mut totals: Vec<(String, rust_decimal::Decimal)> = store
+                .subject_totals(&served.readings_id, None)
+                .await?
+                .into_iter()
+                .filter_map(|(s, r)| r.acc.value(def.aggregation).map(|v| (s, v)))
+                .collect();
+            // highest first; ties by subject, so the same subjects show at every scrape
+            totals.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            totals.truncate(export.top_subjects as usize);
+            top_subjects = totals
+                .into_iter()
+                .filter_map(|(s, v)| v.to_f64().map(|f| (s, f)))
+                .collect();
+        }
+        out.push(crate::metrics::MeterUsage {
+            value: summary.acc.value(def.aggregation).and_then(|v| v.to_f64()),
+            events: summary.acc.count,
+            meter: def.id,
+            top_subjects,
+        });
+    }
+    usage.set(out);
+    Ok(())
+}
+
 #[derive(Deserialize)]
 pub(super) struct ReadingsQuery {
     meter: Option<String>,

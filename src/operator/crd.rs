@@ -59,6 +59,17 @@ pub struct MeterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "window_schema")]
     pub window_size: Option<String>,
+    /// Count only events whose `data` meets every condition: JSONPath to one condition,
+    /// `{eq: v}`, `{ne: v}`, `{in: [..]}`, `{nin: [..]}`, `{gt|gte|lt|lte: number}` or
+    /// `{exists: bool}`, e.g. `$.region: {in: [us, ca]}`. Other events are not the meter's
+    /// (not invalid). Changing it rebuilds the meter.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "filter_schema")]
+    pub filter: BTreeMap<String, serde_json::Value>,
+    /// Export usage beyond the total to `/metrics`: `topSubjects: N` (1-100) publishes the N
+    /// subjects with the highest values as `kloudmeter_subject_value{meter,subject}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<crate::domain::meter::Export>,
     /// Stop aggregating (Ready=False, reason Suspended) until set back to false: events
     /// keep arriving in the stream and count once when the meter resumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +119,28 @@ fn aggregation_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     .collect();
     names.dedup();
     schemars::json_schema!({ "type": "string", "enum": names })
+}
+
+/// Each entry one condition; operands of `eq`/`ne`/`in`/`nin` are any scalar, so they
+/// are kept as sent (the controller checks them, naming the entry).
+fn filter_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let any = serde_json::json!({"x-kubernetes-preserve-unknown-fields": true});
+    let list = serde_json::json!({"type": "array", "maxItems": 100, "items": any});
+    let number = serde_json::json!({"type": "number"});
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 100,
+        "additionalProperties": {
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": 1,
+            "properties": {
+                "eq": any, "ne": any, "in": list, "nin": list,
+                "gt": number, "gte": number, "lt": number, "lte": number,
+                "exists": {"type": "boolean"}
+            }
+        }
+    })
 }
 
 fn window_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -213,6 +246,8 @@ impl MeterSpec {
             value_property: self.value_property.clone().filter(|v| !v.is_empty()),
             group_by: self.group_by.clone(),
             window_size,
+            filter: self.filter.clone(),
+            export: self.export.clone(),
             suspend: self.suspend.unwrap_or(false),
         };
         crate::domain::meter::CompiledMeter::compile(&def)
@@ -228,6 +263,8 @@ impl MeterSpec {
             value_property: def.value_property.clone(),
             group_by: def.group_by.clone(),
             window_size: Some(format!("{:?}", def.window_size).to_uppercase()),
+            filter: def.filter.clone(),
+            export: def.export.clone(),
             suspend: def.suspend.then_some(true),
         }
     }
@@ -255,6 +292,8 @@ mod tests {
             value_property: vp.map(String::from),
             group_by: BTreeMap::new(),
             window_size: None,
+            filter: BTreeMap::new(),
+            export: None,
             suspend: None,
         }
     }

@@ -518,3 +518,168 @@ async fn to_defaults_to_now_and_errors_name_what_was_sent() {
         )
     );
 }
+
+#[tokio::test]
+async fn filters_split_one_event_type_into_meters_exactly() {
+    let meters = [
+        json!({"id": "eu", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v",
+            "filter": {"$.region": {"eq": "eu"}}}),
+        json!({"id": "americas", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v",
+            "filter": {"$.region": {"in": ["us", "ca"]}}}),
+        json!({"id": "all", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"}),
+        // the same contribution as `all` but for its filter: never shares its evaluation
+        json!({"id": "big", "eventType": "use", "aggregation": "count",
+            "filter": {"$.v": {"gte": 5}, "$.region": {"exists": true}}}),
+    ];
+    let regions = ["eu", "us", "ca", "apac"];
+    let (mut eu, mut americas, mut all, mut big) = (0, 0, 0, 0);
+    let mut events = Vec::new();
+    for i in 0..400usize {
+        let region = regions[i % 4];
+        let v = (i * 7) % 10;
+        // every 9th event has no region: only `all` counts it (and it is invalid for none)
+        let data = if i % 9 == 0 {
+            json!({"v": v})
+        } else {
+            match region {
+                "eu" => eu += v,
+                "us" | "ca" => americas += v,
+                _ => {}
+            }
+            if v >= 5 {
+                big += 1;
+            }
+            json!({"v": v, "region": region})
+        };
+        all += v;
+        events.push(ev(i, &format!("c{}", i % 3), "2026-11-30T08:00:00Z", data));
+    }
+    let (_nats, km) = setup("filters", &meters, &events).await;
+    for (id, want) in [
+        ("eu", eu),
+        ("americas", americas),
+        ("all", all),
+        ("big", big),
+    ] {
+        let r = meter_reading(&km, id).await;
+        assert_eq!(r["value"], json!(want.to_string()), "{id}: {r}");
+        assert_eq!(
+            r["invalidEvents"],
+            json!(0),
+            "{id}: not matching is not invalid"
+        );
+    }
+    // the definition keeps its filter; a bad one is refused naming the entry
+    let (s, b) = get(&km.url("/api/v1/meters/americas")).await;
+    assert_eq!(
+        (s, &b["filter"]),
+        (200, &json!({"$.region": {"in": ["us", "ca"]}}))
+    );
+    let (s, b) = post(
+        &km.url("/api/v1/meters"),
+        &json!({"id": "bad", "eventType": "use", "aggregation": "count", "filter": {"$.region": {"in": "eu"}}}),
+    )
+    .await;
+    assert_eq!(
+        (s, b["message"].as_str().unwrap()),
+        (400, "filter[\"$.region\"].in: must be a list")
+    );
+}
+
+/// The series of one metric family in an exposition, as `labels -> value`.
+fn series(text: &str, name: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter_map(|rest| rest.strip_prefix('{'))
+        .filter_map(|rest| rest.split_once("} "))
+        .map(|(labels, value)| (labels.to_string(), value.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn usage_is_on_metrics_and_subjects_only_where_exported() {
+    let meters = [
+        json!({"id": "tokens", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v",
+            "export": {"topSubjects": 2}}),
+        json!({"id": "calls", "eventType": "use", "aggregation": "count"}),
+    ];
+    // c0 12.5, c1 30, c2 7.25, c3 30: the two highest are c1 and c3 (ties by name)
+    let values = [("c0", "12.5"), ("c1", "30"), ("c2", "7.25"), ("c3", "30")];
+    let events: Vec<Value> = values
+        .iter()
+        .enumerate()
+        .map(|(i, (s, v))| ev(i, s, "2026-11-30T08:00:00Z", json!({"v": v})))
+        .collect();
+    let (_nats, km) = setup("usage", &meters, &events).await;
+    let text = reqwest::get(km.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = series(&text, "kloudmeter_meter_value");
+    assert_eq!(
+        value.get(r#"meter="tokens""#).map(String::as_str),
+        Some("79.75"),
+        "{text}"
+    );
+    assert_eq!(
+        value.get(r#"meter="calls""#).map(String::as_str),
+        Some("4.0"),
+        "{text}"
+    );
+    let events = series(&text, "kloudmeter_meter_events");
+    assert_eq!(
+        events.get(r#"meter="tokens""#).map(String::as_str),
+        Some("4")
+    );
+    let subjects = series(&text, "kloudmeter_subject_value");
+    let want: BTreeMap<String, String> = [
+        (
+            r#"meter="tokens",subject="c1""#.to_string(),
+            "30.0".to_string(),
+        ),
+        (
+            r#"meter="tokens",subject="c3""#.to_string(),
+            "30.0".to_string(),
+        ),
+    ]
+    .into();
+    assert_eq!(subjects, want, "{text}");
+    // a deleted meter's series go; a bad export is refused naming it
+    let r = reqwest::Client::new()
+        .delete(km.url("/api/v1/meters/calls"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    wait_for("calls gone from /metrics", T, || async {
+        let text = reqwest::get(km.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        !series(&text, "kloudmeter_meter_value").contains_key(r#"meter="calls""#)
+    })
+    .await;
+    for (export, message) in [
+        (
+            json!({"topSubjects": 101}),
+            "export.topSubjects: must be a whole number 1-100",
+        ),
+        (
+            json!({"topSubjects": 0}),
+            "export.topSubjects: must be a whole number 1-100",
+        ),
+        (json!({"top": 3}), "export.top: unknown field"),
+    ] {
+        let (s, b) = post(
+            &km.url("/api/v1/meters"),
+            &json!({"id": "bad", "eventType": "use", "aggregation": "count", "export": export}),
+        )
+        .await;
+        assert_eq!(s, 400, "{b}");
+        assert!(b["message"].as_str().unwrap().starts_with(message), "{b}");
+    }
+}

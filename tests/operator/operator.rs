@@ -247,6 +247,12 @@ async fn operator_against_a_real_api_server() {
             "{eventType: x, aggregation: sum}",
             "spec.valueProperty: is required for aggregation sum",
         ),
+        // the schema keeps `eq` operands as sent; the controller names the bad one
+        (
+            "badfilter",
+            "{eventType: x, aggregation: count, filter: {'$.region': {eq: {a: 1}}}}",
+            "spec.filter[\"$.region\"].eq: values must be strings, numbers or booleans",
+        ),
     ] {
         let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], &bad(name, spec));
         assert!(ok, "{err}");

@@ -49,9 +49,11 @@ pub enum Contribution {
         group: Option<u64>,
     },
     Invalid(String),
+    /// The event does not match the meter's `filter`: not the meter's to count.
+    Filtered,
 }
 
-pub(super) fn first_match<'a>(path: &Path, data: &'a Value) -> Option<&'a Value> {
+pub(crate) fn first_match<'a>(path: &Path, data: &'a Value) -> Option<&'a Value> {
     match path {
         // Most meters name plain fields: walking them directly is several times cheaper
         // than the general JSONPath engine, with the same answer (see meter.rs tests).
@@ -186,7 +188,7 @@ pub fn group_values(meter: &CompiledMeter, event: &Event) -> GroupValues {
 
 /// Whether two meters draw the same contribution from every event, so that it is
 /// evaluated once for both: the same kind of value (none, number, distinct) from the
-/// same property, and the same groupBy.
+/// same property, the same groupBy and the same filter.
 pub fn same_contribution(a: &CompiledMeter, b: &CompiledMeter) -> bool {
     fn kind(agg: Aggregation) -> u8 {
         match agg {
@@ -199,10 +201,14 @@ pub fn same_contribution(a: &CompiledMeter, b: &CompiledMeter) -> bool {
     ka == kb
         && (ka == 0 || a.def.value_property == b.def.value_property)
         && a.def.group_by == b.def.group_by
+        && a.def.filter == b.def.filter
 }
 
 /// Evaluate a meter against one event.
 pub fn contribution(meter: &CompiledMeter, event: &Event) -> Contribution {
+    if !meter.filter.matches(&event.data) {
+        return Contribution::Filtered;
+    }
     let value = match (&meter.value_path, meter.def.aggregation) {
         (_, Aggregation::Count) => Value_::None,
         (None, _) => return Contribution::Invalid("meter has no valueProperty".into()),

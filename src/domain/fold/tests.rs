@@ -550,10 +550,11 @@ fn fold_through_cache(
                 match applied {
                     Applied::Counted => slots.slots().iter().for_each(|&s| cache.mark_dirty(s)),
                     Applied::Invalid(_) => cache.mark_dirty(slots.slots()[0]),
-                    Applied::AlreadyApplied => {}
+                    Applied::AlreadyApplied | Applied::Filtered => {}
                 }
                 applied
             }
+            Contribution::Filtered => Applied::Filtered,
             Contribution::Invalid(why) => {
                 let s = cache.summary(m);
                 load(&mut cache, &kv);
