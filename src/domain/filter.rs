@@ -92,12 +92,14 @@ impl Filter {
                         .as_bool()
                         .ok_or_else(|| FieldError::new(&at, "must be true or false"))?,
                 ),
-                other => return Err(FieldError::new(
-                    &field,
-                    format!(
+                other => {
+                    return Err(FieldError::new(
+                        &field,
+                        format!(
                         "unknown condition {other:?} (eq, ne, in, nin, gt, gte, lt, lte, exists)"
                     ),
-                )),
+                    ))
+                }
             };
             out.push((compiled, condition));
         }

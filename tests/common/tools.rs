@@ -54,6 +54,11 @@ pub fn kubectl() -> PathBuf {
     tool("kubectl", "KUBECTL_BIN", "bin")
 }
 
+/// promtool, from Debian's `prometheus` package (`.ci/tools.sh`).
+pub fn promtool() -> PathBuf {
+    tool("promtool", "PROMTOOL_BIN", "bin")
+}
+
 /// schemathesis' command line.
 pub fn schemathesis() -> PathBuf {
     tool("st", "SCHEMATHESIS_BIN", "venv/bin")

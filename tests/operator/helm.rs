@@ -141,6 +141,13 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         cp.kubectl_stdin(&["apply", "-f", "-"], servicemonitor_crd)
             .0
     );
+    let prometheusrule_crd = servicemonitor_crd
+        .replace("servicemonitors", "prometheusrules")
+        .replace("ServiceMonitor", "PrometheusRule");
+    assert!(
+        cp.kubectl_stdin(&["apply", "-f", "-"], &prometheusrule_crd)
+            .0
+    );
     cp.kubectl(&[
         "wait",
         "--for",
@@ -148,6 +155,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         "--timeout=60s",
         "crd/meters.kloudmeter.io",
         "crd/servicemonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
     ]);
     let variants: &[&[&str]] = &[
         &[],
@@ -181,6 +189,12 @@ async fn install_upgrade_uninstall_and_least_privilege() {
             "networkPolicy.enabled=true",
             "--set",
             "replicaCount=3",
+        ],
+        &[
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
         ],
     ];
     for v in variants {
@@ -483,4 +497,99 @@ async fn install_upgrade_uninstall_and_least_privilege() {
     ]);
     cp.kubectl(&["-n", "team-a", "delete", "meter/calls", "--timeout=30s"]);
     let _ = kc;
+}
+
+/// Sample names a `/metrics` exposition can carry, from its `# TYPE` lines (a counter's
+/// samples end in `_total`, a histogram's in `_bucket`, `_sum` and `_count`).
+fn exposed_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if (words.next(), words.next()) != (Some("#"), Some("TYPE")) {
+            continue;
+        }
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                out.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    out.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Every `kloudmeter_*` name in a text.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("kloudmeter_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        out.insert(name);
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_alert_rules_pass_their_tests_and_read_only_metrics_that_exist() {
+    let files = format!("{CHART}/files");
+    let out = Command::new(tools::promtool())
+        .args(["test", "rules", "alerts_test.yaml"])
+        .current_dir(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // every name the rules and the dashboard query is one /metrics really exposes. Some
+    // series exist only while there is something to say: usage once a meter has counted,
+    // build progress while a meter builds; so the process gets both, and the names are
+    // gathered over the scrapes meanwhile.
+    let used: BTreeSet<String> = ["alerts.yaml", "dashboard.json"]
+        .iter()
+        .flat_map(|f| metric_names(&std::fs::read_to_string(format!("{files}/{f}")).unwrap()))
+        .collect();
+    assert!(used.len() >= 15, "{used:?}");
+    let nats = Nats::start();
+    let km = Km::start(&nats, "names", &[]).await;
+    let meter = json!({"id": "usage", "eventType": "use", "aggregation": "count", "export": {"topSubjects": 1}});
+    assert_eq!(post(&km.url("/api/v1/meters"), &meter).await.0, 201);
+    let event = json!({"id": "1", "eventType": "use", "subject": "s"});
+    post_until_accepted(&km.url("/api/v1/events"), &event, T).await;
+    preload_events(&nats.client().await, "names", "bulk", 100_000).await;
+    let bulk = json!({"id": "bulk", "eventType": "bulk", "aggregation": "count"});
+    assert_eq!(post(&km.url("/api/v1/meters"), &bulk).await.0, 201);
+    let mut exposed = BTreeSet::new();
+    let deadline = std::time::Instant::now() + T;
+    while !used.is_subset(&exposed) && std::time::Instant::now() < deadline {
+        let text = reqwest::get(km.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        exposed.extend(exposed_names(&text));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let missing: Vec<&String> = used.difference(&exposed).collect();
+    assert!(
+        missing.is_empty(),
+        "the chart uses {missing:?}; /metrics had {exposed:?}"
+    );
 }
