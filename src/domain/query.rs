@@ -55,7 +55,63 @@ pub struct QueryParams {
     pub tz: Tz,
     pub subjects: Vec<String>,
     pub group_by: Vec<String>,
-    pub filters: BTreeMap<String, String>,
+    /// `filterGroupBy`: every one must hold for a group to be kept.
+    pub filters: Vec<GroupFilter>,
+}
+
+/// One `filterGroupBy[<key>][<op>]=<values>` of a query. Values compare as text (a group
+/// value that is not a string by its JSON text, null as `null`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupFilter {
+    pub key: String,
+    pub op: FilterOp,
+    /// One value for `eq`/`ne`; the comma-separated list for `in`/`nin`.
+    pub values: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterOp {
+    Eq,
+    Ne,
+    In,
+    Nin,
+}
+
+/// `filterGroupBy[k]=v` (eq, as before operators existed) or `filterGroupBy[k][op]=v`.
+fn parse_group_filter(
+    param: &str,
+    inner: &str,
+    raw: &str,
+    meter: &MeterDef,
+) -> Result<GroupFilter, FieldError> {
+    let (key, op) = match inner.split_once("][") {
+        Some((key, op)) => (key, Some(op)),
+        None => (inner, None),
+    };
+    if !meter.group_by.contains_key(key) {
+        return Err(FieldError::new(param, format!("unknown group key {key:?}")));
+    }
+    let op = match op {
+        None | Some("eq") => FilterOp::Eq,
+        Some("ne") => FilterOp::Ne,
+        Some("in") => FilterOp::In,
+        Some("nin") => FilterOp::Nin,
+        Some(other) => {
+            return Err(FieldError::new(
+                param,
+                format!("unknown operator {other:?} (eq, ne, in, nin)"),
+            ))
+        }
+    };
+    let values = match op {
+        FilterOp::Eq | FilterOp::Ne => vec![raw.to_string()],
+        FilterOp::In | FilterOp::Nin => raw.split(',').map(str::to_string).collect(),
+    };
+    Ok(GroupFilter {
+        key: key.to_string(),
+        op,
+        values,
+    })
 }
 
 fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>, FieldError> {
@@ -77,7 +133,7 @@ pub fn parse_query(
     let mut tz = chrono_tz::UTC;
     let mut subjects = Vec::new();
     let mut group_by = Vec::new();
-    let mut filters = BTreeMap::new();
+    let mut filters = Vec::new();
     for (k, v) in pairs {
         match k.as_str() {
             "from" => from = Some(parse_time("from", v)?),
@@ -107,6 +163,9 @@ pub fn parse_query(
                 })?
             }
             "subject" => subjects.push(v.clone()),
+            // rows are per subject already: grouping by it explicitly (as OpenMeter's
+            // clients do) changes nothing, unless the meter has a group of that name
+            "groupBy" if v == "subject" && !meter.group_by.contains_key(v) => {}
             "groupBy" => {
                 if !meter.group_by.contains_key(v) {
                     return Err(FieldError::new(
@@ -119,14 +178,11 @@ pub fn parse_query(
                 }
             }
             other => {
-                if let Some(key) = other
+                if let Some(inner) = other
                     .strip_prefix("filterGroupBy[")
                     .and_then(|r| r.strip_suffix(']'))
                 {
-                    if !meter.group_by.contains_key(key) {
-                        return Err(FieldError::new(other, format!("unknown group key {key:?}")));
-                    }
-                    filters.insert(key.to_string(), v.clone());
+                    filters.push(parse_group_filter(other, inner, v, meter)?);
                 }
                 // other parameters are ignored, as most HTTP APIs do
             }
@@ -285,15 +341,19 @@ pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
-/// Whether a group's values pass `filterGroupBy` (compared as text; null as "null").
-pub fn group_matches(values: &BTreeMap<String, Value>, filters: &BTreeMap<String, String>) -> bool {
-    filters.iter().all(|(k, want)| {
-        let got = match values.get(k) {
+/// Whether a group's values pass every `filterGroupBy` (compared as text; null as "null").
+pub fn group_matches(values: &BTreeMap<String, Value>, filters: &[GroupFilter]) -> bool {
+    filters.iter().all(|f| {
+        let got = match values.get(&f.key) {
             Some(Value::String(s)) => s.clone(),
             Some(v) => v.to_string(),
             None => "null".into(),
         };
-        &got == want
+        let listed = f.values.contains(&got);
+        match f.op {
+            FilterOp::Eq | FilterOp::In => listed,
+            FilterOp::Ne | FilterOp::Nin => !listed,
+        }
     })
 }
 

@@ -149,7 +149,7 @@ fn query_params(shape: Shape) -> Vec<Value> {
                 "filterGroupBy",
                 false,
                 json!({"type": "object", "additionalProperties": {"type": "string"}}),
-                "filterGroupBy[<group key>]=<value> keeps the groups with that value (curl needs -g for the brackets)",
+                "filterGroupBy[<group key>]=<value> keeps the groups with that value; with an operator, filterGroupBy[<key>][eq|ne]=<value> or filterGroupBy[<key>][in|nin]=<a>,<b>; all must hold (curl needs -g for the brackets)",
             );
             filter["style"] = json!("deepObject");
             filter["explode"] = json!(true);
@@ -174,7 +174,12 @@ fn query_params(shape: Shape) -> Vec<Value> {
                     "IANA time zone (default UTC)",
                 ),
                 query_param("subject", false, repeated.clone(), "repeatable"),
-                query_param("groupBy", false, repeated, "repeatable"),
+                query_param(
+                    "groupBy",
+                    false,
+                    repeated,
+                    "repeatable: group keys of the meter; `subject` is accepted (rows are per subject)",
+                ),
                 filter,
             ]
         }

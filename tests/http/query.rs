@@ -458,6 +458,41 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
         .map(|(k, v)| (k, v.normalize().to_string()))
         .collect();
     assert_eq!(got, want);
+    // the same rows through each filter operator (and an explicit groupBy=subject)
+    for (filter, keep) in [
+        ("filterGroupBy[g][in]=g0,g2", ["g0", "g2"].as_slice()),
+        ("filterGroupBy[g][nin]=g1", ["g0", "g2"].as_slice()),
+        (
+            "filterGroupBy[g][ne]=g1&filterGroupBy[g][ne]=g2",
+            ["g0"].as_slice(),
+        ),
+        ("filterGroupBy[g][eq]=g1", ["g1"].as_slice()),
+    ] {
+        let b = query(
+            &km,
+            "r",
+            &format!("from=2026-11-01T00:00:00Z&to=2026-11-21T00:00:00Z&windowSize=DAY&groupBy=subject&groupBy=g&{filter}"),
+        )
+        .await;
+        let mut filtered: BTreeMap<(String, String, i64), String> = BTreeMap::new();
+        for r in b["data"].as_array().unwrap() {
+            let day = chrono::DateTime::parse_from_rfc3339(r["windowStart"].as_str().unwrap())
+                .unwrap()
+                .timestamp();
+            let key = (
+                r["subject"].as_str().unwrap().to_string(),
+                r["groupBy"]["g"].as_str().unwrap().to_string(),
+                day,
+            );
+            filtered.insert(key, r["value"].as_str().unwrap().into());
+        }
+        let expected: BTreeMap<_, _> = want
+            .iter()
+            .filter(|((_, g, _), _)| keep.contains(&g.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(filtered, expected, "{filter}");
+    }
     let readings = subject_values(&km, "r").await;
     let want: BTreeMap<String, String> = totals
         .iter()

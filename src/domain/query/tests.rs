@@ -110,7 +110,69 @@ fn bad_parameters_name_themselves() {
         (ok.window, ok.subjects.len(), ok.to),
         (Some(QueryWindow::Month), 2, t("2026-12-01T00:00:00Z"))
     );
-    assert_eq!(ok.filters.get("model").map(String::as_str), Some("x"));
+    assert_eq!(
+        ok.filters,
+        vec![GroupFilter {
+            key: "model".into(),
+            op: FilterOp::Eq,
+            values: vec!["x".into()]
+        }]
+    );
+}
+
+#[test]
+fn group_filters_take_operators_and_name_the_parameter() {
+    let ok = q(
+        &[
+            ("from", "2026-11-01T00:00:00Z"),
+            ("groupBy", "subject"),
+            ("filterGroupBy[model][in]", "a,b"),
+            ("filterGroupBy[model][nin]", "b"),
+            ("filterGroupBy[model][ne]", "c"),
+            ("filterGroupBy[model][eq]", "a"),
+        ],
+        "HOUR",
+    )
+    .unwrap();
+    assert!(
+        ok.group_by.is_empty(),
+        "groupBy=subject: rows are per subject anyway"
+    );
+    let ops: Vec<(FilterOp, Vec<String>)> = ok
+        .filters
+        .iter()
+        .map(|f| (f.op, f.values.clone()))
+        .collect();
+    let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        ops,
+        vec![
+            (FilterOp::In, list(&["a", "b"])),
+            (FilterOp::Nin, list(&["b"])),
+            (FilterOp::Ne, list(&["c"])),
+            (FilterOp::Eq, list(&["a"])),
+        ]
+    );
+    let group = |m: &str| BTreeMap::from([("model".to_string(), serde_json::json!(m))]);
+    assert!(group_matches(&group("a"), &ok.filters));
+    assert!(!group_matches(&group("b"), &ok.filters));
+    for (param, value, want) in [
+        (
+            "filterGroupBy[model][like]",
+            "a",
+            "filterGroupBy[model][like]: unknown operator \"like\"",
+        ),
+        (
+            "filterGroupBy[colour][in]",
+            "a",
+            "filterGroupBy[colour][in]: unknown group key \"colour\"",
+        ),
+    ] {
+        let err = q(&[("from", "2026-11-01T00:00:00Z"), (param, value)], "HOUR")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(want), "{err}");
+    }
 }
 
 #[test]
