@@ -522,9 +522,18 @@ pub fn row_pairs(answer: &Value, a: &str, b: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-pub async fn subject_values(km: &Km, meter: &str) -> std::collections::BTreeMap<String, String> {
+/// [`subject_values`], or None when the process does not answer 200 (for polling through
+/// faults: a process reconnecting to NATS answers 503 meanwhile).
+pub async fn try_subject_values(
+    km: &Km,
+    meter: &str,
+) -> Option<std::collections::BTreeMap<String, String>> {
     let (status, body) = get(&km.url(&format!("/api/v1/readings?meter={meter}"))).await;
-    assert_eq!(status, 200, "{body}");
+    (status == 200).then(|| subject_rows(&body))
+}
+
+/// `subject -> value` of a `/api/v1/readings` answer.
+fn subject_rows(body: &Value) -> std::collections::BTreeMap<String, String> {
     body["data"]
         .as_array()
         .unwrap()
@@ -536,6 +545,12 @@ pub async fn subject_values(km: &Km, meter: &str) -> std::collections::BTreeMap<
             )
         })
         .collect()
+}
+
+pub async fn subject_values(km: &Km, meter: &str) -> std::collections::BTreeMap<String, String> {
+    let (status, body) = get(&km.url(&format!("/api/v1/readings?meter={meter}"))).await;
+    assert_eq!(status, 200, "{body}");
+    subject_rows(&body)
 }
 
 /// The meter-level reading from the seed endpoint.
