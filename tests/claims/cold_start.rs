@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use serde_json::json;
 
 const CLAIMS: usize = 2_000_000;
 const LEADER_TTL: Duration = Duration::from_secs(2);
@@ -22,31 +21,9 @@ async fn an_empty_data_dir_leads_within_seconds_of_the_only_warm_process_dying()
     setup.kill9();
     fill_claim_log(&js, "cold", CLAIMS).await;
     let mut warm = Km::start(&nats, "cold", &env).await;
-    let (s, body) = post(
-        &warm.url("/api/v1/meters"),
-        &json!({"id": "live", "eventType": "live", "aggregation": "count"}),
-    )
-    .await;
-    assert_eq!(s, 201, "{body}");
-    let event = |n: usize| json!({"id": format!("live-{n}"), "eventType": "live", "subject": "s", "time": "2026-11-30T08:00:00Z"});
-    post_until_accepted(
-        &warm.url("/api/v1/events"),
-        &event(1),
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_for(
-        "the warm process counts",
-        Duration::from_secs(120),
-        || async {
-            subject_values(&warm, "live")
-                .await
-                .get("s")
-                .map(String::as_str)
-                == Some("1")
-        },
-    )
-    .await;
+    create_live_meter(&warm).await;
+    post_live(&warm, 1, Duration::from_secs(30)).await;
+    live_counted(&warm, 1, Duration::from_secs(120)).await;
     // its snapshot holds every claim of the log
     let bucket = js.get_object_store("cold-claim-snapshots").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -68,28 +45,10 @@ async fn an_empty_data_dir_leads_within_seconds_of_the_only_warm_process_dying()
     warm.kill9();
     let died = Instant::now();
     let cold = Km::start(&nats, "cold", &env).await;
-    post_until_accepted(
-        &cold.url("/api/v1/events"),
-        &event(2),
-        Duration::from_secs(30),
-    )
-    .await;
+    post_live(&cold, 2, Duration::from_secs(30)).await;
     // a repeat of the first event: the new process knows it was counted
-    post_until_accepted(
-        &cold.url("/api/v1/events"),
-        &event(1),
-        Duration::from_secs(30),
-    )
-    .await;
-    let limit = LEADER_TTL + Duration::from_secs(10);
-    wait_for("the new process to count the new event", limit, || async {
-        subject_values(&cold, "live")
-            .await
-            .get("s")
-            .map(String::as_str)
-            == Some("2")
-    })
-    .await;
+    post_live(&cold, 1, Duration::from_secs(30)).await;
+    live_counted(&cold, 2, LEADER_TTL + Duration::from_secs(10)).await;
     let fresh_after = died.elapsed();
     caught_up_or_log(&js, "cold", Duration::from_secs(30), &cold).await;
     assert_eq!(subject_values(&cold, "live").await["s"], "2");

@@ -272,15 +272,20 @@ impl Km {
         self.kill9();
         self.spawn().await;
     }
-    /// A metric's value from /metrics.
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
+    /// The `/metrics` exposition.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.url("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        text.lines()
+            .unwrap()
+    }
+    /// A metric's value from /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
             .find_map(|l| {
                 l.strip_prefix(name)
                     .and_then(|rest| rest.strip_prefix(' '))
@@ -490,6 +495,31 @@ pub async fn fill_claim_log(js: &jetstream::Context, stream: &str, n: usize) -> 
         ack.await.unwrap();
     }
     now
+}
+
+/// A `count` meter `live` on event type `live`: freshness checks post to it and wait for
+/// its one subject, `s`, to show the count.
+pub async fn create_live_meter(km: &Km) {
+    let meter = json!({"id": "live", "eventType": "live", "aggregation": "count"});
+    let (status, body) = post(&km.url("/api/v1/meters"), &meter).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// Post the `k`th event of the `live` meter (the same `k` is the same event id).
+pub async fn post_live(km: &Km, k: usize, give_up: Duration) {
+    let event = json!({"id": format!("live-{k}"), "eventType": "live", "subject": "s"});
+    post_until_accepted(&km.url("/api/v1/events"), &event, give_up).await;
+}
+
+/// Wait until the `live` meter shows `n` events.
+pub async fn live_counted(km: &Km, n: usize, timeout: Duration) {
+    let want = n.to_string();
+    wait_for(&format!("the live meter at {n}"), timeout, || async {
+        try_subject_values(km, "live")
+            .await
+            .is_some_and(|v| v.get("s") == Some(&want))
+    })
+    .await;
 }
 
 /// Wait until `check` holds (for state that changes asynchronously, such as a meter

@@ -384,6 +384,26 @@ async fn days_follow_the_zone_across_dst_and_months_cross_the_year() {
 
 /// Random events folded in memory with the crate's own pure fold; the query answers and
 /// the stored readings must both agree with it.
+/// A query's rows as (subject, group `g`, day start) → value.
+fn day_rows(answer: &Value) -> BTreeMap<(String, String, i64), String> {
+    answer["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let day = chrono::DateTime::parse_from_rfc3339(r["windowStart"].as_str().unwrap())
+                .unwrap()
+                .timestamp();
+            let key = (
+                r["subject"].as_str().unwrap().to_string(),
+                r["groupBy"]["g"].as_str().unwrap().to_string(),
+                day,
+            );
+            (key, r["value"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn queries_and_readings_agree_with_an_in_memory_fold() {
     use kloudmeter::domain::event::Event;
@@ -439,20 +459,7 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
         "from=2026-11-01T00:00:00Z&to=2026-11-21T00:00:00Z&windowSize=DAY&groupBy=g",
     )
     .await;
-    let mut got: BTreeMap<(String, String, i64), String> = BTreeMap::new();
-    for r in b["data"].as_array().unwrap() {
-        let day = chrono::DateTime::parse_from_rfc3339(r["windowStart"].as_str().unwrap())
-            .unwrap()
-            .timestamp();
-        got.insert(
-            (
-                r["subject"].as_str().unwrap().into(),
-                r["groupBy"]["g"].as_str().unwrap().into(),
-                day,
-            ),
-            r["value"].as_str().unwrap().into(),
-        );
-    }
+    let got = day_rows(&b);
     let want: BTreeMap<(String, String, i64), String> = memory
         .into_iter()
         .map(|(k, v)| (k, v.normalize().to_string()))
@@ -474,18 +481,7 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
             &format!("from=2026-11-01T00:00:00Z&to=2026-11-21T00:00:00Z&windowSize=DAY&groupBy=subject&groupBy=g&{filter}"),
         )
         .await;
-        let mut filtered: BTreeMap<(String, String, i64), String> = BTreeMap::new();
-        for r in b["data"].as_array().unwrap() {
-            let day = chrono::DateTime::parse_from_rfc3339(r["windowStart"].as_str().unwrap())
-                .unwrap()
-                .timestamp();
-            let key = (
-                r["subject"].as_str().unwrap().to_string(),
-                r["groupBy"]["g"].as_str().unwrap().to_string(),
-                day,
-            );
-            filtered.insert(key, r["value"].as_str().unwrap().into());
-        }
+        let filtered = day_rows(&b);
         let expected: BTreeMap<_, _> = want
             .iter()
             .filter(|((_, g, _), _)| keep.contains(&g.as_str()))
@@ -646,12 +642,7 @@ async fn usage_is_on_metrics_and_subjects_only_where_exported() {
         .map(|(i, (s, v))| ev(i, s, "2026-11-30T08:00:00Z", json!({"v": v})))
         .collect();
     let (_nats, km) = setup("usage", &meters, &events).await;
-    let text = reqwest::get(km.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = km.metrics_text().await;
     let value = series(&text, "kloudmeter_meter_value");
     assert_eq!(
         value.get(r#"meter="tokens""#).map(String::as_str),
@@ -689,12 +680,7 @@ async fn usage_is_on_metrics_and_subjects_only_where_exported() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 204);
     wait_for("calls gone from /metrics", T, || async {
-        let text = reqwest::get(km.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = km.metrics_text().await;
         !series(&text, "kloudmeter_meter_value").contains_key(r#"meter="calls""#)
     })
     .await;

@@ -578,12 +578,7 @@ async fn the_alert_rules_pass_their_tests_and_read_only_metrics_that_exist() {
     let mut exposed = BTreeSet::new();
     let deadline = std::time::Instant::now() + T;
     while !used.is_subset(&exposed) && std::time::Instant::now() < deadline {
-        let text = reqwest::get(km.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = km.metrics_text().await;
         exposed.extend(exposed_names(&text));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -841,31 +841,9 @@ async fn cold_start(
         seeded = Some(bucket.info("claim-index").await.unwrap().nuid);
     }
     let mut warm = Km::start(&nats, "meters", &env).await;
-    let (s, _) = post(
-        &warm.url("/api/v1/meters"),
-        &json!({"id": "live", "eventType": "live", "aggregation": "count"}),
-    )
-    .await;
-    assert_eq!(s, 201);
-    let event = |k: usize| json!({"id": format!("live-{k}"), "eventType": "live", "subject": "s"});
-    post_until_accepted(
-        &warm.url("/api/v1/events"),
-        &event(1),
-        Duration::from_secs(60),
-    )
-    .await;
-    wait_for(
-        "the warm process counts",
-        Duration::from_secs(900),
-        || async {
-            subject_values(&warm, "live")
-                .await
-                .get("s")
-                .map(String::as_str)
-                == Some("1")
-        },
-    )
-    .await;
+    create_live_meter(&warm).await;
+    post_live(&warm, 1, Duration::from_secs(60)).await;
+    live_counted(&warm, 1, Duration::from_secs(900)).await;
     if snapshots {
         // the warm leader's own snapshot, holding every claim
         wait_for(
@@ -886,24 +864,8 @@ async fn cold_start(
     warm.kill9();
     let died = Instant::now();
     let cold = Km::start(&nats, "meters", &env).await;
-    post_until_accepted(
-        &cold.url("/api/v1/events"),
-        &event(2),
-        Duration::from_secs(600),
-    )
-    .await;
-    wait_for(
-        "the new process counts",
-        Duration::from_secs(900),
-        || async {
-            subject_values(&cold, "live")
-                .await
-                .get("s")
-                .map(String::as_str)
-                == Some("2")
-        },
-    )
-    .await;
+    post_live(&cold, 2, Duration::from_secs(600)).await;
+    live_counted(&cold, 2, Duration::from_secs(900)).await;
     let fresh_secs = died.elapsed().as_secs_f64();
     let fetched = cold
         .logs()
