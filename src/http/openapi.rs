@@ -136,9 +136,24 @@ fn query_params(shape: Shape) -> Vec<Value> {
     let string = json!({"type": "string"});
     let repeated = json!({"type": "array", "items": {"type": "string"}});
     match shape {
-        Shape::GetMeterSeed | Shape::DeleteMeterSeed | Shape::GetReadingSeed => {
+        Shape::GetMeterSeed | Shape::DeleteMeterSeed => {
             vec![query_param("key", true, string, "meter id")]
         }
+        Shape::GetReadingSeed => vec![query_param(
+            "key",
+            true,
+            string,
+            "meter id, or a subject's reading key <eventType>.<aggregation>.<meterId>.<subject>",
+        )],
+        Shape::ListReadings => vec![
+            query_param(
+                "limit",
+                false,
+                json!({"type": "integer", "minimum": 1, "maximum": 10000}),
+                "most entries in the answer; the Kloudmeter-Next-Cursor header then gives the next page's cursor",
+            ),
+            query_param("cursor", false, string, "from Kloudmeter-Next-Cursor"),
+        ],
         Shape::Readings => vec![
             query_param("meter", false, string.clone(), "meter id"),
             query_param("subject", false, string, "subject"),
@@ -235,8 +250,12 @@ fn success(g: &mut SchemaGenerator, shape: Shape) -> (&'static str, Value) {
         }
         Shape::ListMeters => ("200", content(sch::<Vec<MeterDef>>(g))),
         Shape::DeleteMeter => ("204", Value::Null),
-        Shape::GetReadingSeed => ("200", content(sch::<MeterReading>(g))),
-        Shape::ListReadings => ("200", content(sch::<Vec<MeterReading>>(g))),
+        Shape::GetReadingSeed => {
+            let one =
+                json!({"anyOf": [sch::<MeterReading>(g), sch::<super::readings::SeedReading>(g)]});
+            ("200", content(one))
+        }
+        Shape::ListReadings => ("200", content(sch::<Vec<super::readings::ReadingEntry>>(g))),
         Shape::Readings => ("200", content(sch::<SubjectReadings>(g))),
         Shape::Query => {
             let answer = sch::<crate::domain::query::Answer>(g);

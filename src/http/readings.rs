@@ -55,6 +55,50 @@ pub struct SubjectReading {
     last_event_time: Option<DateTime<Utc>>,
 }
 
+/// One subject's all-time reading in the original KloudMeter's shape: what
+/// `GET /api/readings` lists after each meter's row, and what `GET /api/reading/?key=`
+/// answers for such a key.
+#[derive(Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SeedReading {
+    /// `<eventType>.<aggregation>.<meterId>.<subject>`, as the original stored readings.
+    key: String,
+    meter_id: String,
+    subject: String,
+    value: Option<String>,
+    /// Events counted for the subject.
+    count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_event_time: Option<DateTime<Utc>>,
+}
+
+/// An entry of `GET /api/readings`: a meter's row, or one of its subjects'.
+#[derive(Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum ReadingEntry {
+    Meter(MeterReading),
+    Subject(SeedReading),
+}
+
+/// The original KloudMeter's key of a subject's reading.
+fn seed_key(def: &MeterDef, subject: &str) -> String {
+    format!(
+        "{}.{}.{}.{subject}",
+        def.event_type, def.aggregation, def.id
+    )
+}
+
+fn seed_reading(def: &MeterDef, subject: String, r: &crate::domain::fold::Reading) -> SeedReading {
+    SeedReading {
+        key: seed_key(def, &subject),
+        meter_id: def.id.clone(),
+        value: r.acc.value(def.aggregation).map(|d| d.to_string()),
+        count: r.acc.count,
+        last_event_time: r.last_event_time,
+        subject,
+    }
+}
+
 async fn meter_reading(
     store: &Store,
     def: &MeterDef,
@@ -109,26 +153,137 @@ async fn subject_readings(
     Ok(out)
 }
 
-pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<MeterReading>>> {
-    let store = state.store()?;
-    let mut out = Vec::new();
-    for def in store.all_meters().await? {
-        out.push(meter_reading(store, &def, false).await?);
-    }
-    Ok(Json(out))
+/// Most entries one page of `GET /api/readings` holds.
+const MAX_PAGE: usize = 10_000;
+
+#[derive(Deserialize)]
+pub(super) struct PageQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
 }
 
+/// Where an entry of `GET /api/readings` stands: meters by id, each meter's row before its
+/// subjects, subjects by name. A cursor is the last position a page gave.
+type Position = (String, Option<String>);
+
+fn encode_cursor(p: &Position) -> String {
+    use base64::Engine as _;
+    let raw = serde_json::to_vec(p).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_cursor(raw: &str) -> Result<Position, ApiError> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| ApiError::bad_request("cursor: not a cursor this API gave"))
+}
+
+/// Every meter's row followed by one entry per subject (the original KloudMeter's
+/// readings), in a stable order; `limit` pages it and the `Kloudmeter-Next-Cursor` header
+/// gives the `cursor` of the next page.
+pub(super) async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse as _;
+    let limit = match q.limit.as_deref() {
+        None => usize::MAX,
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit: must be a whole number 1-{MAX_PAGE}"))
+            })?,
+    };
+    let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let past = |p: &Position| after.as_ref().is_none_or(|a| p > a);
+    let store = state.store()?;
+    let mut page: Vec<ReadingEntry> = Vec::new();
+    let mut last: Option<Position> = None;
+    let mut more = false;
+    'meters: for def in store.all_meters().await? {
+        // a meter wholly before the cursor is not read at all
+        if after.as_ref().is_some_and(|(id, _)| def.id < *id) {
+            continue;
+        }
+        let row = (def.id.clone(), None);
+        if past(&row) {
+            if page.len() == limit {
+                more = true;
+                break 'meters;
+            }
+            page.push(ReadingEntry::Meter(
+                meter_reading(store, &def, false).await?,
+            ));
+            last = Some(row);
+        }
+        let served = store.served(&def).await?;
+        for (subject, r) in store.subject_totals(&served.readings_id, None).await? {
+            let at = (def.id.clone(), Some(subject.clone()));
+            if !past(&at) {
+                continue;
+            }
+            if page.len() == limit {
+                more = true;
+                break 'meters;
+            }
+            page.push(ReadingEntry::Subject(seed_reading(&def, subject, &r)));
+            last = Some(at);
+        }
+    }
+    let mut response = Json(page).into_response();
+    if let (true, Some(last)) = (more, last) {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&encode_cursor(&last)) {
+            response.headers_mut().insert("kloudmeter-next-cursor", v);
+        }
+    }
+    Ok(response)
+}
+
+/// A meter's reading by its id, or one subject's by the original KloudMeter's reading key
+/// (`<eventType>.<aggregation>.<meterId>.<subject>`).
 pub(super) async fn get_seed(
     State(state): State<AppState>,
     Query(q): Query<KeyQuery>,
-) -> ApiResult<Json<MeterReading>> {
-    let id = state.resolve_id(&required_key(q)?);
+) -> ApiResult<Json<Value>> {
+    let key = required_key(q)?;
+    let id = state.resolve_id(&key);
     let store = state.store()?;
-    let def = store
-        .meter(&id)
+    if let Some(def) = store.meter(&id).await? {
+        return Ok(Json(serde_json::to_value(
+            meter_reading(store, &def, true).await?,
+        )?));
+    }
+    // a reading key: the meter whose prefix it carries (the longest, should ids nest)
+    let defs = store.all_meters().await?;
+    let owner = defs
+        .iter()
+        .filter_map(|def| {
+            let prefix = seed_key(def, "");
+            key.strip_prefix(&prefix)
+                .filter(|subject| !subject.is_empty())
+                .map(|subject| (prefix.len(), def, subject))
+        })
+        .max_by_key(|(len, _, _)| *len);
+    let Some((_, def, subject)) = owner else {
+        return Err(ApiError::not_found(format!(
+            "key: no meter or reading {key:?}"
+        )));
+    };
+    let served = store.served(def).await?;
+    let found = store
+        .subject_totals(&served.readings_id, Some(subject))
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("key: no meter {id:?}")))?;
-    Ok(Json(meter_reading(store, &def, true).await?))
+        .into_iter()
+        .next();
+    match found {
+        Some((subject, r)) => Ok(Json(serde_json::to_value(seed_reading(def, subject, &r))?)),
+        None => Err(ApiError::not_found(format!("key: no reading {key:?}"))),
+    }
 }
 
 /// Set the usage series of `/metrics` from the served readings: every meter's value and

@@ -89,8 +89,15 @@ async fn seed_readme_curl_flow() {
     assert_eq!(
         readings,
         json!([{"meter": "unique_meter_id", "aggregation": "sum", "value": "3", "events": 2, "invalidEvents": 0,
-        "subjects": 1, "lastEventTime": "2026-11-24T10:00:00Z", "ready": true}])
+        "subjects": 1, "lastEventTime": "2026-11-24T10:00:00Z", "ready": true},
+        {"key": "type_of_event.sum.unique_meter_id.subject_of_event", "meterId": "unique_meter_id",
+        "subject": "subject_of_event", "value": "3", "count": 2, "lastEventTime": "2026-11-24T10:00:00Z"}])
     );
+    // the original's reading key answers that subject's reading
+    let by_key = curl(&[&format!(
+        "{base}/api/reading/?key=type_of_event.sum.unique_meter_id.subject_of_event"
+    )]);
+    assert_eq!(by_key, readings[1]);
     let reading = curl(&[&format!("{base}/api/reading/?key=unique_meter_id")]);
     assert_eq!(reading["value"], json!("3"));
     assert_eq!(

@@ -704,3 +704,82 @@ async fn usage_is_on_metrics_and_subjects_only_where_exported() {
         assert!(b["message"].as_str().unwrap().starts_with(message), "{b}");
     }
 }
+
+#[tokio::test]
+async fn seed_readings_list_every_subject_once_across_pages() {
+    let meters: Vec<Value> = ["a", "b", "c"]
+        .iter()
+        .map(|id| json!({"id": id, "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"}))
+        .collect();
+    let events: Vec<Value> = (0..250usize)
+        .map(|i| {
+            ev(
+                i,
+                &format!("s{i:03}"),
+                "2026-11-30T08:00:00Z",
+                json!({"v": i}),
+            )
+        })
+        .collect();
+    let (_nats, km) = setup("pages", &meters, &events).await;
+    let client = reqwest::Client::new();
+    let mut seen: Vec<String> = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut url = km.url("/api/readings?limit=100");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let r = client.get(url).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        cursor = r
+            .headers()
+            .get("kloudmeter-next-cursor")
+            .map(|v| v.to_str().unwrap().to_string());
+        let page: Vec<Value> = r.json().await.unwrap();
+        assert!(page.len() <= 100);
+        pages += 1;
+        for e in page {
+            // a meter's row, or a subject's entry with the original's key and exact value
+            match (e.get("meter"), e.get("key")) {
+                (Some(m), None) => seen.push(m.as_str().unwrap().to_string()),
+                (None, Some(k)) => {
+                    let i: usize = e["subject"].as_str().unwrap()[1..].parse().unwrap();
+                    assert_eq!(
+                        (e["value"].clone(), e["count"].clone()),
+                        (json!(i.to_string()), json!(1)),
+                        "{e}"
+                    );
+                    seen.push(k.as_str().unwrap().to_string());
+                }
+                _ => panic!("{e}"),
+            }
+        }
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let mut want: Vec<String> = Vec::new();
+    for m in ["a", "b", "c"] {
+        want.push(m.to_string());
+        want.extend((0..250).map(|i| format!("use.sum.{m}.s{i:03}")));
+    }
+    assert_eq!(seen, want, "every entry once, in order");
+    assert_eq!(pages, 8);
+    for (param, message) in [
+        ("limit=0", "limit: must be a whole number 1-10000"),
+        ("limit=many", "limit: must be a whole number 1-10000"),
+        ("cursor=nonsense", "cursor: not a cursor this API gave"),
+    ] {
+        let (s, b) = get(&km.url(&format!("/api/readings?{param}"))).await;
+        assert_eq!((s, b["message"].as_str()), (400, Some(message)));
+    }
+    let (s, b) = get(&km.url("/api/reading/?key=use.sum.b.s007")).await;
+    assert_eq!(
+        (s, &b["value"], &b["meterId"]),
+        (200, &json!("7"), &json!("b"))
+    );
+    let (s, _) = get(&km.url("/api/reading/?key=use.sum.b.nobody")).await;
+    assert_eq!(s, 404);
+}
