@@ -282,6 +282,66 @@ async fn ingest_batch(reps: usize, n: usize, clients: usize) -> Row {
     row
 }
 
+/// NATS cluster: batch ingest through kloudmeter into one nats-server (one copy of
+/// everything, the baseline) against a 3-server cluster with NATS_REPLICAS=3, all on
+/// the same machine; each run also checks that a count meter ends with every event.
+async fn cluster_ingest(reps: usize, n: usize, clients: usize, failures: &mut Vec<String>) -> Row {
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..n)
+            .map(|i| event_json(i, "api.request"))
+            .collect::<Vec<_>>()
+            .chunks(100)
+            .map(|c| serde_json::to_vec(c).unwrap())
+            .collect(),
+    );
+    let mut row = Row {
+        scenario: format!(
+            "ingest, batch of 100 ({clients} clients), 3-server NATS cluster, NATS_REPLICAS=3"
+        ),
+        baseline: "kloudmeter on one nats-server".into(),
+        base: vec![],
+        km: vec![],
+        km_rss: 0,
+        nats_rss: 0,
+    };
+    for _ in 0..reps {
+        for replicated in [false, true] {
+            let servers = if replicated {
+                Nats::cluster(3)
+            } else {
+                vec![Nats::start()]
+            };
+            let replicas = if replicated { "3" } else { "1" };
+            let urls = Nats::urls(&servers);
+            let env = [("NATS_URL", urls.as_str()), ("NATS_REPLICAS", replicas)];
+            let km = Km::start(&servers[0], "meters", &env).await;
+            let meter = json!({"id": "all", "eventType": "api.request", "aggregation": "count"});
+            assert_eq!(post(&km.url("/api/v1/meters"), &meter).await.0, 201);
+            let rate = http_load(km.url("/api/v1/events"), bodies.clone(), clients, 100).await;
+            let counted = || async { meter_reading(&km, "all").await["events"] == json!(n) };
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !counted().await && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if !counted().await {
+                failures.push(format!(
+                    "cluster (R{replicas}): the meter did not reach {n} events"
+                ));
+            }
+            if replicated {
+                row.km.push(rate);
+                row.km_rss = row.km_rss.max(rss_kib(km.pid().unwrap()));
+                row.nats_rss = row
+                    .nats_rss
+                    .max(servers.iter().map(nats_pid).map(rss_kib).max().unwrap_or(0));
+            } else {
+                row.base.push(rate);
+            }
+        }
+    }
+    row
+}
+
 async fn ingest_single(reps: usize, n: usize, clients: usize) -> Vec<Row> {
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..n)
@@ -1095,6 +1155,11 @@ async fn main() {
                 .await
                 .print();
         }
+    }
+    if want("cluster") {
+        cluster_ingest(reps, n, env_usize("BENCH_CLIENTS", 8), &mut failures)
+            .await
+            .print();
     }
     // not part of the default run: BENCH_ONLY=soak (task soak)
     if only.split(',').any(|o| o == "soak") {
