@@ -128,6 +128,17 @@ impl UsageMetrics {
     }
 }
 
+/// Snapshots of the claim index this process published (as leader) for cold starts.
+#[derive(Clone, Default)]
+pub struct ClaimSnapshotMetrics {
+    /// Unix time of the last one published: an alert watches its age.
+    pub published_at: Gauge<f64, AtomicU64>,
+    pub claims: Gauge,
+    /// Writing and publishing the last one.
+    pub seconds: Gauge<f64, AtomicU64>,
+    pub failures: Counter,
+}
+
 /// The Meter controller.
 #[derive(Clone)]
 pub struct OperatorMetrics {
@@ -149,6 +160,7 @@ pub struct Metrics {
     pub operator: OperatorMetrics,
     pub election: ElectionMetrics,
     pub usage: UsageMetrics,
+    pub snapshots: ClaimSnapshotMetrics,
 }
 
 /// Latency buckets from 0.5 ms to about 16 s.
@@ -291,6 +303,31 @@ impl Default for Metrics {
             "Meter custom resource reconciles by the controller",
             &operator.reconciles,
         );
+        let snapshots = ClaimSnapshotMetrics::default();
+        add(
+            &mut r,
+            "claim_snapshot_timestamp_seconds",
+            "Unix time of the last claim index snapshot this process published",
+            &snapshots.published_at,
+        );
+        add(
+            &mut r,
+            "claim_snapshot_claims",
+            "Claims in the last claim index snapshot this process published",
+            &snapshots.claims,
+        );
+        add(
+            &mut r,
+            "claim_snapshot_duration_seconds",
+            "Time the last claim index snapshot took to write and publish",
+            &snapshots.seconds,
+        );
+        add(
+            &mut r,
+            "claim_snapshot_failures",
+            "Claim index snapshots that could not be written or published",
+            &snapshots.failures,
+        );
         let usage = UsageMetrics::default();
         add(
             &mut r,
@@ -326,6 +363,7 @@ impl Default for Metrics {
             operator,
             election,
             usage,
+            snapshots,
         }
     }
 }

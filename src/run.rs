@@ -214,6 +214,7 @@ async fn lead_when_elected(
         claims.clone(),
         cfg.claim_snapshot_interval,
         leading_rx.clone(),
+        metrics.snapshots.clone(),
     ));
     let holder = format!("{}-{}", hostname(), std::process::id());
     // operator mode: meters whose readings the aggregator wrote, for the status write-back
@@ -301,6 +302,7 @@ async fn snapshot_claims(
     claims: Arc<tokio::sync::Mutex<crate::claims::Claims>>,
     interval: Duration,
     leading: watch::Receiver<bool>,
+    metrics: crate::metrics::ClaimSnapshotMetrics,
 ) {
     let mut published = 0;
     loop {
@@ -321,12 +323,27 @@ async fn snapshot_claims(
             }
             c.snapshot()
         };
+        let started = std::time::Instant::now();
         match taking.await {
-            Ok(header) => published = header.map_or(0, |h| h.applied),
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                "publishing a claim index snapshot failed; trying again later"
-            ),
+            Ok(Some(header)) => {
+                published = header.applied;
+                metrics
+                    .claims
+                    .set(i64::try_from(header.count).unwrap_or(i64::MAX));
+                metrics.seconds.set(started.elapsed().as_secs_f64());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                metrics.published_at.set(now.as_secs_f64());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                metrics.failures.inc();
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "publishing a claim index snapshot failed; trying again later"
+                )
+            }
         }
     }
 }

@@ -42,6 +42,16 @@ async fn an_empty_data_dir_leads_within_seconds_of_the_only_warm_process_dying()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // the leader says what it published (once the publication has returned)
+    wait_for("the snapshot metrics", Duration::from_secs(10), || async {
+        warm.metric("kloudmeter_claim_snapshot_claims").await == (CLAIMS + 1) as f64
+    })
+    .await;
+    assert!(
+        warm.metric("kloudmeter_claim_snapshot_timestamp_seconds")
+            .await
+            > 1.7e9
+    );
     warm.kill9();
     let died = Instant::now();
     let cold = Km::start(&nats, "cold", &env).await;
