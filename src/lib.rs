@@ -8,6 +8,7 @@
 //! | [`ingest`] | a request's validated events → JetStream, answered once every one is stored | readings |
 //! | [`aggregate`] | the leader's loop: batches, dedup, fold, flush, rebuilds, cursor, dead letters | HTTP |
 //! | [`claims`] | the claim log in NATS and this process's local index of it | readings |
+//! | [`notify`] | threshold crossings → one CloudEvent each on the notifications stream (reads values through the query executor) | writing readings, Kubernetes |
 //! | [`nats`] | stream, bucket and key names; connection and set-up; the meter registry | domain rules |
 //! | [`http`] | the route table, handlers, OpenAPI, the server | aggregation |
 //! | [`operator`] | the Meter CRD, its controller, status write-back | the event stream |
@@ -103,5 +104,6 @@ pub mod http;
 pub mod ingest;
 pub(crate) mod metrics;
 pub mod nats;
+pub(crate) mod notify;
 pub mod operator;
 pub mod run;

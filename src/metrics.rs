@@ -139,6 +139,13 @@ pub struct ClaimSnapshotMetrics {
     pub failures: Counter,
 }
 
+/// Threshold notifications.
+#[derive(Clone, Default)]
+pub struct NotifyMetrics {
+    /// Crossings notified (published to the notifications stream).
+    pub fired: Counter,
+}
+
 /// The Meter controller.
 #[derive(Clone)]
 pub struct OperatorMetrics {
@@ -161,6 +168,7 @@ pub struct Metrics {
     pub election: ElectionMetrics,
     pub usage: UsageMetrics,
     pub snapshots: ClaimSnapshotMetrics,
+    pub notify: NotifyMetrics,
 }
 
 /// Latency buckets from 0.5 ms to about 16 s.
@@ -303,6 +311,13 @@ impl Default for Metrics {
             "Meter custom resource reconciles by the controller",
             &operator.reconciles,
         );
+        let notify = NotifyMetrics::default();
+        add(
+            &mut r,
+            "notifications_fired",
+            "Threshold crossings notified (published to <stream>.notifications.<meter>)",
+            &notify.fired,
+        );
         let snapshots = ClaimSnapshotMetrics::default();
         add(
             &mut r,
@@ -364,6 +379,7 @@ impl Default for Metrics {
             election,
             usage,
             snapshots,
+            notify,
         }
     }
 }

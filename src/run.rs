@@ -216,6 +216,12 @@ async fn lead_when_elected(
         leading_rx.clone(),
         metrics.snapshots.clone(),
     ));
+    let notifier = tokio::spawn(crate::notify::run(
+        store.clone(),
+        registry.clone(),
+        metrics.clone(),
+        leading_rx.clone(),
+    ));
     let holder = format!("{}-{}", hostname(), std::process::id());
     // operator mode: meters whose readings the aggregator wrote, for the status write-back
     let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -270,6 +276,7 @@ async fn lead_when_elected(
     follower.abort();
     standby.abort();
     snapshots.abort();
+    notifier.abort();
     let _ = store.client.flush().await;
 }
 

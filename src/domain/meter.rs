@@ -124,6 +124,11 @@ pub struct MeterDef {
     /// (JSONPath → `{"<op>": operand}`, see [`crate::domain::filter`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub filter: BTreeMap<String, serde_json::Value>,
+    /// Usage levels per subject and period that notify once each when reached
+    /// ([`crate::domain::threshold`]). Not part of [`Self::semantic_hash`]: they change
+    /// no reading.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thresholds: Vec<crate::domain::threshold::Threshold>,
     /// Usage exported as Prometheus metrics beyond the meter's total. Not part of
     /// [`Self::semantic_hash`]: it changes no reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,6 +212,7 @@ pub const METER_FIELDS: &[&str] = &[
     "groupBy",
     "windowSize",
     "filter",
+    "thresholds",
     "export",
     "suspend",
 ];
@@ -290,6 +296,18 @@ pub fn parse_meter_json(
             ))
         }
     };
+    let thresholds = match obj.get("thresholds") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::from_value(t.clone())
+                    .map_err(|e| FieldError::new(format!("thresholds[{i}]"), format!("{e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(FieldError::new("thresholds", "must be a list")),
+    };
     let export = match obj.get("export") {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::Object(m)) => {
@@ -336,6 +354,7 @@ pub fn parse_meter_json(
         group_by,
         window_size,
         filter,
+        thresholds,
         export,
         suspend: match obj.get("suspend") {
             None | Some(serde_json::Value::Null) => false,
@@ -358,6 +377,7 @@ pub struct CompiledMeter {
     /// In name order (as `def.group_by`).
     pub group_paths: Vec<(String, Path)>,
     pub filter: crate::domain::filter::Filter,
+    pub thresholds: Vec<crate::domain::threshold::CompiledThreshold>,
 }
 
 /// A compiled JSONPath. `$.a.b` style paths (the common case) are kept as the field
@@ -431,6 +451,18 @@ impl CompiledMeter {
             group_paths.push((name.clone(), compile_path(&field, path)?));
         }
         let filter = crate::domain::filter::Filter::compile(&def.filter)?;
+        if def.thresholds.len() > crate::domain::threshold::MAX_THRESHOLDS {
+            return Err(FieldError::new(
+                "thresholds",
+                format!("at most {}", crate::domain::threshold::MAX_THRESHOLDS),
+            ));
+        }
+        let thresholds = def
+            .thresholds
+            .iter()
+            .enumerate()
+            .map(|(i, t)| crate::domain::threshold::CompiledThreshold::compile(i, t))
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(e) = &def.export {
             if !(1..=MAX_EXPORTED_SUBJECTS).contains(&e.top_subjects) {
                 return Err(FieldError::new(
@@ -441,6 +473,7 @@ impl CompiledMeter {
         }
         Ok(CompiledMeter {
             filter,
+            thresholds,
             id: def.id.as_str().into(),
             hash: def.semantic_hash(),
             def: def.clone(),

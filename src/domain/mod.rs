@@ -20,4 +20,5 @@ pub mod filter;
 pub mod fold;
 pub mod meter;
 pub mod query;
+pub mod threshold;
 pub mod window;

@@ -15,7 +15,7 @@ mod events;
 mod meters;
 pub(crate) mod openapi;
 mod ops;
-mod query;
+pub(crate) mod query;
 mod readings;
 pub mod routes;
 pub(crate) mod server;

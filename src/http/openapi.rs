@@ -86,6 +86,9 @@ pub struct MeterInput {
     /// `lt`, `lte`, `exists`); only events meeting all of them are counted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub filter: Option<std::collections::BTreeMap<String, Value>>,
+    /// Levels per subject and period that notify once each when reached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<Vec<crate::domain::threshold::Threshold>>,
     /// `{"topSubjects": N}` (1-100): the N highest subjects also on `/metrics`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub export: Option<crate::domain::meter::Export>,

@@ -129,13 +129,24 @@ async fn run_query(
         ..def
     };
     let p = query::parse_query(&pairs, &def, Utc::now())?;
-    let windows = query::output_windows(&p).ok_or_else(|| {
+    let rows = execute(store, &def, &p).await?;
+    Ok(answer(rows, &p, headers))
+}
+
+/// The rows of a parsed query. `def.id` names the meter's served readings
+/// ([`Store::served`]). Also what threshold evaluation reads period values with.
+pub(crate) async fn execute(
+    store: &Store,
+    def: &MeterDef,
+    p: &query::QueryParams,
+) -> ApiResult<Vec<query::Row>> {
+    let windows = query::output_windows(p).ok_or_else(|| {
         ApiError::bad_request(format!(
             "windowSize: more than {} windows between from and to; narrow the range or use a coarser windowSize",
             query::MAX_WINDOWS
         ))
     })?;
-    let covers = cover_windows(&windows, &def, &p)?;
+    let covers = cover_windows(&windows, def, p)?;
     let mut chunk_list: Vec<(Option<Rollup>, i64)> = covers.iter().flatten().copied().collect();
     chunk_list.sort();
     chunk_list.dedup();
@@ -145,20 +156,19 @@ async fn run_query(
     let scan_mode = p.subjects.is_empty() && chunk_list.len() <= 64;
     let scans = async {
         if scan_mode {
-            scan_windows(store, &def, chunk_list).await
+            scan_windows(store, def, chunk_list).await
         } else {
             Ok(Vec::new())
         }
     };
-    let (subjects, scans) = futures::try_join!(query_subjects(store, &def, &p.subjects), scans)?;
-    let plan = plan_reads(&def, &p, &covers, &subjects)?;
+    let (subjects, scans) = futures::try_join!(query_subjects(store, def, &p.subjects), scans)?;
+    let plan = plan_reads(def, p, &covers, &subjects)?;
     let fetched = if scan_mode {
         pick_scanned(plan, scans)?
     } else {
         get_each(store, plan).await?
     };
-    let rows = query::rows(&windows, merge(fetched), &def);
-    Ok(answer(rows, &p, headers))
+    Ok(query::rows(&windows, merge(fetched), def))
 }
 
 /// The stored windows that cover each output window exactly; an output boundary that is

@@ -81,6 +81,20 @@ impl Names {
     pub fn claims_stream(&self) -> String {
         format!("{}-claims", self.stream)
     }
+    /// Threshold notifications (CloudEvents), one subject per meter.
+    pub fn notifications_stream(&self) -> String {
+        format!("{}-notifications", self.stream)
+    }
+    pub fn notifications_subject(&self, meter_id: &str) -> String {
+        format!("{}.notifications.{}", self.stream, token(meter_id))
+    }
+    pub fn notifications_wildcard(&self) -> String {
+        format!("{}.notifications.>", self.stream)
+    }
+    /// Crossings already notified: a key per crossing id.
+    pub fn fired_bucket(&self) -> String {
+        format!("{}-fired", self.stream)
+    }
     /// The object store bucket of the claim index snapshot (`claims::snapshot`).
     pub fn claim_snapshots_bucket(&self) -> String {
         format!("{}-claim-snapshots", self.stream)

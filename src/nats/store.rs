@@ -33,6 +33,9 @@ pub struct Store {
     pub claim_snapshots: object_store::ObjectStore,
     pub state: kv::Store,
     pub leader: kv::Store,
+    /// Threshold notifications, and the crossings already notified.
+    pub notifications: stream::Stream,
+    pub fired: kv::Store,
 }
 
 /// One live entry of a KV bucket.
@@ -89,11 +92,12 @@ impl Store {
         }
         let events = js.get_stream(&names.stream).await?;
         let claims = js.get_stream(names.claims_stream()).await?;
+        let notifications = js.get_stream(names.notifications_stream()).await?;
         let claim_snapshots = js
             .get_object_store(names.claim_snapshots_bucket())
             .await
             .context("opening the claim snapshot bucket")?;
-        let mut buckets = Vec::with_capacity(4);
+        let mut buckets = Vec::with_capacity(5);
         for config in bucket_configs(&names, cfg) {
             let name = config.bucket.clone();
             buckets.push(
@@ -102,9 +106,9 @@ impl Store {
                     .with_context(|| format!("creating or updating KV bucket {name}"))?,
             );
         }
-        let [meters, readings, state, leader]: [kv::Store; 4] = buckets
+        let [meters, readings, state, leader, fired]: [kv::Store; 5] = buckets
             .try_into()
-            .map_err(|_| anyhow::anyhow!("expected four KV buckets"))?;
+            .map_err(|_| anyhow::anyhow!("expected five KV buckets"))?;
         Ok(Store {
             client,
             js,
@@ -117,6 +121,8 @@ impl Store {
             claim_snapshots,
             state,
             leader,
+            notifications,
+            fired,
         })
     }
 
@@ -265,8 +271,9 @@ impl Store {
 }
 
 /// The streams KloudMeter keeps: its events, the events invalid for a meter (with the
-/// reason), the claim log, and the object store of claim index snapshots.
-fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 4] {
+/// reason), the claim log, the object store of claim index snapshots, and threshold
+/// notifications.
+fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 5] {
     // Claims are read back for DEDUP_WINDOW after they are made; the extra retention
     // covers an aggregator that lags behind the clock (disk only, no server memory).
     let claims_age = (cfg.dedup_window * 2).max(cfg.dedup_window + Duration::from_secs(3600));
@@ -322,12 +329,24 @@ fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 4] {
                 Duration::ZERO,
             )
         },
+        // a notification published again after a crash (before its crossing was
+        // recorded) is dropped by its id within this window
+        stream::Config {
+            duplicate_window: Duration::from_secs(3600).min(cfg.event_retention),
+            ..file(
+                names.notifications_stream(),
+                "KloudMeter threshold notifications (CloudEvents)",
+                names.notifications_wildcard(),
+                cfg.event_retention,
+            )
+        },
     ]
 }
 
 /// The KV buckets, in the order [`Store`] holds them: meter definitions (a short
-/// history), readings, aggregator progress, and the lease (entries expire).
-fn bucket_configs(names: &Names, cfg: &NatsConfig) -> [kv::Config; 4] {
+/// history), readings, aggregator progress, the lease (entries expire), and the
+/// threshold crossings already notified.
+fn bucket_configs(names: &Names, cfg: &NatsConfig) -> [kv::Config; 5] {
     let bucket = |bucket: String, what: &str, history: i64, max_age: Duration| kv::Config {
         bucket,
         description: what.into(),
@@ -361,6 +380,12 @@ fn bucket_configs(names: &Names, cfg: &NatsConfig) -> [kv::Config; 4] {
             "KloudMeter aggregator lease",
             1,
             cfg.leader_ttl,
+        ),
+        bucket(
+            names.fired_bucket(),
+            "KloudMeter threshold crossings already notified",
+            1,
+            Duration::ZERO,
         ),
     ]
 }

@@ -66,6 +66,11 @@ pub struct MeterSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "filter_schema")]
     pub filter: BTreeMap<String, serde_json::Value>,
+    /// Usage levels that notify once per subject and period when reached:
+    /// `{value: "100", period: MONTH, timeZone: Europe/Berlin, every: "100"}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub thresholds: Vec<crate::domain::threshold::Threshold>,
     /// Export usage beyond the total to `/metrics`: `topSubjects: N` (1-100) publishes the N
     /// subjects with the highest values as `kloudmeter_subject_value{meter,subject}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,6 +252,7 @@ impl MeterSpec {
             group_by: self.group_by.clone(),
             window_size,
             filter: self.filter.clone(),
+            thresholds: self.thresholds.clone(),
             export: self.export.clone(),
             suspend: self.suspend.unwrap_or(false),
         };
@@ -264,6 +270,7 @@ impl MeterSpec {
             group_by: def.group_by.clone(),
             window_size: Some(format!("{:?}", def.window_size).to_uppercase()),
             filter: def.filter.clone(),
+            thresholds: def.thresholds.clone(),
             export: def.export.clone(),
             suspend: def.suspend.then_some(true),
         }
@@ -293,6 +300,7 @@ mod tests {
             group_by: BTreeMap::new(),
             window_size: None,
             filter: BTreeMap::new(),
+            thresholds: Vec::new(),
             export: None,
             suspend: None,
         }

@@ -7,5 +7,6 @@ mod common;
 mod chaos;
 mod cluster;
 mod faults;
+mod notify;
 mod pipeline;
 mod pull;

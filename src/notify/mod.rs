@@ -1,0 +1,218 @@
+//! Threshold notifications. While this process leads, every second the notifier reads
+//! each thresholded meter's per-subject values for the current and the previous period
+//! (a late event can still cross there) and, for every level reached that was not
+//! notified yet, publishes one CloudEvent to `<stream>.notifications.<meter>` and then
+//! records the crossing in the `<stream>-fired` bucket.
+//!
+//! Exactly once: the crossing id ([`crate::domain::threshold::crossing_id`]) is the
+//! event's id and its `Nats-Msg-Id`. Publishing comes before recording, so a crash in
+//! between publishes again at the next evaluation, and the notifications stream drops
+//! that as a duplicate (its duplicate window is an hour); a recorded crossing is never
+//! published again. A meter being built is not evaluated until its build is served, and
+//! then only crossings not yet recorded fire. May not touch: readings (it only reads
+//! them), the claim log, Kubernetes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::message::PublishMessage;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::domain::meter::{CompiledMeter, MeterDef};
+use crate::domain::threshold::{crossing_id, Period};
+use crate::metrics::Metrics;
+use crate::nats::registry::Registry;
+use crate::nats::store::Store;
+
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Evaluate thresholds while `leading`, until the process ends.
+pub async fn run(
+    store: Store,
+    registry: Registry,
+    metrics: Metrics,
+    mut leading: watch::Receiver<bool>,
+) {
+    loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        // what was notified before this process led: read once per leadership
+        let mut fired = match fired_ids(&store).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "reading notified crossings failed; retrying"
+                );
+                tokio::time::sleep(EVERY).await;
+                continue;
+            }
+        };
+        // each meter's last failure, logged when it changes rather than every second
+        let mut failing: HashMap<String, String> = HashMap::new();
+        while *leading.borrow() {
+            let thresholded = registry
+                .all()
+                .into_iter()
+                .filter(|m| !m.thresholds.is_empty());
+            for meter in thresholded {
+                match evaluate(&store, &meter, &mut fired, &metrics).await {
+                    Ok(()) => {
+                        failing.remove(&meter.def.id);
+                    }
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        if failing.get(&meter.def.id) != Some(&why) {
+                            tracing::warn!(meter = %meter.def.id, error = why, "evaluating thresholds failed; retrying");
+                            failing.insert(meter.def.id.clone(), why);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(EVERY).await;
+        }
+    }
+}
+
+async fn fired_ids(store: &Store) -> Result<HashSet<String>> {
+    Ok(store
+        .scan(&store.fired, "f.*")
+        .await
+        .context("reading notified crossings")?
+        .into_iter()
+        .filter_map(|i| i.key.strip_prefix("f.").map(str::to_string))
+        .collect())
+}
+
+/// One meter's thresholds against its served readings.
+async fn evaluate(
+    store: &Store,
+    meter: &Arc<CompiledMeter>,
+    fired: &mut HashSet<String>,
+    metrics: &Metrics,
+) -> Result<()> {
+    let served = store.served(&meter.def).await?;
+    if !served.ready {
+        return Ok(());
+    }
+    let readings = MeterDef {
+        id: served.readings_id.clone(),
+        ..meter.def.clone()
+    };
+    let now = Utc::now();
+    for (ti, threshold) in meter.thresholds.iter().enumerate() {
+        for (start, end) in threshold.periods(now) {
+            for (subject, value) in
+                period_values(store, &readings, threshold.period, start, end, threshold.tz).await?
+            {
+                for level in threshold.levels(value) {
+                    let id = crossing_id(&meter.def.id, &subject, start, level);
+                    if fired.contains(&id) {
+                        continue;
+                    }
+                    notify(store, &meter.def, ti, &id, &subject, start, level, value).await?;
+                    metrics.notify.fired.inc();
+                    fired.insert(id);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every subject's value over one period: the all-time totals, or a query over the
+/// period's bounds in its zone.
+async fn period_values(
+    store: &Store,
+    readings: &MeterDef,
+    period: Period,
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+    tz: chrono_tz::Tz,
+) -> Result<Vec<(String, Decimal)>> {
+    let (Some(start), Some(end), false) = (start, end, period == Period::All) else {
+        return Ok(store
+            .subject_totals(&readings.id, None)
+            .await?
+            .into_iter()
+            .filter_map(|(s, r)| r.acc.value(readings.aggregation).map(|v| (s, v)))
+            .collect());
+    };
+    let pairs = vec![
+        ("from".to_string(), crate::domain::query::rfc3339(start)),
+        ("to".to_string(), crate::domain::query::rfc3339(end)),
+        ("windowTimeZone".to_string(), tz.name().to_string()),
+    ];
+    let params = crate::domain::query::parse_query(&pairs, readings, Utc::now())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows = crate::http::query::execute(store, readings, &params)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let v = r
+                .value
+                .as_deref()
+                .and_then(|v| Decimal::from_str_exact(v).ok())?;
+            Some((r.subject, v))
+        })
+        .collect())
+}
+
+/// Publish one crossing's CloudEvent (deduplicated by its id), then record it.
+#[allow(clippy::too_many_arguments)]
+async fn notify(
+    store: &Store,
+    def: &MeterDef,
+    threshold: usize,
+    id: &str,
+    subject: &str,
+    period_start: Option<DateTime<Utc>>,
+    level: Decimal,
+    value: Decimal,
+) -> Result<()> {
+    let event = json!({
+        "specversion": "1.0",
+        "type": "io.kloudmeter.threshold.crossed",
+        "id": id,
+        "source": "kloudmeter",
+        "subject": subject,
+        "time": crate::domain::query::rfc3339(Utc::now()),
+        "datacontenttype": "application/json",
+        "data": {
+            "meter": def.id,
+            "subject": subject,
+            "periodStart": period_start.map(crate::domain::query::rfc3339),
+            "period": def.thresholds[threshold].period,
+            "threshold": level.normalize().to_string(),
+            "value": value.normalize().to_string(),
+        }
+    });
+    let message = PublishMessage::build()
+        .message_id(id)
+        .payload(serde_json::to_vec(&event)?.into());
+    store
+        .js
+        .send_publish(store.names.notifications_subject(&def.id), message)
+        .await
+        .context("publishing a notification")?
+        .await
+        .context("publishing a notification")?;
+    // recorded only once published: a crash here publishes again, as a duplicate
+    match store
+        .fired
+        .create(format!("f.{id}"), bytes::Bytes::new())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("recording a notified crossing")),
+    }
+}
