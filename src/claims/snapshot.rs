@@ -235,7 +235,7 @@ pub fn write_sorted(
     newest_ns: i64,
     claims: impl Iterator<Item = Result<(IdKey, Record)>>,
 ) -> Result<Header> {
-    let tmp = path.with_extension("partial");
+    let tmp = partial(path);
     let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
     out.write_all(&[0u8; HEADER])?;
     let mut count = 0u64;
@@ -258,6 +258,15 @@ pub fn write_sorted(
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
     Ok(header)
+}
+
+/// Where a file is written before it is renamed into place: beside it, named after it
+/// (`claims.base` → `claims.base.partial`), so that a snapshot being written and one
+/// being fetched never share a name.
+fn partial(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
 }
 
 /// Replace the shared snapshot with the file at `path`.
@@ -294,7 +303,7 @@ pub async fn fetch(
         }
         Err(e) => return Err(anyhow::Error::new(e).context("fetching the claim index snapshot")),
     };
-    let tmp = path.with_extension("partial");
+    let tmp = partial(path);
     let mut file = tokio::fs::File::create(&tmp).await?;
     let bytes = tokio::io::copy(&mut object, &mut file)
         .await

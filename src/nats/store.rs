@@ -137,39 +137,70 @@ impl Store {
         let stream_name = format!("KV_{}", bucket.name);
         let prefix = format!("$KV.{}.", bucket.name);
         let stream = self.js.get_stream(&stream_name).await?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: format!("{prefix}{filter}"),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await?;
-        let name = consumer.cached_info().name.clone();
-        let scanned = read_scan(consumer, &prefix).await;
-        // Removed as soon as it is read (in the background: the answer need not wait).
-        // Left to expire (30 s for an ordered consumer), the consumers of a client that
-        // polls readings add up to the server's consumer limit and reads fail.
-        tokio::spawn(async move {
-            let _ = stream.delete_consumer(&name).await;
-        });
-        scanned
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: format!("{prefix}{filter}"),
+                    deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                    ..Default::default()
+                })
+                .await?;
+            let name = consumer.cached_info().name.clone();
+            let scanned = read_scan(consumer, &prefix).await;
+            // Removed as soon as it is read (in the background: the answer need not
+            // wait). Left to expire (30 s for an ordered consumer), the consumers of a
+            // client that polls readings add up to the server's consumer limit.
+            let owner = stream.clone();
+            tokio::spawn(async move {
+                let _ = owner.delete_consumer(&name).await;
+            });
+            match scanned {
+                Err(ScanError::Vanished) if attempt < 3 => continue,
+                Err(ScanError::Vanished) => {
+                    anyhow::bail!("{filter}: entries kept vanishing while being read")
+                }
+                Err(ScanError::Failed(e)) => return Err(e),
+                Ok(items) => return Ok(items),
+            }
+        }
     }
 }
+
+/// Why a scan did not complete.
+enum ScanError {
+    /// Entries counted when the scan began were purged before they were delivered (a
+    /// meter's old generation removed meanwhile): the scan is read again.
+    Vanished,
+    Failed(anyhow::Error),
+}
+
+/// How long a scan waits for the next entry it counted before deciding it was purged.
+const SCAN_STALL: Duration = Duration::from_secs(2);
 
 /// Every live key of a scan's consumer, with its value and revision.
 async fn read_scan(
     consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
     prefix: &str,
-) -> Result<Vec<KvItem>> {
+) -> Result<Vec<KvItem>, ScanError> {
     let pending = consumer.cached_info().num_pending;
     let mut out = Vec::new();
     if pending == 0 {
         return Ok(out);
     }
-    let mut messages = consumer.messages().await?;
-    while let Some(msg) = messages.next().await {
-        let msg = msg?;
-        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let failed = |e: anyhow::Error| ScanError::Failed(e);
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| failed(anyhow::Error::new(e)))?;
+    loop {
+        let msg = match tokio::time::timeout(SCAN_STALL, messages.next()).await {
+            Ok(Some(msg)) => msg.map_err(|e| failed(anyhow::Error::new(e)))?,
+            Ok(None) => break,
+            Err(_) => return Err(ScanError::Vanished),
+        };
+        let info = msg.info().map_err(|e| failed(anyhow::anyhow!("{e}")))?;
         let (left, revision) = (info.pending, info.stream_sequence);
         let op = msg
             .headers
