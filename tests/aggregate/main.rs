@@ -5,7 +5,6 @@
 mod common;
 
 mod chaos;
-mod cluster;
 mod faults;
 mod notify;
 mod pipeline;
