@@ -5,6 +5,18 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+/// Who may call `/api/**` (CONTRACT §2 `AUTH_MODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Anyone.
+    None,
+    /// The one shared `API_TOKEN`.
+    Token,
+    /// Kubernetes tokens, checked with a TokenReview and authorized per request with a
+    /// SubjectAccessReview (API_TOKEN, when set, is still accepted and may do anything).
+    Kubernetes,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum KubernetesMode {
     Auto,
@@ -154,6 +166,16 @@ pub struct Config {
     /// When set, every /api/** call needs `Authorization: Bearer <token>`.
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// none | token | kubernetes. Default: token when API_TOKEN is set, else none.
+    #[arg(long, env = "AUTH_MODE", value_enum, ignore_case = true)]
+    pub auth_mode: Option<AuthMode>,
+    /// The audience a Kubernetes token must be issued for (AUTH_MODE=kubernetes).
+    #[arg(long, env = "AUTH_AUDIENCE", default_value = "kloudmeter")]
+    pub auth_audience: String,
+    /// How long a token's identity and a permission decision are reused before the API
+    /// server is asked again (a revoked grant is refused at most this much later).
+    #[arg(long, env = "AUTH_CACHE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub auth_cache_ttl: Duration,
     /// Address the HTTP server binds to.
     #[arg(long, env = "HTTP_BIND_ADDRESS", default_value = "0.0.0.0")]
     pub http_bind_address: std::net::IpAddr,
@@ -180,9 +202,24 @@ pub struct Config {
 }
 
 impl Config {
+    /// AUTH_MODE as given, or its default: token when API_TOKEN is set, else none.
+    pub fn auth(&self) -> AuthMode {
+        self.auth_mode.unwrap_or(if self.api_token.is_some() {
+            AuthMode::Token
+        } else {
+            AuthMode::None
+        })
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.api_token.as_deref() == Some("") {
             return Err("API_TOKEN: must not be empty when set".into());
+        }
+        if self.auth() == AuthMode::Token && self.api_token.is_none() {
+            return Err("AUTH_MODE: token needs API_TOKEN to be set".into());
+        }
+        if self.auth_audience.trim().is_empty() {
+            return Err("AUTH_AUDIENCE: must not be empty".into());
         }
         if let Some(dir) = &self.data_dir {
             if dir.exists() && !dir.is_dir() {

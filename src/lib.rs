@@ -11,6 +11,7 @@
 //! | [`notify`] | threshold crossings → one CloudEvent each on the notifications stream (reads values through the query executor) | writing readings, Kubernetes |
 //! | [`nats`] | stream, bucket and key names; connection and set-up; the meter registry | domain rules |
 //! | [`http`] | the route table, handlers, OpenAPI, the server | aggregation |
+//! | [`access`] | who may call the API: the shared token, or Kubernetes TokenReviews and SubjectAccessReviews, cached | HTTP, storage |
 //! | [`operator`] | the Meter CRD, its controller, status write-back | the event stream |
 //! | [`election`] | the NATS and Kubernetes leases that decide the one leader | everything else |
 //!
@@ -94,6 +95,7 @@
 // `--document-private-items` (`task lint`): they link to internal modules on purpose.
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub(crate) mod access;
 pub mod aggregate;
 pub mod claims;
 pub mod config;

@@ -81,12 +81,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         None => tracing::info!("running standalone (meters in NATS KV)"),
     }
+    let gate = crate::access::Gate::new(&cfg, client.clone())?;
+    tracing::info!(mode = ?gate.mode(), "API access");
     let state = AppState::new(
         cfg.clone(),
         registry.clone(),
         metrics.clone(),
         kube_meters.clone(),
         kube_synced,
+        gate,
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = serve_http(&cfg, state.clone(), shutdown_rx.clone()).await?;

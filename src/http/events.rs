@@ -5,6 +5,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use bytes::Bytes;
 use serde_json::json;
@@ -12,6 +13,7 @@ use serde_json::json;
 use super::{body_or_error, ok_status, ApiError, ApiResult, AppState};
 use chrono::Utc;
 
+use crate::access::{Caller, Permission};
 use crate::domain::event::{parse_events, BodyKind};
 
 /// Validate a request's events, publish them and wait until JetStream has stored every
@@ -19,9 +21,15 @@ use crate::domain::event::{parse_events, BodyKind};
 #[tracing::instrument(name = "ingest", level = "debug", skip_all)]
 async fn ingest(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<usize> {
+    // a ServiceAccount posts into its own namespace; anyone else needs the grant
+    // cluster-wide
+    state
+        .authorize(caller, Permission::post_events(caller.home_namespace()))
+        .await?;
     let started = std::time::Instant::now();
     let answer = ingest_events(state, headers, body).await;
     state
@@ -67,18 +75,20 @@ async fn ingest_events(
 
 pub(super) async fn register_event(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    ingest(&state, &headers, body).await?;
+    ingest(&state, &caller, &headers, body).await?;
     Ok(ok_status(StatusCode::ACCEPTED))
 }
 
 pub(super) async fn post_events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let n = ingest(&state, &headers, body).await?;
+    let n = ingest(&state, &caller, &headers, body).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
 }

@@ -5,7 +5,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::{ok_status, parse_json_body, ApiError, ApiResult, AppState};
 use crate::operator::api_meters::{KubeMeterError, KubeMeters};
 
+use crate::access::{Caller, Permission, Verb};
 use crate::domain::meter::{parse_meter_json, MeterDef};
 use crate::nats::store::Store;
 
@@ -90,12 +91,29 @@ impl Backend<'_> {
     }
 }
 
+impl AppState {
+    /// What writing the meter `id` (as resolved) needs: `update` when it exists,
+    /// `create` when the write creates it.
+    async fn authorize_write(&self, caller: &Caller, id: &str) -> ApiResult<()> {
+        let verb = match caller {
+            Caller::Trusted => return Ok(()),
+            Caller::Kubernetes(_) if self.store()?.meter(id).await?.is_some() => Verb::Update,
+            Caller::Kubernetes(_) => Verb::Create,
+        };
+        self.authorize(caller, Permission::meter(verb, id)).await
+    }
+}
+
 /// Seed `create-meter`: creates or replaces.
 pub(super) async fn create_seed(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let def = parse_meter_json(&parse_json_body(body)?, None)?;
+    state
+        .authorize_write(&caller, &state.resolve_id(&def.id))
+        .await?;
     state.meter_backend()?.put(def).await?;
     Ok(ok_status(StatusCode::ACCEPTED))
 }
@@ -103,15 +121,29 @@ pub(super) async fn create_seed(
 /// v1 create: 201, or 409 when a different meter already has the id.
 pub(super) async fn create_v1(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let def = parse_meter_json(&parse_json_body(body)?, None)?;
+    let id = state.resolve_id(&def.id);
+    state
+        .authorize(&caller, Permission::meter(Verb::Create, &id))
+        .await?;
     let (status, def) = state.meter_backend()?.create(def).await?;
     Ok((status, Json(def)).into_response())
 }
 
-pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<MeterDef>>> {
-    Ok(Json(state.store()?.all_meters().await?))
+/// The meters of every namespace the caller may list meters in.
+pub(super) async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<MeterDef>>> {
+    let mut defs = state.store()?.all_meters().await?;
+    let shown = state
+        .listable(&caller, defs.iter().map(|d| d.id.as_str()))
+        .await?;
+    defs.retain(|d| shown.contains(&Permission::namespace_of(&d.id).map(str::to_string)));
+    Ok(Json(defs))
 }
 
 #[derive(Deserialize)]
@@ -125,8 +157,11 @@ pub(super) fn required_key(q: KeyQuery) -> ApiResult<String> {
         .ok_or_else(|| ApiError::bad_request("key: is required"))
 }
 
-async fn get_meter(state: &AppState, id: &str) -> ApiResult<Json<MeterDef>> {
+async fn get_meter(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Json<MeterDef>> {
     let id = &state.resolve_id(id);
+    state
+        .authorize(caller, Permission::meter(Verb::Get, id))
+        .await?;
     state
         .store()?
         .meter(id)
@@ -135,17 +170,23 @@ async fn get_meter(state: &AppState, id: &str) -> ApiResult<Json<MeterDef>> {
         .ok_or_else(|| ApiError::not_found(format!("key: no meter {id:?}")))
 }
 
-async fn delete_meter(state: &AppState, id: &str) -> ApiResult<()> {
-    state.meter_backend()?.delete(&state.resolve_id(id)).await
+async fn delete_meter(state: &AppState, caller: &Caller, id: &str) -> ApiResult<()> {
+    let id = state.resolve_id(id);
+    state
+        .authorize(caller, Permission::meter(Verb::Delete, &id))
+        .await?;
+    state.meter_backend()?.delete(&id).await
 }
 
 /// PUT: the path names the meter; a body `id` must agree with it. 201 when it creates,
 /// 200 when it replaces.
 async fn put_meter(
     state: &AppState,
+    caller: &Caller,
     id: &str,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    state.authorize_write(caller, &state.resolve_id(id)).await?;
     let mut value = parse_json_body(body)?;
     let backend = state.meter_backend()?;
     // a Meter resource's name is validated as the id; its namespace comes from the path
@@ -182,54 +223,62 @@ async fn put_meter(
 
 pub(super) async fn get_seed(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<KeyQuery>,
 ) -> ApiResult<Json<MeterDef>> {
-    get_meter(&state, &required_key(q)?).await
+    get_meter(&state, &caller, &required_key(q)?).await
 }
 pub(super) async fn delete_seed(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<KeyQuery>,
 ) -> ApiResult<Response> {
-    delete_meter(&state, &required_key(q)?).await?;
+    delete_meter(&state, &caller, &required_key(q)?).await?;
     Ok(ok_status(StatusCode::ACCEPTED))
 }
 pub(super) async fn get_v1(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<MeterDef>> {
-    get_meter(&state, &id).await
+    get_meter(&state, &caller, &id).await
 }
 pub(super) async fn get_v1_ns(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<Json<MeterDef>> {
-    get_meter(&state, &format!("{ns}/{name}")).await
+    get_meter(&state, &caller, &format!("{ns}/{name}")).await
 }
 pub(super) async fn put_v1(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    put_meter(&state, &id, body).await
+    put_meter(&state, &caller, &id, body).await
 }
 pub(super) async fn put_v1_ns(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((ns, name)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    put_meter(&state, &format!("{ns}/{name}"), body).await
+    put_meter(&state, &caller, &format!("{ns}/{name}"), body).await
 }
 pub(super) async fn delete_v1(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    delete_meter(&state, &id).await?;
+    delete_meter(&state, &caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 pub(super) async fn delete_v1_ns(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    delete_meter(&state, &format!("{ns}/{name}")).await?;
+    delete_meter(&state, &caller, &format!("{ns}/{name}")).await?;
     Ok(StatusCode::NO_CONTENT)
 }

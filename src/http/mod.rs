@@ -33,6 +33,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
+use crate::access::{Caller, Denied, Gate, Permission};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::nats::registry::Registry;
@@ -53,6 +54,8 @@ struct Inner {
     inflight: Semaphore,
     kube: Option<KubeMeters>,
     kube_synced: tokio::sync::watch::Receiver<bool>,
+    /// Who may call the `/api` routes.
+    gate: Gate,
     /// `/openapi.json`, generated once from the route table.
     description: Value,
 }
@@ -64,6 +67,7 @@ impl AppState {
         metrics: Metrics,
         kube: Option<KubeMeters>,
         kube_synced: tokio::sync::watch::Receiver<bool>,
+        gate: Gate,
     ) -> Self {
         let inflight = Semaphore::new(cfg.max_inflight_events);
         AppState(Arc::new(Inner {
@@ -74,6 +78,7 @@ impl AppState {
             inflight,
             kube,
             kube_synced,
+            gate,
             description: openapi::document(),
         }))
     }
@@ -84,6 +89,36 @@ impl AppState {
             Some(k) if !raw.contains('/') => format!("{}/{raw}", k.namespace),
             _ => raw.to_string(),
         }
+    }
+    /// Ok when `caller` holds `permission` (always, unless AUTH_MODE is kubernetes).
+    async fn authorize(&self, caller: &Caller, permission: Permission) -> ApiResult<()> {
+        Ok(self.0.gate.authorize(caller, permission).await?)
+    }
+    /// Whether `caller` holds `permission`: what lists show.
+    async fn allowed(&self, caller: &Caller, permission: &Permission) -> ApiResult<bool> {
+        Ok(self.0.gate.allowed(caller, permission).await?)
+    }
+    /// The ids among `ids` whose namespace (cluster-wide for standalone meters) the caller
+    /// may list meters in: one review per namespace, not per meter.
+    async fn listable<'a>(
+        &self,
+        caller: &Caller,
+        ids: impl Iterator<Item = &'a str>,
+    ) -> ApiResult<std::collections::BTreeSet<Option<String>>> {
+        let mut namespaces = std::collections::BTreeSet::new();
+        for id in ids {
+            namespaces.insert(Permission::namespace_of(id).map(str::to_string));
+        }
+        let mut shown = std::collections::BTreeSet::new();
+        for ns in namespaces {
+            if self
+                .allowed(caller, &Permission::list_meters(ns.as_deref()))
+                .await?
+            {
+                shown.insert(ns);
+            }
+        }
+        Ok(shown)
     }
     /// Called once NATS is connected and set up; until then the API answers 503.
     pub fn set_store(&self, store: Store) {
@@ -133,6 +168,16 @@ impl ApiError {
     }
 }
 
+impl From<Denied> for ApiError {
+    fn from(e: Denied) -> Self {
+        match e {
+            Denied::Unauthenticated(_) => ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()),
+            Denied::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
+            Denied::Unavailable(_) => ApiError::storage(e),
+        }
+    }
+}
+
 impl From<crate::nats::meters::StoreError> for ApiError {
     fn from(e: crate::nats::meters::StoreError) -> Self {
         use crate::nats::meters::StoreError;
@@ -164,6 +209,10 @@ impl IntoResponse for ApiError {
             Json(json!({"status": "error", "message": self.message})),
         )
             .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE
             || self.status == StatusCode::TOO_MANY_REQUESTS
         {
@@ -193,7 +242,7 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     })
 }
 
-/// The server's routes, from [`routes::ROUTES`]: token-guarded where the table says so,
+/// The server's routes, from [`routes::ROUTES`]: authenticated where the table says so,
 /// JSON errors for unknown paths and methods, the body limit and the request timeout.
 pub(crate) fn router(state: AppState) -> Router {
     let request_timeout = state.0.cfg.request_timeout;
@@ -202,7 +251,7 @@ pub(crate) fn router(state: AppState) -> Router {
         let mut handler = (r.handler)();
         if r.auth {
             handler =
-                handler.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+                handler.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
         }
         let merged = match by_path.remove(r.path) {
             Some(existing) => existing.merge(handler),
@@ -232,52 +281,26 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
-fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = given.len() ^ expected.len();
-    for (i, b) in expected.iter().enumerate() {
-        diff |= usize::from(b ^ given.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
-}
-
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(expected) = state.0.cfg.api_token.as_deref() {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !token_matches(given.as_bytes(), expected.as_bytes()) {
-            let mut resp = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "authorization: a valid bearer token is required",
-            )
-            .into_response();
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return resp;
+/// Who calls (AUTH_MODE): answered 401 here, or handed to the handler as a [`Caller`],
+/// which asks for the permission its request needs.
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match state.0.gate.authenticate(bearer).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
         }
+        Err(denied) => ApiError::from(denied).into_response(),
     }
-    next.run(req).await
 }
 
 fn parse_json_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Value> {
     let body = body_or_error(body)?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("body: invalid JSON: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::token_matches;
-
-    #[test]
-    fn token_comparison() {
-        assert!(token_matches(b"secret", b"secret"));
-        assert!(!token_matches(b"secreT", b"secret"));
-        assert!(!token_matches(b"secret1", b"secret"));
-        assert!(!token_matches(b"", b"secret"));
-    }
 }

@@ -274,7 +274,19 @@ fn success(g: &mut SchemaGenerator, shape: Shape) -> (&'static str, Value) {
 fn responses(g: &mut SchemaGenerator, route: &Route) -> Map<String, Value> {
     let mut responses = error_responses(g, route.shape.errors());
     if route.auth {
-        responses.extend(error_responses(g, &["401"]));
+        let err = sch::<ErrorBody>(g);
+        responses.insert(
+            "401".into(),
+            json!({"description": "no bearer token, or one not valid (AUTH_MODE token: not API_TOKEN; kubernetes: not a Kubernetes token for AUTH_AUDIENCE)", "content": content(err.clone())}),
+        );
+        // lists show only what the caller may list; every other route asks for one
+        // permission and names it when it is missing
+        if !matches!(route.shape, Shape::ListMeters | Shape::ListReadings) {
+            responses.insert(
+                "403".into(),
+                json!({"description": "AUTH_MODE kubernetes: the caller lacks the permission the message names (e.g. `create events.kloudmeter.io in namespace team-a`)", "content": content(err)}),
+            );
+        }
     }
     let (code, ok) = success(g, route.shape);
     let mut ok_resp = json!({"description": "success"});
@@ -337,7 +349,7 @@ pub fn document() -> Value {
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "required on /api/** when API_TOKEN is set"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "required on /api/** unless AUTH_MODE is none: API_TOKEN (AUTH_MODE token), or a Kubernetes token for the audience AUTH_AUDIENCE, typically a projected ServiceAccount token (AUTH_MODE kubernetes: authorized per request with a SubjectAccessReview on kloudmeter.io events and meters)"}},
         },
     })
 }

@@ -4,7 +4,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::Value;
 
 use super::{ApiError, ApiResult, AppState};
@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::DateTime;
 use futures::{StreamExt, TryStreamExt};
 
+use crate::access::{Caller, Permission, Verb};
 use crate::domain::fold::Reading;
 use crate::domain::meter::MeterDef;
 use crate::domain::query;
@@ -39,20 +40,22 @@ const QUERY_KEY_LIMIT: usize = 500_000;
 
 pub(super) async fn query_v1(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    run_query(&state, &id, pairs, &headers).await
+    run_query(&state, &caller, &id, pairs, &headers).await
 }
 
 pub(super) async fn query_v1_ns(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((ns, name)): Path<(String, String)>,
     Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    run_query(&state, &format!("{ns}/{name}"), pairs, &headers).await
+    run_query(&state, &caller, &format!("{ns}/{name}"), pairs, &headers).await
 }
 
 /// Subjects to answer for, with every group each has seen.
@@ -109,14 +112,18 @@ fn too_many_windows() -> ApiError {
     ))
 }
 
-#[tracing::instrument(name = "query", level = "debug", skip(state, pairs, headers))]
+#[tracing::instrument(name = "query", level = "debug", skip(state, caller, pairs, headers))]
 async fn run_query(
     state: &AppState,
+    caller: &Caller,
     id: &str,
     pairs: Vec<(String, String)>,
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let id = state.resolve_id(id);
+    state
+        .authorize(caller, Permission::meter(Verb::Get, &id))
+        .await?;
     let store = state.store()?;
     let def = store
         .meter(&id)

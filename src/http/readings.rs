@@ -1,7 +1,7 @@
 //! All-time readings: a meter's summary and its subjects' totals.
 
 use axum::extract::{Query, State};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -9,6 +9,7 @@ use super::{ApiError, ApiResult, AppState};
 use chrono::{DateTime, Utc};
 
 use super::meters::{required_key, KeyQuery};
+use crate::access::{Caller, Permission, Verb};
 use crate::domain::meter::MeterDef;
 use crate::domain::window::ReadingKey;
 use crate::nats::store::Store;
@@ -186,6 +187,7 @@ fn decode_cursor(raw: &str) -> Result<Position, ApiError> {
 /// gives the `cursor` of the next page.
 pub(super) async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<PageQuery>,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse as _;
@@ -205,7 +207,12 @@ pub(super) async fn list(
     let mut page: Vec<ReadingEntry> = Vec::new();
     let mut last: Option<Position> = None;
     let mut more = false;
-    'meters: for def in store.all_meters().await? {
+    let mut defs = store.all_meters().await?;
+    let shown = state
+        .listable(&caller, defs.iter().map(|d| d.id.as_str()))
+        .await?;
+    defs.retain(|d| shown.contains(&Permission::namespace_of(&d.id).map(str::to_string)));
+    'meters: for def in defs {
         // a meter wholly before the cursor is not read at all
         if after.as_ref().is_some_and(|(id, _)| def.id < *id) {
             continue;
@@ -248,12 +255,16 @@ pub(super) async fn list(
 /// (`<eventType>.<aggregation>.<meterId>.<subject>`).
 pub(super) async fn get_seed(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<KeyQuery>,
 ) -> ApiResult<Json<Value>> {
     let key = required_key(q)?;
     let id = state.resolve_id(&key);
     let store = state.store()?;
     if let Some(def) = store.meter(&id).await? {
+        state
+            .authorize(&caller, Permission::meter(Verb::Get, &def.id))
+            .await?;
         return Ok(Json(serde_json::to_value(
             meter_reading(store, &def, true).await?,
         )?));
@@ -274,6 +285,9 @@ pub(super) async fn get_seed(
             "key: no meter or reading {key:?}"
         )));
     };
+    state
+        .authorize(&caller, Permission::meter(Verb::Get, &def.id))
+        .await?;
     let served = store.served(def).await?;
     let found = store
         .subject_totals(&served.readings_id, Some(subject))
@@ -337,15 +351,28 @@ pub(super) struct ReadingsQuery {
 
 pub(super) async fn readings_v1(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<ReadingsQuery>,
 ) -> ApiResult<Json<Value>> {
     let store = state.store()?;
     let defs = match q.meter.as_deref().filter(|m| !m.is_empty()) {
-        Some(id) => vec![store
-            .meter(id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("meter: no meter {id:?}")))?],
-        None => store.all_meters().await?,
+        Some(id) => {
+            state
+                .authorize(&caller, Permission::meter(Verb::Get, id))
+                .await?;
+            vec![store
+                .meter(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("meter: no meter {id:?}")))?]
+        }
+        None => {
+            let mut defs = store.all_meters().await?;
+            let shown = state
+                .listable(&caller, defs.iter().map(|d| d.id.as_str()))
+                .await?;
+            defs.retain(|d| shown.contains(&Permission::namespace_of(&d.id).map(str::to_string)));
+            defs
+        }
     };
     let mut data = Vec::new();
     for def in &defs {

@@ -70,23 +70,37 @@ async fn the_description_matches_what_the_server_takes_and_answers() {
     assert_eq!(codes("/readyz", "get"), ["200", "503"]);
     assert_eq!(
         codes("/api/v1/events", "post"),
-        ["202", "400", "401", "413", "503"]
+        ["202", "400", "401", "403", "413", "503"]
     );
     assert_eq!(
         codes("/api/v1/meters", "post"),
-        ["200", "201", "400", "401", "409", "413", "500", "503"]
+        ["200", "201", "400", "401", "403", "409", "413", "500", "503"]
     );
     assert_eq!(
         codes("/api/v1/meters/{id}", "put"),
-        ["200", "201", "400", "401", "413", "500", "503"]
+        ["200", "201", "400", "401", "403", "413", "500", "503"]
     );
     assert_eq!(
         codes("/api/v1/meters/{id}", "delete"),
-        ["204", "401", "404", "500", "503"]
+        ["204", "401", "403", "404", "500", "503"]
     );
     assert_eq!(
         codes("/api/v1/meters/{id}/query", "get"),
-        ["200", "400", "401", "404", "500", "503"]
+        ["200", "400", "401", "403", "404", "500", "503"]
+    );
+    // lists show only what the caller may list (AUTH_MODE kubernetes): never 403
+    assert_eq!(codes("/api/v1/meters", "get"), ["200", "401", "500", "503"]);
+    // every /api route declares the bearer scheme; health, metrics and this document
+    // stay open
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let secured = op["security"] == json!([{"bearer": []}]);
+            assert_eq!(secured, path.starts_with("/api"), "{method} {path}");
+        }
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        json!("bearer")
     );
     assert!(!doc.to_string().contains("\"429\""));
     // every query parameter the server reads is described
