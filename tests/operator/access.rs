@@ -13,27 +13,36 @@ const T: Duration = Duration::from_secs(60);
 /// at most.
 const CACHE_TTL: Duration = Duration::from_secs(2);
 
-/// The chart's two ClusterRoles for users to bind (same rules as
-/// `charts/kloudmeter/templates/rbac.yaml`), and a Role that may do everything.
-const ROLES: &str = r#"
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: kloudmeter-event-writer}
-rules:
-- {apiGroups: [kloudmeter.io], resources: [events], verbs: [create]}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: kloudmeter-usage-reader}
-rules:
-- {apiGroups: [kloudmeter.io], resources: [meters], verbs: [get, list]}
----
+/// A role that may do everything with meters and events (beside the chart's two
+/// ClusterRoles for users).
+const ADMIN_ROLE: &str = r#"
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {name: test-meter-admin}
 rules:
 - {apiGroups: [kloudmeter.io], resources: [meters, events], verbs: [get, list, create, update, delete]}
 "#;
+
+/// The ClusterRoles the chart offers users (`kloudmeter-event-writer`,
+/// `kloudmeter-usage-reader`), as `helm template` renders them.
+fn chart_user_roles() -> String {
+    let rendered = crate::helm::helm_ok(
+        None,
+        &[
+            "template",
+            "kloudmeter",
+            crate::helm::CHART,
+            "-n",
+            "kloudmeter",
+        ],
+    );
+    let roles: Vec<&str> = rendered
+        .split("\n---")
+        .filter(|doc| doc.contains("kloudmeter.io/role-for: users"))
+        .collect();
+    assert_eq!(roles.len(), 2, "{rendered}");
+    roles.join("\n---\n")
+}
 
 fn bind(cp: &ControlPlane, ns: &str, role: &str, sa_ns: &str, sa: &str) {
     let name = format!("{sa}-{role}");
@@ -190,8 +199,10 @@ async fn kubernetes_identities_see_and_do_only_what_rbac_grants() {
     for ns in ["kloudmeter", "team-a", "team-b"] {
         cp.kubectl(&["create", "namespace", ns]);
     }
-    let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], ROLES);
-    assert!(ok, "{err}");
+    for roles in [chart_user_roles(), ADMIN_ROLE.to_string()] {
+        let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], &roles);
+        assert!(ok, "{err}");
+    }
     for (ns, sa) in [
         ("team-a", "app"),
         ("team-b", "app"),

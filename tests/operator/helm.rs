@@ -10,7 +10,7 @@ use crate::common::*;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/kloudmeter");
+pub(crate) const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/kloudmeter");
 
 fn helm(cp: Option<&ControlPlane>, args: &[&str]) -> (bool, String, String) {
     let mut c = Command::new(tools::helm());
@@ -32,7 +32,7 @@ fn helm(cp: Option<&ControlPlane>, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn helm_ok(cp: Option<&ControlPlane>, args: &[&str]) -> String {
+pub(crate) fn helm_ok(cp: Option<&ControlPlane>, args: &[&str]) -> String {
     let (ok, out, err) = helm(cp, args);
     assert!(ok, "helm {args:?}: {err}");
     out
@@ -46,6 +46,10 @@ fn granted(rendered: &str) -> BTreeSet<(String, String, String)> {
             continue;
         };
         if !matches!(v["kind"].as_str(), Some("Role") | Some("ClusterRole")) {
+            continue;
+        }
+        // roles the chart offers users to bind are not the operator's rights
+        if v["metadata"]["labels"]["kloudmeter.io/role-for"] == json!("users") {
             continue;
         }
         for rule in v["rules"].as_array().unwrap() {
@@ -110,6 +114,32 @@ fn chart_lints_renders_and_validates_values() {
         ],
     );
     assert!(!ok && err.contains("nats.url is required"), "{err}");
+    // access: Kubernetes identities by default (with the review rights and the two
+    // roles for users); the shared token mode needs the token
+    let (ok, _, err) = helm(None, &["template", "x", CHART, "--set", "auth.mode=token"]);
+    assert!(
+        !ok && err.contains("auth.mode=token needs apiToken.enabled=true"),
+        "{err}"
+    );
+    let (ok, _, err) = helm(None, &["template", "x", CHART, "--set", "auth.mode=oidc"]);
+    assert!(
+        !ok && err.contains("auth.mode: auth.mode must be one of"),
+        "{err}"
+    );
+    let (ok, default, err) = helm(None, &["template", "x", CHART]);
+    assert!(ok, "{err}");
+    for want in [
+        r#"{name: AUTH_MODE, value: "kubernetes"}"#,
+        "resources: [\"tokenreviews\"]",
+        "resources: [\"subjectaccessreviews\"]",
+        "name: x-kloudmeter-event-writer",
+        "name: x-kloudmeter-usage-reader",
+    ] {
+        assert!(default.contains(want), "{want} missing:\n{default}");
+    }
+    let (ok, none, err) = helm(None, &["template", "x", CHART, "--set", "auth.mode=none"]);
+    assert!(ok, "{err}");
+    assert!(!none.contains("tokenreviews"), "{none}");
     // no PodDisruptionBudget at one replica (the install's notes say why)
     let (ok, one, err) = helm(None, &["template", "x", CHART]);
     assert!(ok, "{err}");
@@ -176,6 +206,8 @@ async fn install_upgrade_uninstall_and_least_privilege() {
             "nats.replicas=3",
         ],
         &["--set", "apiToken.enabled=true"],
+        &["--set", "auth.mode=none"],
+        &["--set", "auth.mode=token", "--set", "apiToken.enabled=true"],
         &[
             "--set",
             "apiToken.enabled=true",
@@ -379,12 +411,63 @@ async fn install_upgrade_uninstall_and_least_privilege() {
             ("KUBECONFIG", sa_kc_s.as_str()),
             ("POD_NAMESPACE", "kloudmeter"),
             ("METER_INTERVAL", "1"),
+            // the chart's default: callers are Kubernetes identities
+            ("AUTH_MODE", "kubernetes"),
         ],
     )
     .await;
+    // a client workload: may post (the chart's event-writer role) and manage meters in
+    // the operator's namespace
+    cp.kubectl(&["-n", "kloudmeter", "create", "serviceaccount", "client"]);
+    cp.kubectl(&[
+        "-n",
+        "kloudmeter",
+        "create",
+        "rolebinding",
+        "client-writer",
+        "--clusterrole=kloudmeter-event-writer",
+        "--serviceaccount=kloudmeter:client",
+    ]);
+    cp.kubectl(&[
+        "-n",
+        "kloudmeter",
+        "create",
+        "role",
+        "meter-admin",
+        "--verb=create,delete,get",
+        "--resource=meters.kloudmeter.io",
+    ]);
+    cp.kubectl(&[
+        "-n",
+        "kloudmeter",
+        "create",
+        "rolebinding",
+        "client-meters",
+        "--role=meter-admin",
+        "--serviceaccount=kloudmeter:client",
+    ]);
+    let client_token = cp
+        .kubectl(&[
+            "-n",
+            "kloudmeter",
+            "create",
+            "token",
+            "client",
+            "--audience",
+            "kloudmeter",
+        ])
+        .trim()
+        .to_string();
+    let client = reqwest::Client::new();
     assert!(cp.kubectl_stdin(&["apply", "-f", "-"], "apiVersion: kloudmeter.io/v1alpha1\nkind: Meter\nmetadata: {name: calls, namespace: team-a}\nspec: {eventType: call, aggregation: count}\n").0);
-    let (s, _) = post(&km.url("/api/v1/events"), &json!([{"id": "1", "eventType": "call", "subject": "c"}, {"id": "2", "eventType": "call", "subject": "c"}])).await;
-    assert_eq!(s, 202);
+    let r = client
+        .post(km.url("/api/v1/events"))
+        .bearer_auth(&client_token)
+        .json(&json!([{"id": "1", "eventType": "call", "subject": "c"}, {"id": "2", "eventType": "call", "subject": "c"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
     wait_for("status written with the chart's rights", T, || async {
         cp.jsonpath("team-a", "meter/calls", "{.status.value}") == "2"
     })
@@ -400,14 +483,17 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         .await;
     }
     // the HTTP API creates and deletes Meters in the operator's namespace
-    let (s, _) = post(
-        &km.url("/api/v1/meters"),
-        &json!({"id": "made", "eventType": "call", "aggregation": "count"}),
-    )
-    .await;
-    assert_eq!(s, 201);
-    let r = reqwest::Client::new()
+    let r = client
+        .post(km.url("/api/v1/meters"))
+        .bearer_auth(&client_token)
+        .json(&json!({"id": "made", "eventType": "call", "aggregation": "count"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let r = client
         .delete(km.url("/api/v1/meters/kloudmeter/made"))
+        .bearer_auth(&client_token)
         .send()
         .await
         .unwrap();
