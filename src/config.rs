@@ -17,6 +17,13 @@ pub enum AuthMode {
     Kubernetes,
 }
 
+/// CONTRACT §2 `TENANCY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TenancyMode {
+    Shared,
+    Namespaced,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum KubernetesMode {
     Auto,
@@ -100,13 +107,56 @@ pub struct NatsConfig {
     /// build touched since the last (more often builds slower).
     #[arg(long, env = "BUILD_CHECKPOINT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub build_checkpoint_interval: Duration,
+    /// shared | namespaced: whether a Meter counts events posted from any namespace
+    /// (shared) or only from its own (namespaced; events record their poster's
+    /// ServiceAccount namespace, and ids are unique per namespace).
+    #[arg(
+        long,
+        env = "TENANCY",
+        default_value = "shared",
+        value_enum,
+        ignore_case = true
+    )]
+    pub tenancy: TenancyMode,
+    /// With TENANCY=namespaced: comma-separated namespaces whose Meters count events
+    /// from every namespace (e.g. `billing`).
+    #[arg(long, env = "TENANCY_CROSS_NAMESPACE", default_value = "")]
+    pub tenancy_cross_namespace: String,
     /// Log filter (JSON logs on stdout), e.g. `info` or `info,kloudmeter=debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info,async_nats=warn", value_parser = parse_log_level)]
     pub log_level: String,
 }
 
 impl NatsConfig {
+    /// The tenancy rule TENANCY and TENANCY_CROSS_NAMESPACE give.
+    pub fn tenancy(&self) -> crate::domain::tenancy::Tenancy {
+        use crate::domain::tenancy::Tenancy;
+        match self.tenancy {
+            TenancyMode::Shared => Tenancy::Shared,
+            TenancyMode::Namespaced => Tenancy::Namespaced {
+                cross: self
+                    .tenancy_cross_namespace
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            },
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        for ns in self.tenancy_cross_namespace.split(',').map(str::trim) {
+            let dns_label = ns.len() <= 63
+                && ns
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !dns_label {
+                return Err(format!(
+                    "TENANCY_CROSS_NAMESPACE: {ns:?} is not a namespace name (comma-separated names)"
+                ));
+            }
+        }
         if self.leader_ttl < Duration::from_secs(1) {
             return Err("LEADER_TTL: must be at least 1s".into());
         }

@@ -25,13 +25,18 @@ pub struct Event {
     pub time: DateTime<Utc>,
     #[serde(default)]
     pub data: Value,
+    /// The namespace it was posted from, recorded with TENANCY=namespaced only (see
+    /// [`crate::domain::tenancy`]); never taken from the request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 impl Event {
     /// Key under which repeats of this event are recognised: `source`+`id` where a
-    /// source is given, else `id`. Hashed so the key is fixed-size and safe in a subject.
+    /// source is given, else `id`, within the namespace it was posted from when one is
+    /// recorded. Hashed so the key is fixed-size and safe in a subject.
     pub fn dedup_hash(&self) -> String {
-        dedup_hash(self.source.as_deref(), &self.id)
+        dedup_hash(self.namespace.as_deref(), self.source.as_deref(), &self.id)
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -44,8 +49,14 @@ impl Event {
 }
 
 /// See [`Event::dedup_hash`].
-fn dedup_hash(source: Option<&str>, id: &str) -> String {
+fn dedup_hash(namespace: Option<&str>, source: Option<&str>, id: &str) -> String {
     let mut h = Sha256::new();
+    // a namespace-less key hashes exactly as before namespaces were recorded
+    if let Some(ns) = namespace {
+        h.update(b"n");
+        h.update((ns.len() as u64).to_be_bytes());
+        h.update(ns.as_bytes());
+    }
     match source {
         Some(src) => {
             h.update(b"s");
@@ -79,6 +90,8 @@ pub struct Incoming<'a> {
     /// A JSON object, checked to parse exactly as [`Event::data`] will (`None`: `{}`),
     /// passed on as written.
     pub data: Option<&'a RawValue>,
+    /// Set by ingestion, never from the body: see [`Event::namespace`].
+    pub namespace: Option<Cow<'a, str>>,
 }
 
 /// The stored layout, field for field the one [`Event`] reads.
@@ -92,6 +105,8 @@ struct Stored<'e> {
     subject: &'e str,
     time: DateTime<Utc>,
     data: &'e RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'e str>,
 }
 
 static EMPTY_OBJECT: LazyLock<Box<RawValue>> =
@@ -99,7 +114,7 @@ static EMPTY_OBJECT: LazyLock<Box<RawValue>> =
 
 impl Incoming<'_> {
     pub fn dedup_hash(&self) -> String {
-        dedup_hash(self.source.as_deref(), &self.id)
+        dedup_hash(self.namespace.as_deref(), self.source.as_deref(), &self.id)
     }
 
     /// The message stored in the stream: an [`Event`] in JSON.
@@ -111,6 +126,7 @@ impl Incoming<'_> {
             subject: &self.subject,
             time: self.time,
             data: self.data.unwrap_or(&EMPTY_OBJECT),
+            namespace: self.namespace.as_deref(),
         };
         let mut out = Vec::with_capacity(160 + self.data.map_or(2, |d| d.get().len()));
         serde_json::to_writer(&mut out, &stored).expect("events serialise");
@@ -277,6 +293,7 @@ fn parse_one<'a>(
         subject,
         time,
         data,
+        namespace: None,
     })
 }
 
@@ -882,7 +899,7 @@ mod hostile {
             if let Ok(def) = crate::domain::meter::parse_meter_json(&body, None) {
                 let m = crate::domain::meter::CompiledMeter::compile(&def).unwrap();
                 let e = Event { id: "1".into(), source: None, event_type: "t".into(), subject: "s".into(), time: now(),
-                    data: serde_json::json!({"a": [1, {"b": "2"}], "c": {"d": [[]]}, "e": "NaN"}) };
+                    data: serde_json::json!({"a": [1, {"b": "2"}], "c": {"d": [[]]}, "e": "NaN"}), namespace: None };
                 let _ = crate::domain::fold::contribution(&m, &e);
             }
         }

@@ -138,6 +138,12 @@ pub struct MeterDef {
     /// and resuming never rebuild.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// Whose events the meter counts: not part of the definition as written, but given
+    /// by the installation's TENANCY when the definition is read (part of
+    /// [`Self::semantic_hash`] when it limits anything, so a change of TENANCY rebuilds).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub scope: crate::domain::tenancy::Scope,
 }
 
 impl MeterDef {
@@ -155,6 +161,9 @@ impl MeterDef {
         // filters existed (a new fingerprint would rebuild every meter on upgrade)
         if !self.filter.is_empty() {
             canon["filter"] = serde_json::json!(self.filter);
+        }
+        if let Some(scope) = self.scope.fingerprint() {
+            canon["scope"] = serde_json::json!(scope);
         }
         format!(
             "{:016x}",
@@ -361,6 +370,7 @@ pub fn parse_meter_json(
             Some(serde_json::Value::Bool(b)) => *b,
             Some(_) => return Err(FieldError::new("suspend", "must be true or false")),
         },
+        scope: Default::default(),
     };
     CompiledMeter::compile(&def)?;
     Ok(def)

@@ -12,6 +12,7 @@
 //! - [`build`]: generations of a meter's readings: which is served, which is built,
 //!   what history a rebuild keeps.
 //! - [`query`]: query parameters, output windows and the cover of stored windows.
+//! - [`tenancy`]: which namespaces' events a meter may count.
 
 pub mod build;
 pub mod dedup;
@@ -20,5 +21,6 @@ pub mod filter;
 pub mod fold;
 pub mod meter;
 pub mod query;
+pub mod tenancy;
 pub mod threshold;
 pub mod window;

@@ -31,7 +31,7 @@ async fn ingest(
         .authorize(caller, Permission::post_events(caller.home_namespace()))
         .await?;
     let started = std::time::Instant::now();
-    let answer = ingest_events(state, headers, body).await;
+    let answer = ingest_events(state, caller, headers, body).await;
     state
         .0
         .metrics
@@ -43,6 +43,7 @@ async fn ingest(
 
 async fn ingest_events(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<usize> {
@@ -55,11 +56,20 @@ async fn ingest_events(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     );
-    let events = parse_events(&body, kind, true, Utc::now()).inspect_err(|_| {
+    let mut events = parse_events(&body, kind, true, Utc::now()).inspect_err(|_| {
         m.ingest.rejected.inc();
     })?;
     let n = events.len();
     let store = state.store()?;
+    // TENANCY=namespaced: each event records where it was posted from (none for callers
+    // without a ServiceAccount namespace), whatever its body says
+    if store.tenancy.records_namespace() {
+        if let Some(ns) = caller.home_namespace() {
+            for e in &mut events {
+                e.namespace = Some(ns.into());
+            }
+        }
+    }
     let permits = u32::try_from(n.min(state.0.cfg.max_inflight_events)).unwrap_or(u32::MAX);
     let _permit = state.0.inflight.try_acquire_many(permits).map_err(|_| {
         m.ingest.rejected.inc_by(n as u64);

@@ -163,6 +163,8 @@ impl Store {
 
     /// Where readers find a meter's readings.
     pub async fn served(&self, def: &MeterDef) -> Result<Served, StoreError> {
+        // built for the definition as TENANCY scopes it
+        let def = &self.scoped(def.clone());
         let record = self.progress(&def.id).await?;
         let p = record.as_ref();
         Ok(Served {

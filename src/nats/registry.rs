@@ -115,7 +115,7 @@ impl Registry {
             match serde_json::from_slice::<MeterDef>(&item.value) {
                 Ok(def) => {
                     ids.insert(def.id.clone());
-                    self.upsert(def);
+                    self.upsert(store.scoped(def));
                 }
                 Err(e) => {
                     tracing::warn!(key = %item.key, error = %e, "unreadable meter definition")
@@ -135,7 +135,7 @@ impl Registry {
             let id = crate::nats::keys::meter_of(&entry.key);
             match entry.operation {
                 Operation::Put => match serde_json::from_slice::<MeterDef>(&entry.value) {
-                    Ok(def) => self.upsert(def),
+                    Ok(def) => self.upsert(store.scoped(def)),
                     Err(e) => {
                         tracing::warn!(key = %entry.key, error = %e, "unreadable meter definition")
                     }

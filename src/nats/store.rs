@@ -1,6 +1,7 @@
 //! The NATS layer: connection, the event stream and KV buckets (created or updated at
 //! start-up, idempotently), and a few primitives the rest of the code shares.
 
+use crate::domain::meter::MeterDef;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -36,6 +37,9 @@ pub struct Store {
     /// Threshold notifications, and the crossings already notified.
     pub notifications: stream::Stream,
     pub fired: kv::Store,
+    /// Whose events each meter counts (TENANCY), given to definitions as they are read
+    /// for aggregation and serving ([`Store::scoped`]).
+    pub tenancy: crate::domain::tenancy::Tenancy,
 }
 
 /// One live entry of a KV bucket.
@@ -123,7 +127,17 @@ impl Store {
             leader,
             notifications,
             fired,
+            tenancy: cfg.tenancy(),
         })
+    }
+
+    /// `def` with the scope TENANCY gives it: what the aggregator folds and what its
+    /// readings are built for. Definitions as written and compared stay unscoped.
+    pub fn scoped(&self, def: MeterDef) -> MeterDef {
+        MeterDef {
+            scope: self.tenancy.scope_of(&def.id),
+            ..def
+        }
     }
 
     pub fn connected(&self) -> bool {

@@ -255,6 +255,7 @@ impl MeterSpec {
             thresholds: self.thresholds.clone(),
             export: self.export.clone(),
             suspend: self.suspend.unwrap_or(false),
+            scope: Default::default(),
         };
         crate::domain::meter::CompiledMeter::compile(&def)
             .map_err(|e| FieldError::new(format!("spec.{}", e.field), e.message))?;

@@ -219,6 +219,8 @@ async fn kubernetes_identities_see_and_do_only_what_rbac_grants() {
     bind(&cp, "kloudmeter", "test-meter-admin", "team-a", "admin");
     meter(&cp, "team-a", "usage", "a-calls");
     meter(&cp, "team-b", "usage", "b-calls");
+    // TENANCY=shared (the default): a Meter counts its event type from everywhere
+    meter(&cp, "team-b", "spy", "a-calls");
 
     let nats = Nats::start();
     let kubeconfig = cp.kubeconfig.display().to_string();
@@ -357,6 +359,9 @@ async fn kubernetes_identities_see_and_do_only_what_rbac_grants() {
         .await;
     }
 
+    let (_, spy) = get_as(&km, "/api/reading/?key=team-b/spy", &b).await;
+    assert_eq!(spy["value"], json!("3"), "shared tenancy: {spy}");
+
     // a revoked grant is refused within the cache's lifetime
     let (s, _) = get_as(&km, "/api/v1/meters/team-b/usage", &b).await;
     assert_eq!(s, 200);
@@ -396,4 +401,90 @@ async fn post_as(km: &Km, path: &str, bearer: &str, body: &Value) -> (u16, Value
         .await
         .unwrap();
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// The all-time value of a meter's reading.
+async fn read_value(km: &Km, meter: &str, bearer: &str) -> Value {
+    get_as(km, &format!("/api/reading/?key={meter}"), bearer)
+        .await
+        .1["value"]
+        .clone()
+}
+
+/// TENANCY=namespaced with `billing` cross-namespace: team-b's Meter on team-a's event
+/// type counts only team-b's events, billing's counts everyone's (the static token's,
+/// which belong to no namespace, included).
+#[tokio::test]
+async fn namespaced_tenancy_counts_each_namespace_its_own_events() {
+    let cp = ControlPlane::start();
+    cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
+    cp.kubectl(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/meters.kloudmeter.io",
+    ]);
+    for ns in ["kloudmeter", "team-a", "team-b", "billing"] {
+        cp.kubectl(&["create", "namespace", ns]);
+    }
+    let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], &chart_user_roles());
+    assert!(ok, "{err}");
+    for team in ["team-a", "team-b"] {
+        cp.kubectl(&["-n", team, "create", "serviceaccount", "app"]);
+        bind(&cp, team, "kloudmeter-event-writer", team, "app");
+    }
+    // three Meters on team-a's event type: team-a's own, team-b's, and billing's
+    meter(&cp, "team-a", "usage", "a-calls");
+    meter(&cp, "team-b", "spy", "a-calls");
+    meter(&cp, "billing", "all", "a-calls");
+    let nats = Nats::start();
+    let kubeconfig = cp.kubeconfig.display().to_string();
+    let km = Km::start(
+        &nats,
+        "tenancy",
+        &[
+            ("KUBERNETES", "true"),
+            ("KUBECONFIG", kubeconfig.as_str()),
+            ("POD_NAMESPACE", "kloudmeter"),
+            ("AUTH_MODE", "kubernetes"),
+            ("API_TOKEN", "static-token"),
+            ("TENANCY", "namespaced"),
+            ("TENANCY_CROSS_NAMESPACE", "billing"),
+        ],
+    )
+    .await;
+    let a = token(&cp, "team-a", "app", "kloudmeter");
+    let b = token(&cp, "team-b", "app", "kloudmeter");
+    // ids are unique per namespace: team-b and the static token reuse team-a's ids, and
+    // a body cannot claim a namespace
+    let mut posts = Vec::new();
+    for i in 0..3 {
+        posts.push((&a, json!({"id": format!("x{i}"), "eventType": "a-calls", "subject": "s1", "data": {"n": 1}})));
+    }
+    for i in 0..2 {
+        posts.push((&b, json!({"id": format!("x{i}"), "eventType": "a-calls", "subject": "s1", "data": {"n": 10}, "namespace": "team-a"})));
+    }
+    let static_token = "static-token".to_string();
+    posts.push((
+        &static_token,
+        json!({"id": "x0", "eventType": "a-calls", "subject": "s1", "data": {"n": 100}}),
+    ));
+    for (bearer, e) in &posts {
+        let (s, body) = post_as(&km, "/api/v1/events", bearer, e).await;
+        assert_eq!(s, 202, "{body}");
+    }
+    // a repeat within a namespace still counts once
+    let (s, _) = post_as(&km, "/api/v1/events", &a, &posts[0].1).await;
+    assert_eq!(s, 202);
+    for (meter, want) in [
+        ("billing/all", "123"),
+        ("team-a/usage", "3"),
+        ("team-b/spy", "20"),
+    ] {
+        wait_for(&format!("{meter} = {want}"), T, || async {
+            read_value(&km, meter, &static_token).await == json!(want)
+        })
+        .await;
+    }
 }

@@ -118,6 +118,7 @@ fn parse_one(v: &Value, force_cloudevent: bool, now: DateTime<Utc>) -> Result<Ev
         subject,
         time,
         data,
+        namespace: None,
     })
 }
 

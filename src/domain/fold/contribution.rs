@@ -202,11 +202,12 @@ pub fn same_contribution(a: &CompiledMeter, b: &CompiledMeter) -> bool {
         && (ka == 0 || a.def.value_property == b.def.value_property)
         && a.def.group_by == b.def.group_by
         && a.def.filter == b.def.filter
+        && a.def.scope == b.def.scope
 }
 
 /// Evaluate a meter against one event.
 pub fn contribution(meter: &CompiledMeter, event: &Event) -> Contribution {
-    if !meter.filter.matches(&event.data) {
+    if !meter.def.scope.admits(event.namespace.as_deref()) || !meter.filter.matches(&event.data) {
         return Contribution::Filtered;
     }
     let value = match (&meter.value_path, meter.def.aggregation) {

@@ -20,6 +20,7 @@ fn ev(subject: &str, time: &str, data: serde_json::Value) -> Event {
             .unwrap()
             .with_timezone(&Utc),
         data,
+        namespace: None,
     }
 }
 
@@ -328,6 +329,7 @@ fn arb_events() -> impl Strategy<Value = Vec<Event>> {
                 subject: format!("s{s}"),
                 time: DateTime::from_timestamp(1_790_000_000 + secs, 0).unwrap(),
                 data: Value::Object(data),
+                namespace: None,
             }
         });
     proptest::collection::vec(one, 0..40)
