@@ -144,11 +144,23 @@ async fn http_load(
     clients: usize,
     events_per_body: usize,
 ) -> f64 {
+    http_load_as(url, bodies, clients, events_per_body, None).await
+}
+
+/// [`http_load`] with `Authorization: Bearer <bearer>` on every request.
+async fn http_load_as(
+    url: String,
+    bodies: Arc<Vec<Vec<u8>>>,
+    clients: usize,
+    events_per_body: usize,
+    bearer: Option<String>,
+) -> f64 {
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let (url, bodies, next) = (url.clone(), bodies.clone(), next.clone());
+        let bearer = bearer.clone();
         tasks.push(tokio::spawn(async move {
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(1)
@@ -159,13 +171,14 @@ async fn http_load(
                 if i >= bodies.len() {
                     break;
                 }
-                let r = client
+                let mut req = client
                     .post(&url)
                     .header("content-type", "application/json")
-                    .body(bodies[i].clone())
-                    .send()
-                    .await
-                    .unwrap();
+                    .body(bodies[i].clone());
+                if let Some(b) = &bearer {
+                    req = req.bearer_auth(b);
+                }
+                let r = req.send().await.unwrap();
                 assert!(r.status().is_success(), "{}", r.status());
             }
         }));
@@ -278,6 +291,95 @@ async fn ingest_batch(reps: usize, n: usize, clients: usize) -> Row {
             .push(http_load(km.url("/api/v1/events"), bodies.clone(), clients, 100).await);
         row.km_rss = row.km_rss.max(rss_kib(km.pid().unwrap()));
         row.nats_rss = row.nats_rss.max(rss_kib(nats_pid(&nats)));
+    }
+    row
+}
+
+/// AUTH_MODE=kubernetes: single-event ingest with a ServiceAccount token (TokenReview
+/// and SubjectAccessReview answers cached, warmed by one request first) against the same
+/// process configuration with AUTH_MODE=none, both as operators of one real
+/// kube-apiserver.
+async fn ingest_auth(reps: usize, n: usize, clients: usize) -> Row {
+    use common::control_plane::ControlPlane;
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..n)
+            .map(|i| event_json(i, "api.request").to_string().into_bytes())
+            .collect(),
+    );
+    let mut row = Row {
+        scenario: format!("ingest, single event ({clients} connections), AUTH_MODE=kubernetes"),
+        baseline: "kloudmeter, AUTH_MODE=none".into(),
+        base: vec![],
+        km: vec![],
+        km_rss: 0,
+        nats_rss: 0,
+    };
+    let cp = ControlPlane::start();
+    cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
+    cp.kubectl(&["create", "namespace", "kloudmeter"]);
+    cp.kubectl(&["create", "namespace", "team-a"]);
+    cp.kubectl(&["-n", "team-a", "create", "serviceaccount", "app"]);
+    let role = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: writer}\nrules:\n- {apiGroups: [kloudmeter.io], resources: [events], verbs: [create]}\n";
+    assert!(cp.kubectl_stdin(&["apply", "-f", "-"], role).0);
+    cp.kubectl(&[
+        "-n",
+        "team-a",
+        "create",
+        "rolebinding",
+        "w",
+        "--clusterrole=writer",
+        "--serviceaccount=team-a:app",
+    ]);
+    let token = cp
+        .kubectl(&[
+            "-n",
+            "team-a",
+            "create",
+            "token",
+            "app",
+            "--audience",
+            "kloudmeter",
+        ])
+        .trim()
+        .to_string();
+    let kubeconfig = cp.kubeconfig.display().to_string();
+    for _ in 0..reps {
+        for kubernetes in [false, true] {
+            let nats = Nats::start();
+            let mode = if kubernetes { "kubernetes" } else { "none" };
+            let km = Km::start(
+                &nats,
+                "meters",
+                &[
+                    ("KUBERNETES", "true"),
+                    ("KUBECONFIG", kubeconfig.as_str()),
+                    ("POD_NAMESPACE", "kloudmeter"),
+                    ("AUTH_MODE", mode),
+                    // the default: a warm cache holds for the whole run
+                    ("AUTH_CACHE_TTL", "10s"),
+                ],
+            )
+            .await;
+            let bearer = kubernetes.then(|| token.clone());
+            // one request first: the run measures a warm cache, as the target says
+            let warm = Arc::new(vec![event_json(n + 1, "warm").to_string().into_bytes()]);
+            http_load_as(km.url("/api/register-event"), warm, 1, 1, bearer.clone()).await;
+            let rate = http_load_as(
+                km.url("/api/register-event"),
+                bodies.clone(),
+                clients,
+                1,
+                bearer,
+            )
+            .await;
+            if kubernetes {
+                row.km.push(rate);
+                row.km_rss = row.km_rss.max(rss_kib(km.pid().unwrap()));
+                row.nats_rss = row.nats_rss.max(rss_kib(nats_pid(&nats)));
+            } else {
+                row.base.push(rate);
+            }
+        }
     }
     row
 }
@@ -1142,6 +1244,9 @@ async fn main() {
             r.print();
         }
         half = median(&mut batch.km.clone()) / 2.0;
+    }
+    if want("auth") {
+        ingest_auth(reps, n / 5, 32).await.print();
     }
     if want("aggregation") {
         // BENCH_AGG_METERS=10 runs one of the two (for profiling)
