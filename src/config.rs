@@ -268,6 +268,12 @@ impl Config {
         if self.auth() == AuthMode::Token && self.api_token.is_none() {
             return Err("AUTH_MODE: token needs API_TOKEN to be set".into());
         }
+        if self.nats.tenancy == TenancyMode::Namespaced && self.auth() != AuthMode::Kubernetes {
+            return Err(
+                "TENANCY: namespaced needs AUTH_MODE=kubernetes (an event records the namespace of the ServiceAccount that posted it)"
+                    .into(),
+            );
+        }
         if self.auth_audience.trim().is_empty() {
             return Err("AUTH_AUDIENCE: must not be empty".into());
         }

@@ -81,7 +81,20 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         None => tracing::info!("running standalone (meters in NATS KV)"),
     }
-    let gate = crate::access::Gate::new(&cfg, client.clone())?;
+    // Kubernetes identities need an API server to ask, even for standalone meters
+    let reviews = match (&client, cfg.auth()) {
+        (None, crate::config::AuthMode::Kubernetes) => {
+            let kc = kube::Config::infer().await.context(
+                "AUTH_MODE=kubernetes: no in-cluster configuration or kubeconfig to review tokens with",
+            )?;
+            Some(
+                kube::Client::try_from(kc)
+                    .context("AUTH_MODE=kubernetes: unusable Kubernetes configuration")?,
+            )
+        }
+        _ => client.clone(),
+    };
+    let gate = crate::access::Gate::new(&cfg, reviews)?;
     tracing::info!(mode = ?gate.mode(), "API access");
     let state = AppState::new(
         cfg.clone(),

@@ -367,6 +367,12 @@ fn invalid_configuration_stops_startup_with_one_line() {
         ("NATS_URL", "nats://a:4222,"),
         ("NATS_REPLICAS", "2"),
         ("NATS_REPLICAS", "0"),
+        ("AUTH_MODE", "ldap"),
+        ("AUTH_MODE", "token"),
+        ("AUTH_CACHE_TTL", "0s"),
+        ("TENANCY", "namespaced"),
+        ("TENANCY", "per-team"),
+        ("TENANCY_CROSS_NAMESPACE", "Billing"),
     ];
     for (var, value) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kloudmeter"))

@@ -137,6 +137,22 @@ fn chart_lints_renders_and_validates_values() {
     ] {
         assert!(default.contains(want), "{want} missing:\n{default}");
     }
+    let (ok, _, err) = helm(
+        None,
+        &[
+            "template",
+            "x",
+            CHART,
+            "--set",
+            "tenancy.mode=namespaced",
+            "--set",
+            "auth.mode=none",
+        ],
+    );
+    assert!(
+        !ok && err.contains("tenancy.mode=namespaced needs auth.mode=kubernetes"),
+        "{err}"
+    );
     let (ok, none, err) = helm(None, &["template", "x", CHART, "--set", "auth.mode=none"]);
     assert!(ok, "{err}");
     assert!(!none.contains("tokenreviews"), "{none}");
@@ -207,6 +223,12 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         ],
         &["--set", "apiToken.enabled=true"],
         &["--set", "auth.mode=none"],
+        &[
+            "--set",
+            "tenancy.mode=namespaced",
+            "--set",
+            "tenancy.crossNamespaces={billing}",
+        ],
         &["--set", "auth.mode=token", "--set", "apiToken.enabled=true"],
         &[
             "--set",
