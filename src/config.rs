@@ -54,6 +54,16 @@ fn parse_interval(raw: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_webhook_url(raw: &str) -> Result<String, String> {
+    let ok = (raw.starts_with("http://") || raw.starts_with("https://"))
+        && reqwest::Url::parse(raw).is_ok_and(|u| u.host_str().is_some());
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err(format!("{raw:?} must be an http:// or https:// URL"))
+    }
+}
+
 fn parse_log_level(raw: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(raw)
         .map(|_| raw.to_string())
@@ -246,6 +256,17 @@ pub struct Config {
     /// the claim log after it.
     #[arg(long, env = "CLAIM_SNAPSHOT_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub claim_snapshot_interval: Duration,
+    /// Threshold notifications are also POSTed here (CloudEvents, signed when
+    /// WEBHOOK_SECRET is set), retried with backoff until a 2xx.
+    #[arg(long, env = "WEBHOOK_URL", value_parser = parse_webhook_url)]
+    pub webhook_url: Option<String>,
+    /// Key of the `Kloudmeter-Signature: sha256=<HMAC-SHA256 of the body>` header.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// How long an undelivered notification is retried before it is given up on (and
+    /// counted in kloudmeter_notifications_failed_total).
+    #[arg(long, env = "WEBHOOK_RETRY_FOR", default_value = "24h", value_parser = parse_duration)]
+    pub webhook_retry_for: Duration,
     /// Most events in flight to JetStream from ingestion before new requests get 503.
     #[arg(long, env = "MAX_INFLIGHT_EVENTS", default_value_t = 20_000)]
     pub max_inflight_events: usize,
@@ -281,6 +302,15 @@ impl Config {
             if dir.exists() && !dir.is_dir() {
                 return Err(format!("DATA_DIR: {} is not a folder", dir.display()));
             }
+        }
+        if self.webhook_secret.as_deref() == Some("") {
+            return Err("WEBHOOK_SECRET: must not be empty when set".into());
+        }
+        if self.webhook_retry_for > self.nats.event_retention {
+            return Err(format!(
+                "WEBHOOK_RETRY_FOR: at most EVENT_RETENTION ({}), which is how long notifications are kept",
+                humantime::format_duration(self.nats.event_retention)
+            ));
         }
         if self.max_inflight_events == 0 {
             return Err("MAX_INFLIGHT_EVENTS: must be at least 1".into());

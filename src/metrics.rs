@@ -144,6 +144,14 @@ pub struct ClaimSnapshotMetrics {
 pub struct NotifyMetrics {
     /// Crossings notified (published to the notifications stream).
     pub fired: Counter,
+    /// Webhook deliveries answered 2xx.
+    pub delivered: Counter,
+    /// Webhook attempts that failed (error or non-2xx) and will be retried.
+    pub retried: Counter,
+    /// Notifications given up on: still undelivered after WEBHOOK_RETRY_FOR.
+    pub failed: Counter,
+    /// Notifications not yet delivered to the webhook (waiting or in flight).
+    pub pending: Gauge,
 }
 
 /// The Meter controller.
@@ -317,6 +325,30 @@ impl Default for Metrics {
             "notifications_fired",
             "Threshold crossings notified (published to <stream>.notifications.<meter>)",
             &notify.fired,
+        );
+        add(
+            &mut r,
+            "notifications_delivered",
+            "Threshold notifications delivered to WEBHOOK_URL (answered 2xx)",
+            &notify.delivered,
+        );
+        add(
+            &mut r,
+            "notifications_retried",
+            "Webhook delivery attempts that failed and will be retried with backoff",
+            &notify.retried,
+        );
+        add(
+            &mut r,
+            "notifications_failed",
+            "Threshold notifications given up on: undelivered after WEBHOOK_RETRY_FOR",
+            &notify.failed,
+        );
+        add(
+            &mut r,
+            "notifications_pending",
+            "Threshold notifications not yet delivered to WEBHOOK_URL",
+            &notify.pending,
         );
         let snapshots = ClaimSnapshotMetrics::default();
         add(

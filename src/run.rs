@@ -238,6 +238,20 @@ async fn lead_when_elected(
         metrics.clone(),
         leading_rx.clone(),
     ));
+    // every process delivers (they share one durable consumer), leader or not
+    if let Some(url) = &cfg.webhook_url {
+        let hook = crate::notify::webhook::Webhook {
+            url: url.clone(),
+            secret: cfg.webhook_secret.clone(),
+            retry_for: cfg.webhook_retry_for,
+        };
+        tokio::spawn(crate::notify::webhook::run(
+            store.clone(),
+            hook,
+            metrics.notify.clone(),
+            shutdown.clone(),
+        ));
+    }
     let holder = format!("{}-{}", hostname(), std::process::id());
     // operator mode: meters whose readings the aggregator wrote, for the status write-back
     let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -391,7 +405,7 @@ async fn operate(
         client.clone(),
         store.clone(),
         metrics.clone(),
-        holder,
+        holder.clone(),
     ));
     loop {
         synced.send_replace(true);
@@ -400,6 +414,12 @@ async fn operate(
         }
         synced.send_replace(false);
         metrics.election.leader.set(1);
+        tokio::spawn(crate::operator::crossings::run(
+            client.clone(),
+            store.clone(),
+            holder.clone(),
+            leading.clone(),
+        ));
         let writer = tokio::spawn(crate::operator::status::run(
             client.clone(),
             store.clone(),

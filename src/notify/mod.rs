@@ -12,6 +12,8 @@
 //! then only crossings not yet recorded fire. May not touch: readings (it only reads
 //! them), the claim log, Kubernetes.
 
+pub mod webhook;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +126,54 @@ async fn evaluate(
         }
     }
     Ok(())
+}
+
+/// Where a meter stands against its thresholds in their current periods.
+#[derive(Debug, Default, PartialEq)]
+pub struct Standing {
+    /// Levels crossed, over every threshold and subject, in each threshold's current
+    /// period.
+    pub crossed: u64,
+    /// Subjects over at least one threshold: (subject, current value, highest level
+    /// reached), highest value first (ties by subject), at most `limit`.
+    pub subjects: Vec<(String, Decimal, Decimal)>,
+}
+
+/// A meter's [`Standing`] from its served readings (what `status.thresholds` shows).
+pub async fn standing(store: &Store, meter: &CompiledMeter, limit: usize) -> Result<Standing> {
+    let served = store.served(&meter.def).await?;
+    let readings = MeterDef {
+        id: served.readings_id.clone(),
+        ..meter.def.clone()
+    };
+    let now = Utc::now();
+    let mut standing = Standing::default();
+    let mut over: HashMap<String, (Decimal, Decimal)> = HashMap::new();
+    for threshold in &meter.thresholds {
+        let Some(&(start, end)) = threshold.periods(now).first() else {
+            continue;
+        };
+        for (subject, value) in
+            period_values(store, &readings, threshold.period, start, end, threshold.tz).await?
+        {
+            let levels = threshold.levels(value);
+            let Some(&top) = levels.last() else {
+                continue;
+            };
+            standing.crossed += levels.len() as u64;
+            let entry = over.entry(subject).or_insert((value, top));
+            // the subject's largest value over its thresholds' periods, and the highest
+            // level it reached in any
+            entry.0 = entry.0.max(value);
+            entry.1 = entry.1.max(top);
+        }
+    }
+    let mut subjects: Vec<(String, Decimal, Decimal)> =
+        over.into_iter().map(|(s, (v, l))| (s, v, l)).collect();
+    subjects.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    subjects.truncate(limit);
+    standing.subjects = subjects;
+    Ok(standing)
 }
 
 /// Every subject's value over one period: the all-time totals, or a query over the

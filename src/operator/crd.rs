@@ -192,6 +192,31 @@ pub struct MeterStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
     pub top_subjects: Vec<TopSubject>,
+    /// With `spec.thresholds`: where the subjects stand in each threshold's current
+    /// period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<ThresholdStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThresholdStatus {
+    /// Levels crossed in the current periods, over every threshold and subject (each
+    /// notified once).
+    pub crossed: i64,
+    /// Up to 10 subjects over a threshold, highest value first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub subjects: Vec<ThresholdSubject>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ThresholdSubject {
+    pub subject: String,
+    /// The subject's value in the period, an exact decimal string.
+    pub value: String,
+    /// The highest level it reached.
+    pub threshold: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::domain::window::ReadingKey;
 use crate::nats::registry::Registry;
 use crate::nats::store::Store;
-use crate::operator::crd::{Meter, TopSubject};
+use crate::operator::crd::{Meter, ThresholdStatus, ThresholdSubject, TopSubject};
 
 pub const STATUS_MANAGER: &str = "kloudmeter-aggregator";
 const TOP: usize = 10;
@@ -108,6 +108,23 @@ async fn write(
             value: v.to_string(),
         })
         .collect();
+    let thresholds = if meter.thresholds.is_empty() {
+        None
+    } else {
+        let s = crate::notify::standing(store, &meter, TOP).await?;
+        Some(ThresholdStatus {
+            crossed: i64::try_from(s.crossed).unwrap_or(i64::MAX),
+            subjects: s
+                .subjects
+                .into_iter()
+                .map(|(subject, value, level)| ThresholdSubject {
+                    subject,
+                    value: value.normalize().to_string(),
+                    threshold: level.normalize().to_string(),
+                })
+                .collect(),
+        })
+    };
     let patch = json!({
         "apiVersion": "kloudmeter.io/v1alpha1",
         "kind": "Meter",
@@ -120,6 +137,7 @@ async fn write(
             "lastUpdated": Timestamp::now().to_string(),
             "topSubjects": top,
             "rebuiltFrom": served.rebuilt_from.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            "thresholds": thresholds,
         }
     });
     let api: Api<Meter> = Api::namespaced(client.clone(), ns);

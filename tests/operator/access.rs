@@ -329,7 +329,22 @@ async fn kubernetes_identities_see_and_do_only_what_rbac_grants() {
         (&a, "team-a/usage", "team-b/usage"),
         (&b, "team-b/usage", "team-a/usage"),
     ] {
-        for list in ["/api/meters", "/api/v1/meters", "/api/readings"] {
+        // counted first, so that every list has the subject readings too
+        wait_for(
+            &format!("{own} counts its writer's 3 events"),
+            T,
+            || async {
+                let (_, v) = get_as(&km, &format!("/api/reading/?key={own}"), bearer).await;
+                v["value"] == json!("3")
+            },
+        )
+        .await;
+        for list in [
+            "/api/meters",
+            "/api/v1/meters",
+            "/api/readings",
+            "/api/v1/readings",
+        ] {
             let (s, body) = get_as(&km, list, bearer).await;
             assert_eq!(s, 200, "{list}: {body}");
             let shown = ids(&body);
@@ -348,15 +363,6 @@ async fn kubernetes_identities_see_and_do_only_what_rbac_grants() {
             body["message"],
             json!(format!("forbidden: this identity may not get meters.kloudmeter.io {name:?} in namespace {ns}"))
         );
-        wait_for(
-            &format!("{own} counts its writer's 3 events"),
-            T,
-            || async {
-                let (_, v) = get_as(&km, &format!("/api/reading/?key={own}"), bearer).await;
-                v["value"] == json!("3")
-            },
-        )
-        .await;
     }
 
     let (_, spy) = get_as(&km, "/api/reading/?key=team-b/spy", &b).await;

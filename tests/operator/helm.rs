@@ -225,6 +225,12 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         &["--set", "auth.mode=none"],
         &[
             "--set",
+            "webhook.url=https://billing.example/hooks",
+            "--set",
+            "webhook.existingSecret=hook-key",
+        ],
+        &[
+            "--set",
             "tenancy.mode=namespaced",
             "--set",
             "tenancy.crossNamespaces={billing}",

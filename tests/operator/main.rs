@@ -6,3 +6,4 @@ mod common;
 mod access;
 mod helm;
 mod operator;
+mod thresholds;

@@ -563,7 +563,30 @@ fn expected_sum(n: usize) -> i64 {
     (0..n).map(|i| (i % 1000) as i64 + 1).sum()
 }
 
-async fn aggregation(reps: usize, n: usize, meters: usize, failures: &mut Vec<String>) -> Row {
+/// Ten thresholds of every period (DAY, MONTH, ALL), recurring: what the notifier
+/// evaluates every second beside the aggregator in the thresholds scenario.
+fn ten_thresholds() -> Value {
+    let periods = ["DAY", "MONTH", "ALL"];
+    (0..10)
+        .map(|i| {
+            // subject k ends at 300 × (k + 1) over 300,000 events: a few thousand
+            // crossings in all, most of them in the first seconds
+            let mut t = json!({"value": format!("{}", 50_000 * (i + 1)), "period": periods[i % 3]});
+            if i % 3 == 2 {
+                t["every"] = json!("50000");
+            }
+            t
+        })
+        .collect()
+}
+
+async fn aggregation(
+    reps: usize,
+    n: usize,
+    meters: usize,
+    thresholds: bool,
+    failures: &mut Vec<String>,
+) -> Row {
     let mut row = Row {
         scenario: format!("aggregation, {meters} meter(s), sum by model"),
         baseline: "durable pull consumer, ack each".into(),
@@ -590,7 +613,10 @@ async fn aggregation(reps: usize, n: usize, meters: usize, failures: &mut Vec<St
         row.base.push(raw_consume(&nats, n).await);
         let kv = js.get_key_value("meters-meters").await.unwrap();
         for m in 0..meters {
-            let def = json!({"id": format!("m{m}"), "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
+            let mut def = json!({"id": format!("m{m}"), "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
+            if thresholds {
+                def["thresholds"] = ten_thresholds();
+            }
             kv.put(format!("m.m{m}"), def.to_string().into())
                 .await
                 .unwrap();
@@ -1256,10 +1282,26 @@ async fn main() {
         // backlog's length, and at 100,000 events that fixed work is most of the run.
         let agg_n = env_usize("BENCH_AGG_EVENTS", 300_000);
         for meters in counts.split(',').filter_map(|c| c.parse().ok()) {
-            aggregation(reps, agg_n, meters, &mut failures)
+            aggregation(reps, agg_n, meters, false, &mut failures)
                 .await
                 .print();
         }
+    }
+    if want("thresholds") {
+        // the notifier queries every subject's period values each second beside the
+        // aggregator: what ten thresholds cost the fold
+        let agg_n = env_usize("BENCH_AGG_EVENTS", 300_000);
+        let plain = aggregation(reps, agg_n, 1, false, &mut failures).await;
+        let ten = aggregation(reps, agg_n, 1, true, &mut failures).await;
+        Row {
+            scenario: "aggregation, 1 meter with ten thresholds".into(),
+            baseline: "the same meter without thresholds".into(),
+            base: plain.km,
+            km: ten.km,
+            km_rss: ten.km_rss,
+            nats_rss: ten.nats_rss,
+        }
+        .print();
     }
     if want("cluster") {
         cluster_ingest(reps, n, env_usize("BENCH_CLIENTS", 8), &mut failures)
