@@ -8,7 +8,8 @@
 //! | [`ingest`] | a request's validated events → JetStream, answered once every one is stored | readings |
 //! | [`aggregate`] | the leader's loop: batches, dedup, fold, flush, rebuilds, cursor, dead letters | HTTP |
 //! | [`claims`] | the claim log in NATS and this process's local index of it | readings |
-//! | [`notify`] | threshold crossings → one CloudEvent each on the notifications stream (reads values through the query executor) | writing readings, Kubernetes |
+//! | [`usage`] | the read side of queries: stored windows read as the domain plans them, merged exactly | HTTP |
+//! | [`notify`] | threshold crossings → one CloudEvent each on the notifications stream (values from [`usage`]), webhook delivery | writing readings, Kubernetes |
 //! | [`nats`] | stream, bucket and key names; connection and set-up; the meter registry | domain rules |
 //! | [`http`] | the route table, handlers, OpenAPI, the server | aggregation |
 //! | [`access`] | who may call the API: the shared token, or Kubernetes TokenReviews and SubjectAccessReviews, cached | HTTP, storage |
@@ -109,3 +110,4 @@ pub mod nats;
 pub(crate) mod notify;
 pub mod operator;
 pub mod run;
+pub(crate) mod usage;

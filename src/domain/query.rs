@@ -214,7 +214,9 @@ pub fn parse_query(
     })
 }
 
-fn local_midnight(tz: Tz, date: NaiveDate) -> DateTime<Utc> {
+/// The first instant of a local day: midnight, or later where DST skips it (also what
+/// threshold periods start at).
+pub(crate) fn local_midnight(tz: Tz, date: NaiveDate) -> DateTime<Utc> {
     // Midnight can fall into a DST gap in a few zones: take the first instant of the day.
     let mut t = date.and_hms_opt(0, 0, 0).unwrap_or_default();
     for _ in 0..4 {

@@ -9,11 +9,12 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::query::local_midnight;
 use crate::error::FieldError;
 
 /// A period as [start, end); both None for all time.
@@ -146,21 +147,14 @@ impl CompiledThreshold {
         };
         [current, previous]
             .into_iter()
-            .map(|d| (Some(midnight(self.tz, d)), Some(midnight(self.tz, next(d)))))
+            .map(|d| {
+                (
+                    Some(local_midnight(self.tz, d)),
+                    Some(local_midnight(self.tz, next(d))),
+                )
+            })
             .collect()
     }
-}
-
-/// The first instant of a local day (midnight, or later where DST skips it).
-fn midnight(tz: Tz, date: NaiveDate) -> DateTime<Utc> {
-    let mut t = date.and_hms_opt(0, 0, 0).unwrap_or_default();
-    for _ in 0..4 {
-        if let Some(dt) = tz.from_local_datetime(&t).earliest() {
-            return dt.with_timezone(&Utc);
-        }
-        t += chrono::Duration::minutes(30);
-    }
-    Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default())
 }
 
 /// The stable id of a crossing (the notification's CloudEvent id and dedup key).

@@ -9,8 +9,8 @@
 //! between publishes again at the next evaluation, and the notifications stream drops
 //! that as a duplicate (its duplicate window is an hour); a recorded crossing is never
 //! published again. A meter being built is not evaluated until its build is served, and
-//! then only crossings not yet recorded fire. May not touch: readings (it only reads
-//! them), the claim log, Kubernetes.
+//! then only crossings not yet recorded fire. Period values come from [`crate::usage`].
+//! May not touch: readings (it only reads them), the claim log, Kubernetes.
 
 pub mod webhook;
 
@@ -201,9 +201,7 @@ async fn period_values(
     ];
     let params = crate::domain::query::parse_query(&pairs, readings, Utc::now())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rows = crate::http::query::execute(store, readings, &params)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let rows = crate::usage::execute(store, readings, &params).await?;
     Ok(rows
         .into_iter()
         .filter_map(|r| {

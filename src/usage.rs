@@ -1,0 +1,308 @@
+//! The read side of usage: the rows a query asks for, read from the stored windows that
+//! [`crate::domain::query`] plans and merged exactly. What the HTTP API answers queries
+//! with and what threshold evaluation reads period values with; it knows nothing of
+//! HTTP.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::Value;
+
+use crate::domain::fold::Reading;
+use crate::domain::meter::MeterDef;
+use crate::domain::query;
+use crate::domain::window::{ReadingKey, Rollup};
+use crate::error::FieldError;
+use crate::nats::keys;
+use crate::nats::meters::StoreError;
+use crate::nats::store::{KvItem, Store};
+
+/// Why a query could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UsageError {
+    /// The query asks for something the stored windows cannot answer: the caller's to
+    /// change, naming the parameter.
+    #[error(transparent)]
+    Invalid(FieldError),
+    /// NATS could not be read.
+    #[error("reading stored windows: {0}")]
+    Storage(String),
+    /// A stored reading does not decode: a bug or corruption.
+    #[error("a stored reading does not decode: {0}")]
+    Corrupt(String),
+}
+
+impl From<serde_json::Error> for UsageError {
+    fn from(e: serde_json::Error) -> Self {
+        UsageError::Corrupt(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, UsageError>;
+
+impl UsageError {
+    fn storage(e: impl std::fmt::Display) -> Self {
+        UsageError::Storage(e.to_string())
+    }
+}
+
+impl From<StoreError> for UsageError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => UsageError::storage(e),
+            StoreError::Corrupt { .. } => UsageError::Corrupt(e.to_string()),
+        }
+    }
+}
+
+/// One stored window read for a query: (output window, subject, projected group, reading).
+type Fetched = (
+    usize,
+    String,
+    std::collections::BTreeMap<String, Value>,
+    Option<Reading>,
+);
+
+/// Stored windows a query reads at once (direct gets pipelined on one connection).
+const QUERY_PIPELINE: usize = 2048;
+
+/// Most stored windows one query may read.
+const QUERY_KEY_LIMIT: usize = 500_000;
+
+/// Subjects to answer for, with every group each has seen.
+pub(crate) async fn query_subjects(
+    store: &Store,
+    def: &MeterDef,
+    wanted: &[String],
+) -> Result<
+    Vec<(
+        String,
+        std::collections::BTreeMap<String, crate::domain::fold::SharedGroup>,
+    )>,
+> {
+    let totals = if wanted.is_empty() {
+        store.subject_totals(&def.id, None).await?
+    } else {
+        let mut found = Vec::with_capacity(wanted.len());
+        for subject in wanted {
+            let key = ReadingKey::SubjectTotal {
+                meter: def.id.as_str().into(),
+                subject: subject.as_str().into(),
+            };
+            if let Some(reading) = store.reading(&key).await? {
+                found.push((subject.clone(), reading));
+            }
+        }
+        found
+    };
+    Ok(totals
+        .into_iter()
+        .map(|(s, r)| {
+            let groups = if r.groups.is_empty() {
+                std::collections::BTreeMap::from([("_".to_string(), Default::default())])
+            } else {
+                r.groups
+            };
+            (s, groups)
+        })
+        .collect())
+}
+
+/// Stored windows: (rollup, start) chunks, per output window.
+type Covers = Vec<Vec<(Option<Rollup>, i64)>>;
+
+/// One stored window to read: (output window, subject, projected group, KV key).
+type Planned = (usize, String, BTreeMap<String, Value>, String);
+
+/// Subjects and their groups, as [`query_subjects`] finds them.
+type Subjects = Vec<(String, BTreeMap<String, crate::domain::fold::SharedGroup>)>;
+
+fn too_many_windows() -> UsageError {
+    UsageError::Invalid(FieldError::new(
+        "windowSize",
+        format!("the query would read more than {QUERY_KEY_LIMIT} stored windows; narrow from/to or use a coarser windowSize"),
+    ))
+}
+
+/// The rows of a parsed query. `def.id` names the meter's served readings
+/// ([`Store::served`]). Also what threshold evaluation reads period values with.
+pub(crate) async fn execute(
+    store: &Store,
+    def: &MeterDef,
+    p: &query::QueryParams,
+) -> Result<Vec<query::Row>> {
+    let windows = query::output_windows(p).ok_or_else(|| {
+        UsageError::Invalid(FieldError::new(
+            "windowSize",
+            format!(
+                "more than {} windows between from and to; narrow the range or use a coarser windowSize",
+                query::MAX_WINDOWS
+            ),
+        ))
+    })?;
+    let covers = cover_windows(&windows, def, p)?;
+    let mut chunk_list: Vec<(Option<Rollup>, i64)> = covers.iter().flatten().copied().collect();
+    chunk_list.sort();
+    chunk_list.dedup();
+    // Every subject over few stored windows: one snapshot read per stored window (all
+    // subjects and groups at once) is far cheaper than a get per subject, and runs
+    // beside the read of the subject list.
+    let scan_mode = p.subjects.is_empty() && chunk_list.len() <= 64;
+    let scans = async {
+        if scan_mode {
+            scan_windows(store, def, chunk_list).await
+        } else {
+            Ok(Vec::new())
+        }
+    };
+    let (subjects, scans) = futures::try_join!(query_subjects(store, def, &p.subjects), scans)?;
+    let plan = plan_reads(def, p, &covers, &subjects)?;
+    let fetched = if scan_mode {
+        pick_scanned(plan, scans)?
+    } else {
+        get_each(store, plan).await?
+    };
+    Ok(query::rows(&windows, merge(fetched), def))
+}
+
+/// The stored windows that cover each output window exactly; an output boundary that is
+/// not a boundary of the meter's windows is refused, naming the parameter that set it.
+fn cover_windows(
+    windows: &[(DateTime<Utc>, DateTime<Utc>)],
+    def: &MeterDef,
+    p: &query::QueryParams,
+) -> Result<Covers> {
+    windows
+        .iter()
+        .map(|(a, b)| {
+            query::cover(a.timestamp(), b.timestamp(), def.window_size).map_err(|t| {
+                let base = format!("{:?}", def.window_size).to_uppercase();
+                let field = if t == p.from.timestamp() {
+                    "from"
+                } else if t == p.to.timestamp() {
+                    "to"
+                } else {
+                    "windowTimeZone"
+                };
+                UsageError::Invalid(FieldError::new(
+                    field,
+                    format!("window boundaries must fall on the meter's {base} windows"),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Every subject's and group's reading of each stored window, one scan per window.
+async fn scan_windows(
+    store: &Store,
+    def: &MeterDef,
+    chunks: Vec<(Option<Rollup>, i64)>,
+) -> Result<Vec<Vec<KvItem>>> {
+    futures::stream::iter(chunks)
+        .map(|(rollup, start)| {
+            let filter = keys::window_filter(&def.id, rollup, start);
+            async move {
+                store
+                    .scan(&store.readings, &filter)
+                    .await
+                    .map_err(UsageError::storage)
+            }
+        })
+        .buffer_unordered(8)
+        .try_collect()
+        .await
+}
+
+/// Which stored windows to read, for which output window, subject and projected group.
+/// Refused before anything large is built when it would read too many.
+fn plan_reads(
+    def: &MeterDef,
+    p: &query::QueryParams,
+    covers: &Covers,
+    subjects: &Subjects,
+) -> Result<Vec<Planned>> {
+    let chunks: usize = covers.iter().map(Vec::len).sum();
+    let groups: usize = subjects.iter().map(|(_, g)| g.len()).sum();
+    if chunks.saturating_mul(groups) > QUERY_KEY_LIMIT {
+        return Err(too_many_windows());
+    }
+    let mut plan = Vec::new();
+    for (wi, chunks) in covers.iter().enumerate() {
+        for (subject, groups) in subjects {
+            for (token, values) in groups {
+                if !query::group_matches(values, &p.filters) {
+                    continue;
+                }
+                let projected = query::project(values, &p.group_by);
+                for (rollup, start) in chunks {
+                    let key = ReadingKey::Window {
+                        meter: def.id.as_str().into(),
+                        subject: subject.as_str().into(),
+                        group: token.as_str().into(),
+                        rollup: *rollup,
+                        start: *start,
+                    };
+                    plan.push((wi, subject.clone(), projected.clone(), key.kv_key()));
+                }
+            }
+        }
+        if plan.len() > QUERY_KEY_LIMIT {
+            return Err(too_many_windows());
+        }
+    }
+    Ok(plan)
+}
+
+/// The planned readings out of the window scans.
+fn pick_scanned(plan: Vec<Planned>, scans: Vec<Vec<KvItem>>) -> Result<Vec<Fetched>> {
+    let found: HashMap<String, bytes::Bytes> = scans
+        .into_iter()
+        .flatten()
+        .map(|item| (item.key, item.value))
+        .collect();
+    plan.into_iter()
+        .map(|(wi, subject, projected, key)| {
+            let reading = match found.get(&key) {
+                Some(raw) => Some(serde_json::from_slice::<Reading>(raw)?),
+                None => None,
+            };
+            Ok((wi, subject, projected, reading))
+        })
+        .collect()
+}
+
+/// The planned readings, one pipelined get each.
+async fn get_each(store: &Store, plan: Vec<Planned>) -> Result<Vec<Fetched>> {
+    let readings = store.readings.clone();
+    futures::stream::iter(plan)
+        .map(|(wi, subject, projected, key)| {
+            let readings = readings.clone();
+            async move {
+                let reading = match readings.get(key).await.map_err(UsageError::storage)? {
+                    Some(raw) => Some(serde_json::from_slice::<Reading>(&raw)?),
+                    None => None,
+                };
+                Ok::<_, UsageError>((wi, subject, projected, reading))
+            }
+        })
+        .buffer_unordered(QUERY_PIPELINE)
+        .try_collect()
+        .await
+}
+
+/// Readings merged exactly per (output window, subject, projected group).
+fn merge(fetched: Vec<Fetched>) -> query::Merged {
+    let mut merged: query::Merged = BTreeMap::new();
+    for (wi, subject, projected, reading) in fetched {
+        let Some(reading) = reading else { continue };
+        let gkey = serde_json::to_string(&projected).unwrap_or_default();
+        merged
+            .entry((wi, subject, gkey))
+            .or_insert_with(|| (projected, crate::domain::fold::Acc::default()))
+            .1
+            .merge(&reading.acc);
+    }
+    merged
+}
