@@ -194,10 +194,36 @@ impl Aggregator {
         if events.is_empty() {
             return Ok(());
         }
+        if self.building.is_none() {
+            self.mark_late(events, meters);
+        }
         let plan = self.plan_chunk(events, meters);
         self.load_new_readings().await?;
         self.apply_plan(&plan).await;
         Ok(())
+    }
+
+    /// Remember the hours of events too old for a thresholded meter's current and
+    /// previous periods, so that a late event still notifies in its own period. Builds
+    /// mark nothing: they fire only what the notifier finds unfired once they are served.
+    fn mark_late(&mut self, events: &[(u64, Event)], meters: &ByType) {
+        let now = chrono::Utc::now();
+        let mut cutoffs: HashMap<&str, Option<chrono::DateTime<chrono::Utc>>> = HashMap::new();
+        for (_, e) in events {
+            let Some(ms) = meters.get(&e.event_type) else {
+                continue;
+            };
+            for m in ms.iter().filter(|m| !m.thresholds.is_empty()) {
+                let cutoff = *cutoffs.entry(m.def.id.as_str()).or_insert_with(|| {
+                    m.thresholds.iter().filter_map(|t| t.late_before(now)).min()
+                });
+                if cutoff.is_some_and(|c| e.time < c) {
+                    let hour = e.time.timestamp().div_euclid(3600) * 3600;
+                    let id = crate::nats::keys::meter_of_readings_id(&m.def.id);
+                    self.late.insert((id.to_string(), hour));
+                }
+            }
+        }
     }
 
     /// What each event does to each meter, and the cache slots it touches.

@@ -27,6 +27,17 @@ impl Aggregator {
     pub(super) async fn start_flush(&mut self) -> Result<()> {
         self.finish_flush().await?;
         self.last_flush = std::time::Instant::now();
+        // late events' marks are durable before the cursor can move past the events
+        for (meter, hour) in std::mem::take(&mut self.late) {
+            self.store
+                .state
+                .put(
+                    crate::nats::keys::late_key(&meter, hour),
+                    bytes::Bytes::new(),
+                )
+                .await
+                .context("marking a late event for the notifier")?;
+        }
         let dirty = self.cache.take_dirty();
         let cursor = self.pending.take();
         if dirty.is_empty() {

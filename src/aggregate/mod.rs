@@ -123,6 +123,11 @@ pub(crate) struct Aggregator {
     flush_cost: Duration,
     /// Meters whose readings changed, for the status write-back (operator mode).
     changed: Option<crate::operator::status::ChangedSender>,
+    /// (meter, hour) of events folded since the last flush that are too old for the
+    /// notifier's own look at the current and previous periods: marked in the state
+    /// bucket before the cursor moves past them ([`crate::notify`] evaluates and clears
+    /// the marks).
+    late: std::collections::HashSet<(String, i64)>,
 }
 
 /// What an aggregator works with; it outlives each term of leadership.
@@ -176,6 +181,7 @@ impl Aggregator {
             inflight: None,
             flush_cost: Duration::ZERO,
             changed,
+            late: Default::default(),
         }
     }
 

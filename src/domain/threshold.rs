@@ -155,6 +155,35 @@ impl CompiledThreshold {
             })
             .collect()
     }
+
+    /// The period holding the instant `t`, as [start, end); `None` for ALL (which
+    /// [`Self::periods`] always evaluates).
+    pub fn period_at(&self, t: DateTime<Utc>) -> Option<Bounds> {
+        let local = t.with_timezone(&self.tz).date_naive();
+        let (first, next) = match self.period {
+            Period::All => return None,
+            Period::Day => (local, local.succ_opt().unwrap_or(local)),
+            Period::Month => {
+                let first = local.with_day(1).unwrap_or(local);
+                let (y, m) = if first.month() == 12 {
+                    (first.year() + 1, 1)
+                } else {
+                    (first.year(), first.month() + 1)
+                };
+                (first, NaiveDate::from_ymd_opt(y, m, 1).unwrap_or(first))
+            }
+        };
+        Some((
+            Some(local_midnight(self.tz, first)),
+            Some(local_midnight(self.tz, next)),
+        ))
+    }
+
+    /// Before this instant an event is late for this threshold: older than the start of
+    /// the previous period, which [`Self::periods`] no longer evaluates by itself.
+    pub fn late_before(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.periods(now).last().and_then(|(start, _)| *start)
+    }
 }
 
 /// The stable id of a crossing (the notification's CloudEvent id and dedup key).
@@ -203,6 +232,41 @@ mod tests {
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str_exact(s).unwrap()
+    }
+
+    #[test]
+    fn the_period_holding_an_instant_and_when_events_are_late() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let month = t("1", Period::Month, Some("Asia/Kolkata"), None);
+        // 2026-08-31T20:00Z is already September 1st in Kolkata (+05:30)
+        assert_eq!(
+            month.period_at(at("2026-08-31T20:00:00Z")),
+            Some((
+                Some(at("2026-08-31T18:30:00Z")),
+                Some(at("2026-09-30T18:30:00Z"))
+            ))
+        );
+        let day = t("1", Period::Day, None, None);
+        assert_eq!(
+            day.period_at(at("2026-11-03T23:59:59Z")),
+            Some((
+                Some(at("2026-11-03T00:00:00Z")),
+                Some(at("2026-11-04T00:00:00Z"))
+            ))
+        );
+        assert_eq!(
+            t("1", Period::All, None, None).period_at(at("2026-11-03T00:00:00Z")),
+            None
+        );
+        // late: before the previous period's start
+        assert_eq!(
+            day.late_before(at("2026-11-30T12:00:00Z")),
+            Some(at("2026-11-29T00:00:00Z"))
+        );
+        assert_eq!(
+            t("1", Period::Month, None, None).late_before(at("2026-11-30T12:00:00Z")),
+            Some(at("2026-10-01T00:00:00Z"))
+        );
     }
 
     #[test]

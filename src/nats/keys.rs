@@ -199,6 +199,25 @@ pub const ALL_METERS: &str = "m.*";
 /// Every build-progress record in the state bucket.
 pub const ALL_PROGRESS: &str = "p.*";
 
+/// A late event's mark in the state bucket: `l.<meter>.<hour start>`, for the notifier
+/// to evaluate thresholds in the period the event fell in.
+pub fn late_key(meter: &str, hour: i64) -> String {
+    format!("l.{}.{hour}", token(meter))
+}
+
+/// Every late-event mark.
+pub const ALL_LATE: &str = "l.*.*";
+
+/// The meter and hour of a key from [`late_key`].
+pub fn late_of(key: &str) -> Option<(String, i64)> {
+    let mut parts = key.split('.');
+    let (l, meter, hour) = (parts.next()?, parts.next()?, parts.next()?);
+    if l != "l" || parts.next().is_some() {
+        return None;
+    }
+    Some((untoken(meter)?, hour.parse().ok()?))
+}
+
 /// The meter id of a key from [`meter_key`].
 pub fn meter_of(key: &str) -> Option<String> {
     key.strip_prefix("m.").and_then(untoken)

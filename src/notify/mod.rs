@@ -32,6 +32,8 @@ use crate::nats::registry::Registry;
 use crate::nats::store::Store;
 
 const EVERY: Duration = Duration::from_secs(1);
+/// Late events' marks are looked at every this many rounds.
+const LATE_EVERY: u64 = 5;
 
 /// Evaluate thresholds while `leading`, until the process ends.
 pub async fn run(
@@ -58,7 +60,17 @@ pub async fn run(
         };
         // each meter's last failure, logged when it changes rather than every second
         let mut failing: HashMap<String, String> = HashMap::new();
+        let mut rounds: u64 = 0;
         while *leading.borrow() {
+            rounds += 1;
+            if rounds % LATE_EVERY == 1 {
+                if let Err(e) = evaluate_late(&store, &registry, &mut fired, &metrics).await {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "evaluating late events' periods failed; retrying"
+                    );
+                }
+            }
             let thresholded = registry
                 .all()
                 .into_iter()
@@ -92,6 +104,56 @@ async fn fired_ids(store: &Store) -> Result<HashSet<String>> {
         .collect())
 }
 
+/// The periods of late events (marked by the aggregator, see
+/// [`crate::nats::keys::late_key`]): each thresholded meter's period holding the marked
+/// hour is evaluated like a current one, then the mark is cleared.
+async fn evaluate_late(
+    store: &Store,
+    registry: &Registry,
+    fired: &mut HashSet<String>,
+    metrics: &Metrics,
+) -> Result<()> {
+    let marks = store
+        .scan(&store.state, crate::nats::keys::ALL_LATE)
+        .await
+        .context("reading late events' marks")?;
+    for item in marks {
+        let Some((id, hour)) = crate::nats::keys::late_of(&item.key) else {
+            continue;
+        };
+        if let Some(meter) = registry.get(&id) {
+            let served = store.served(&meter.def).await?;
+            if !served.ready {
+                // a meter being built: its served readings will be evaluated then
+                continue;
+            }
+            let readings = MeterDef {
+                id: served.readings_id.clone(),
+                ..meter.def.clone()
+            };
+            let start = DateTime::from_timestamp(hour, 0).unwrap_or_default();
+            let end = DateTime::from_timestamp(hour + 3599, 0).unwrap_or_default();
+            for (ti, threshold) in meter.thresholds.iter().enumerate() {
+                // the hour may straddle two periods in a zone offset by a fraction of one
+                let mut periods: Vec<_> = [start, end]
+                    .into_iter()
+                    .filter_map(|t| threshold.period_at(t))
+                    .collect();
+                periods.dedup();
+                for (from, to) in periods {
+                    fire_period(store, &meter, &readings, ti, from, to, fired, metrics).await?;
+                }
+            }
+        }
+        store
+            .state
+            .delete(&item.key)
+            .await
+            .context("clearing a late event's mark")?;
+    }
+    Ok(())
+}
+
 /// One meter's thresholds against its served readings.
 async fn evaluate(
     store: &Store,
@@ -110,19 +172,36 @@ async fn evaluate(
     let now = Utc::now();
     for (ti, threshold) in meter.thresholds.iter().enumerate() {
         for (start, end) in threshold.periods(now) {
-            for (subject, value) in
-                period_values(store, &readings, threshold.period, start, end, threshold.tz).await?
-            {
-                for level in threshold.levels(value) {
-                    let id = crossing_id(&meter.def.id, &subject, start, level);
-                    if fired.contains(&id) {
-                        continue;
-                    }
-                    notify(store, &meter.def, ti, &id, &subject, start, level, value).await?;
-                    metrics.notify.fired.inc();
-                    fired.insert(id);
-                }
+            fire_period(store, meter, &readings, ti, start, end, fired, metrics).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Notify every crossing of threshold `ti` in one period that was not notified yet.
+#[allow(clippy::too_many_arguments)]
+async fn fire_period(
+    store: &Store,
+    meter: &CompiledMeter,
+    readings: &MeterDef,
+    ti: usize,
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+    fired: &mut HashSet<String>,
+    metrics: &Metrics,
+) -> Result<()> {
+    let threshold = &meter.thresholds[ti];
+    for (subject, value) in
+        period_values(store, readings, threshold.period, start, end, threshold.tz).await?
+    {
+        for level in threshold.levels(value) {
+            let id = crossing_id(&meter.def.id, &subject, start, level);
+            if fired.contains(&id) {
+                continue;
             }
+            notify(store, &meter.def, ti, &id, &subject, start, level, value).await?;
+            metrics.notify.fired.inc();
+            fired.insert(id);
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Threshold notifications through the real pipeline: one CloudEvent per crossing on
-//! `<stream>.notifications.<meter>`, recurring levels, a late event crossing in its own
-//! past month, and nothing notified twice through a `kill -9` of the leader.
+//! `<stream>.notifications.<meter>`, recurring levels, late events crossing in their own
+//! past months (last month's, and one three months back), nothing notified twice
+//! through a `kill -9` of the leader; webhook deliveries.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -77,6 +78,13 @@ async fn each_crossing_notifies_once_through_a_leader_kill() {
     let last = now.date_naive().with_day(1).unwrap().pred_opt().unwrap();
     let last_month = format!("{:04}-{:02}-01T00:00:00Z", last.year(), last.month());
     let in_last_month = format!("{:04}-{:02}-15T12:00:00Z", last.year(), last.month());
+    // three months back: older than the previous period the notifier looks at by itself
+    let mut back = now.date_naive().with_day(1).unwrap();
+    for _ in 0..3 {
+        back = back.pred_opt().unwrap().with_day(1).unwrap();
+    }
+    let old_month = format!("{:04}-{:02}-01T00:00:00Z", back.year(), back.month());
+    let in_old_month = format!("{:04}-{:02}-10T08:00:00Z", back.year(), back.month());
     let e = |id: &str, subject: &str, v: i64| json!({"id": id, "eventType": "use", "subject": subject, "data": {"v": v}});
     let batch = json!([
         e("1", "s1", 100),
@@ -117,11 +125,14 @@ async fn each_crossing_notifies_once_through_a_leader_kill() {
     // the leader dies: its successor notifies only what is new (s3 reaches 400), and a
     // late event crosses in its own month
     km.restart().await;
-    let late = json!([e("5", "s3", 60), {"id": "6", "eventType": "use", "subject": "s4", "time": in_last_month, "data": {"v": 120}}]);
+    let late = json!([e("5", "s3", 60), {"id": "6", "eventType": "use", "subject": "s4", "time": in_last_month, "data": {"v": 120}},
+        {"id": "7", "eventType": "use", "subject": "s5", "time": in_old_month, "data": {"v": 150}}]);
     post_until_accepted(&km.url("/api/v1/events"), &late, T).await;
     want.insert(row("every", "s3", &this_month, "400"));
     want.insert(row("once", "s4", &last_month, "100"));
     want.insert(row("every", "s4", &last_month, "100"));
+    want.insert(row("once", "s5", &old_month, "100"));
+    want.insert(row("every", "s5", &old_month, "100"));
     wait_for("the new crossings", T, || async {
         crossings(&notifications(&js).await).0 == want
     })
@@ -140,9 +151,20 @@ async fn each_crossing_notifies_once_through_a_leader_kill() {
     });
     assert_eq!(
         per_meter,
-        BTreeMap::from([("every".to_string(), 6), ("once".to_string(), 3)])
+        BTreeMap::from([("every".to_string(), 7), ("once".to_string(), 4)])
     );
 
+    // the late event's mark was evaluated and cleared
+    let state = js.get_key_value("nt-state").await.unwrap();
+    wait_for("late marks cleared", T, || async {
+        let mut keys = state.keys().await.unwrap();
+        let mut left = 0;
+        while let Some(k) = keys.next().await {
+            left += usize::from(k.unwrap().starts_with("l."));
+        }
+        left == 0
+    })
+    .await;
     // a bad threshold is refused naming it
     let (s, b) = post(
         &km.url("/api/v1/meters"),
