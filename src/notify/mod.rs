@@ -35,6 +35,38 @@ const EVERY: Duration = Duration::from_secs(1);
 /// Late events' marks are looked at every this many rounds.
 const LATE_EVERY: u64 = 5;
 
+/// A durable consumer of every notification, for a reader that must see each at least
+/// once (the webhook, Kubernetes Events): acknowledged one by one, never given up by
+/// NATS. Created on first use from `since` on; later uses resume where it stands.
+pub(crate) async fn durable_reader(
+    store: &Store,
+    name: &str,
+    description: &str,
+    since: DateTime<Utc>,
+) -> Result<async_nats::jetstream::consumer::PullConsumer> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let start_time = time::OffsetDateTime::from_unix_timestamp(since.timestamp())
+        .context("a start time out of range")?;
+    store
+        .notifications
+        .get_or_create_consumer(
+            name,
+            pull::Config {
+                durable_name: Some(name.into()),
+                description: Some(description.into()),
+                ack_policy: AckPolicy::Explicit,
+                // longer than one webhook attempt: an unacknowledged delivery is a reader
+                // that died, and goes to another
+                ack_wait: Duration::from_secs(30),
+                max_deliver: -1,
+                deliver_policy: DeliverPolicy::ByStartTime { start_time },
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("creating the notification consumer {name}"))
+}
+
 /// Evaluate thresholds while `leading`, until the process ends.
 pub async fn run(
     store: Store,

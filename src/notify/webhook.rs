@@ -13,7 +13,6 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
@@ -26,9 +25,6 @@ use crate::nats::store::Store;
 const CONSUMER: &str = "webhook";
 /// One attempt may take this long (then it counts as failed).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A delivery not acknowledged within this time goes to another attempt (a process
-/// that died mid-delivery): well above one attempt.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How often the pending gauge is refreshed.
@@ -97,23 +93,13 @@ async fn deliver(
 ) -> Result<()> {
     // first use: notifications from the last WEBHOOK_RETRY_FOR are still worth sending
     let since = chrono::Utc::now() - chrono::Duration::from_std(hook.retry_for)?;
-    let start_time = time_of(since)?;
-    let consumer = store
-        .notifications
-        .get_or_create_consumer(
-            CONSUMER,
-            pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                description: Some("KloudMeter threshold notifications to WEBHOOK_URL".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_deliver: -1,
-                deliver_policy: DeliverPolicy::ByStartTime { start_time },
-                ..Default::default()
-            },
-        )
-        .await
-        .context("creating the webhook consumer")?;
+    let consumer = super::durable_reader(
+        store,
+        CONSUMER,
+        "KloudMeter threshold notifications to WEBHOOK_URL",
+        since,
+    )
+    .await?;
     let mut messages = consumer.messages().await.context("pulling notifications")?;
     let mut gauge = tokio::time::interval(PENDING_EVERY);
     let mut consumer = consumer;
@@ -195,14 +181,6 @@ fn expired(payload: &[u8], retry_for: Duration) -> bool {
         // not a notification of ours: nothing will ever accept it
         Err(_) => true,
     }
-}
-
-/// A chrono instant as the `time` crate's, which the NATS client takes.
-fn time_of(t: chrono::DateTime<chrono::Utc>) -> Result<time::OffsetDateTime> {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
-        t.timestamp_nanos_opt().unwrap_or_default(),
-    ))
-    .context("a start time out of range")
 }
 
 #[cfg(test)]

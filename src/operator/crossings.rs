@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -78,24 +77,13 @@ pub async fn run(
 }
 
 async fn record_all(client: &kube::Client, store: &Store, instance: &str) -> Result<()> {
-    let since = chrono::Utc::now() - FIRST_LOOK_BACK;
-    let start_time = time::OffsetDateTime::from_unix_timestamp(since.timestamp())
-        .context("a start time out of range")?;
-    let consumer = store
-        .notifications
-        .get_or_create_consumer(
-            CONSUMER,
-            pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                description: Some("KloudMeter threshold crossings to Kubernetes Events".into()),
-                ack_policy: AckPolicy::Explicit,
-                max_deliver: -1,
-                deliver_policy: DeliverPolicy::ByStartTime { start_time },
-                ..Default::default()
-            },
-        )
-        .await
-        .context("creating the Kubernetes Events consumer")?;
+    let consumer = crate::notify::durable_reader(
+        store,
+        CONSUMER,
+        "KloudMeter threshold crossings to Kubernetes Events",
+        chrono::Utc::now() - FIRST_LOOK_BACK,
+    )
+    .await?;
     let mut messages = consumer.messages().await.context("pulling notifications")?;
     while let Some(msg) = messages.next().await {
         let msg = msg.context("pulling notifications")?;

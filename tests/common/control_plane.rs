@@ -47,6 +47,33 @@ impl ControlPlane {
         Self::start_with(Options::default())
     }
 
+    /// [`Self::start`], with the project's CRDs installed and established.
+    pub fn with_crds() -> ControlPlane {
+        let cp = Self::start();
+        cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
+        cp.kubectl(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd/meters.kloudmeter.io",
+        ]);
+        cp
+    }
+
+    /// The environment of a kloudmeter process that operates this control plane from
+    /// the namespace `kloudmeter`, plus `extra`.
+    pub fn operator_env<'a>(&'a self, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let kubeconfig = self.kubeconfig.to_str().expect("a UTF-8 temporary path");
+        let mut env = vec![
+            ("KUBERNETES", "true"),
+            ("KUBECONFIG", kubeconfig),
+            ("POD_NAMESPACE", "kloudmeter"),
+        ];
+        env.extend_from_slice(extra);
+        env
+    }
+
     pub fn audit_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
     }

@@ -187,15 +187,7 @@ async fn get_as(km: &Km, path: &str, bearer: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn kubernetes_identities_see_and_do_only_what_rbac_grants() {
-    let cp = ControlPlane::start();
-    cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
-    cp.kubectl(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/meters.kloudmeter.io",
-    ]);
+    let cp = ControlPlane::with_crds();
     for ns in ["kloudmeter", "team-a", "team-b"] {
         cp.kubectl(&["create", "namespace", ns]);
     }
@@ -223,18 +215,14 @@ async fn kubernetes_identities_see_and_do_only_what_rbac_grants() {
     meter(&cp, "team-b", "spy", "a-calls");
 
     let nats = Nats::start();
-    let kubeconfig = cp.kubeconfig.display().to_string();
     let ttl = format!("{}s", CACHE_TTL.as_secs());
     let km = Km::start(
         &nats,
         "access",
-        &[
-            ("KUBERNETES", "true"),
-            ("KUBECONFIG", kubeconfig.as_str()),
-            ("POD_NAMESPACE", "kloudmeter"),
+        &cp.operator_env(&[
             ("AUTH_MODE", "kubernetes"),
             ("AUTH_CACHE_TTL", ttl.as_str()),
-        ],
+        ]),
     )
     .await;
     let a = token(&cp, "team-a", "app", "kloudmeter");
@@ -422,15 +410,7 @@ async fn read_value(km: &Km, meter: &str, bearer: &str) -> Value {
 /// which belong to no namespace, included).
 #[tokio::test]
 async fn namespaced_tenancy_counts_each_namespace_its_own_events() {
-    let cp = ControlPlane::start();
-    cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
-    cp.kubectl(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/meters.kloudmeter.io",
-    ]);
+    let cp = ControlPlane::with_crds();
     for ns in ["kloudmeter", "team-a", "team-b", "billing"] {
         cp.kubectl(&["create", "namespace", ns]);
     }
@@ -445,19 +425,15 @@ async fn namespaced_tenancy_counts_each_namespace_its_own_events() {
     meter(&cp, "team-b", "spy", "a-calls");
     meter(&cp, "billing", "all", "a-calls");
     let nats = Nats::start();
-    let kubeconfig = cp.kubeconfig.display().to_string();
     let km = Km::start(
         &nats,
         "tenancy",
-        &[
-            ("KUBERNETES", "true"),
-            ("KUBECONFIG", kubeconfig.as_str()),
-            ("POD_NAMESPACE", "kloudmeter"),
+        &cp.operator_env(&[
             ("AUTH_MODE", "kubernetes"),
             ("API_TOKEN", "static-token"),
             ("TENANCY", "namespaced"),
             ("TENANCY_CROSS_NAMESPACE", "billing"),
-        ],
+        ]),
     )
     .await;
     let a = token(&cp, "team-a", "app", "kloudmeter");

@@ -56,15 +56,7 @@ async fn post_ok(km: &Km, events: Value) {
 
 #[tokio::test]
 async fn operator_against_a_real_api_server() {
-    let cp = ControlPlane::start();
-    cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
-    cp.kubectl(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/meters.kloudmeter.io",
-    ]);
+    let cp = ControlPlane::with_crds();
     ns(&cp, "kloudmeter");
     let mut nats = Nats::start();
     let kubeconfig = cp.kubeconfig.display().to_string();

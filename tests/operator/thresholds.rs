@@ -11,15 +11,7 @@ const T: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn crossings_are_events_on_the_meter_and_its_status_counts_them() {
-    let cp = ControlPlane::start();
-    cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
-    cp.kubectl(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/meters.kloudmeter.io",
-    ]);
+    let cp = ControlPlane::with_crds();
     for ns in ["kloudmeter", "team-a"] {
         cp.kubectl(&["create", "namespace", ns]);
     }
@@ -27,18 +19,7 @@ async fn crossings_are_events_on_the_meter_and_its_status_counts_them() {
     let (ok, _, err) = cp.kubectl_stdin(&["apply", "-f", "-"], manifest);
     assert!(ok, "{err}");
     let nats = Nats::start();
-    let kubeconfig = cp.kubeconfig.display().to_string();
-    let km = Km::start(
-        &nats,
-        "thr",
-        &[
-            ("KUBERNETES", "true"),
-            ("KUBECONFIG", kubeconfig.as_str()),
-            ("POD_NAMESPACE", "kloudmeter"),
-            ("METER_INTERVAL", "1"),
-        ],
-    )
-    .await;
+    let km = Km::start(&nats, "thr", &cp.operator_env(&[("METER_INTERVAL", "1")])).await;
     wait_for("the Meter served", T, || async {
         get(&km.url("/api/v1/meters/team-a/tokens")).await.0 == 200
     })
