@@ -306,7 +306,7 @@ impl Config {
         if self.webhook_secret.as_deref() == Some("") {
             return Err("WEBHOOK_SECRET: must not be empty when set".into());
         }
-        if self.webhook_retry_for > self.nats.event_retention {
+        if self.webhook_url.is_some() && self.webhook_retry_for > self.nats.event_retention {
             return Err(format!(
                 "WEBHOOK_RETRY_FOR: at most EVENT_RETENTION ({}), which is how long notifications are kept",
                 humantime::format_duration(self.nats.event_retention)

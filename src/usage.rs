@@ -109,6 +109,9 @@ pub(crate) async fn query_subjects(
         .collect())
 }
 
+/// Output windows: [start, end).
+type Windows = Vec<(DateTime<Utc>, DateTime<Utc>)>;
+
 /// Stored windows: (rollup, start) chunks, per output window.
 type Covers = Vec<Vec<(Option<Rollup>, i64)>>;
 
@@ -132,6 +135,57 @@ pub(crate) async fn execute(
     def: &MeterDef,
     p: &query::QueryParams,
 ) -> Result<Vec<query::Row>> {
+    Ok(execute_page(store, def, p).await?.0)
+}
+
+/// [`execute`] for one page when the query asks for one (`p.page`): the rows of up to
+/// `limit` subjects after the cursor's, in subject order, and the cursor of the next
+/// page while more subjects remain.
+pub(crate) async fn execute_page(
+    store: &Store,
+    def: &MeterDef,
+    p: &query::QueryParams,
+) -> Result<(Vec<query::Row>, Option<String>)> {
+    let (windows, covers) = plan_windows(def, p)?;
+    let mut chunk_list: Vec<(Option<Rollup>, i64)> = covers.iter().flatten().copied().collect();
+    chunk_list.sort();
+    chunk_list.dedup();
+    // Every subject over few stored windows: one snapshot read per stored window (all
+    // subjects and groups at once) is far cheaper than a get per subject, and runs
+    // beside the read of the subject list. A page reads only its own subjects.
+    let scan_mode = p.subjects.is_empty() && p.page.is_none() && chunk_list.len() <= 64;
+    let scans = async {
+        if scan_mode {
+            scan_windows(store, def, chunk_list).await
+        } else {
+            Ok(Vec::new())
+        }
+    };
+    let (mut subjects, scans) = futures::try_join!(query_subjects(store, def, &p.subjects), scans)?;
+    let mut next = None;
+    if let Some(page) = &p.page {
+        sort_subjects(&mut subjects);
+        let first = match &page.after {
+            Some(after) => subjects.partition_point(|(s, _)| s <= after),
+            None => 0,
+        };
+        let end = (first + page.limit).min(subjects.len());
+        if end < subjects.len() && end > first {
+            next = Some(query::encode_cursor(&subjects[end - 1].0));
+        }
+        subjects = subjects.drain(first..end).collect();
+    }
+    let plan = plan_reads(def, p, &covers, &subjects)?;
+    let fetched = if scan_mode {
+        pick_scanned(plan, scans)?
+    } else {
+        get_each(store, plan).await?
+    };
+    Ok((query::rows(&windows, merge(fetched), def), next))
+}
+
+/// Output windows and the stored windows covering each.
+fn plan_windows(def: &MeterDef, p: &query::QueryParams) -> Result<(Windows, Covers)> {
     let windows = query::output_windows(p).ok_or_else(|| {
         UsageError::Invalid(FieldError::new(
             "windowSize",
@@ -142,28 +196,81 @@ pub(crate) async fn execute(
         ))
     })?;
     let covers = cover_windows(&windows, def, p)?;
-    let mut chunk_list: Vec<(Option<Rollup>, i64)> = covers.iter().flatten().copied().collect();
-    chunk_list.sort();
-    chunk_list.dedup();
-    // Every subject over few stored windows: one snapshot read per stored window (all
-    // subjects and groups at once) is far cheaper than a get per subject, and runs
-    // beside the read of the subject list.
-    let scan_mode = p.subjects.is_empty() && chunk_list.len() <= 64;
-    let scans = async {
-        if scan_mode {
-            scan_windows(store, def, chunk_list).await
-        } else {
-            Ok(Vec::new())
+    Ok((windows, covers))
+}
+
+fn sort_subjects(subjects: &mut Subjects) {
+    subjects.sort_by(|a, b| a.0.cmp(&b.0));
+    subjects.dedup_by(|a, b| a.0 == b.0);
+}
+
+/// A query answered a slice of subjects at a time: the subject list is read once, each
+/// [`Self::next_rows`] reads only its slice's windows. What a streamed answer uses, so
+/// that neither the rows nor the reads of the whole set are held at once.
+pub(crate) struct Pages {
+    store: Store,
+    def: MeterDef,
+    p: query::QueryParams,
+    windows: Windows,
+    covers: Covers,
+    /// Left to answer, in reverse subject order (slices are taken off the end).
+    left: Subjects,
+    size: usize,
+    /// Whether a slice was answered already.
+    started: bool,
+}
+
+impl Pages {
+    /// Checks the query and reads its subjects (every one, or those it names).
+    pub async fn start(
+        store: Store,
+        def: MeterDef,
+        p: query::QueryParams,
+        size: usize,
+    ) -> Result<Pages> {
+        let (windows, covers) = plan_windows(&def, &p)?;
+        let mut left = query_subjects(&store, &def, &p.subjects).await?;
+        sort_subjects(&mut left);
+        left.reverse();
+        Ok(Pages {
+            store,
+            def,
+            p,
+            windows,
+            covers,
+            left,
+            size: size.max(1),
+            started: false,
+        })
+    }
+
+    /// The rows of the next slice of subjects; `None` once every subject is answered.
+    pub async fn next_rows(&mut self) -> Option<Result<Vec<query::Row>>> {
+        if self.left.is_empty() {
+            return None;
         }
-    };
-    let (subjects, scans) = futures::try_join!(query_subjects(store, def, &p.subjects), scans)?;
-    let plan = plan_reads(def, p, &covers, &subjects)?;
-    let fetched = if scan_mode {
-        pick_scanned(plan, scans)?
-    } else {
-        get_each(store, plan).await?
-    };
-    Ok(query::rows(&windows, merge(fetched), def))
+        let keep = self.left.len().saturating_sub(self.size);
+        let mut slice = self.left.split_off(keep);
+        slice.reverse();
+        // the whole set in one slice over few stored windows: scanning each window once
+        // beats a get per subject, as in a query that is not streamed
+        let mut chunks: Vec<(Option<Rollup>, i64)> =
+            self.covers.iter().flatten().copied().collect();
+        chunks.sort();
+        chunks.dedup();
+        let whole = !self.started && keep == 0 && self.p.subjects.is_empty() && chunks.len() <= 64;
+        self.started = true;
+        let rows = async {
+            let plan = plan_reads(&self.def, &self.p, &self.covers, &slice)?;
+            let fetched = if whole {
+                pick_scanned(plan, scan_windows(&self.store, &self.def, chunks).await?)?
+            } else {
+                get_each(&self.store, plan).await?
+            };
+            Ok(query::rows(&self.windows, merge(fetched), &self.def))
+        };
+        Some(rows.await)
+    }
 }
 
 /// The stored windows that cover each output window exactly; an output boundary that is

@@ -57,6 +57,34 @@ pub struct QueryParams {
     pub group_by: Vec<String>,
     /// `filterGroupBy`: every one must hold for a group to be kept.
     pub filters: Vec<GroupFilter>,
+    /// `limit` (and `cursor`): one page of subjects, in subject order.
+    pub page: Option<Page>,
+}
+
+/// One page of an all-subject (or many-subject) query: up to `limit` subjects after the
+/// subject `after` (the cursor the previous page gave).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub limit: usize,
+    pub after: Option<String>,
+}
+
+/// Most subjects one page holds.
+pub const MAX_PAGE: usize = 10_000;
+
+/// The cursor of the page after the one ending with `subject` (opaque to clients).
+pub fn encode_cursor(subject: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(subject.as_bytes())
+}
+
+fn decode_cursor(raw: &str) -> Result<String, FieldError> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| FieldError::new("cursor", "not a cursor this API gave"))
 }
 
 /// One `filterGroupBy[<key>][<op>]=<values>` of a query. Values compare as text (a group
@@ -134,8 +162,21 @@ pub fn parse_query(
     let mut subjects = Vec::new();
     let mut group_by = Vec::new();
     let mut filters = Vec::new();
+    let mut limit = None;
+    let mut cursor = None;
     for (k, v) in pairs {
         match k.as_str() {
+            "limit" => {
+                limit = Some(
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_PAGE).contains(n))
+                        .ok_or_else(|| {
+                            FieldError::new("limit", format!("must be a whole number 1-{MAX_PAGE}"))
+                        })?,
+                )
+            }
+            "cursor" => cursor = Some(decode_cursor(v)?),
             "from" => from = Some(parse_time("from", v)?),
             "to" => to = Some(parse_time("to", v)?),
             "windowSize" => {
@@ -203,7 +244,18 @@ pub fn parse_query(
     if from >= to {
         return Err(FieldError::new("from", "must be before to (default: now)"));
     }
+    let page = match (limit, cursor) {
+        (Some(limit), after) => Some(Page { limit, after }),
+        (None, Some(_)) => {
+            return Err(FieldError::new(
+                "cursor",
+                "needs limit (the page size it continues with)",
+            ))
+        }
+        (None, None) => None,
+    };
     Ok(QueryParams {
+        page,
         from,
         to,
         window,
@@ -294,6 +346,10 @@ pub struct Answer {
     pub from: String,
     pub to: String,
     pub data: Vec<Row>,
+    /// With `limit`: the `cursor` of the next page, while more subjects remain (also in
+    /// the `Kloudmeter-Next-Cursor` header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// Stored windows that together are exactly [a, b): coarsest UTC rollups first.
@@ -391,24 +447,38 @@ pub fn rows(
 /// CSV with a header line: windowStart, windowEnd, subject, one column per groupBy
 /// dimension, value.
 pub fn to_csv(rows: &[Row], dims: &[String]) -> String {
-    fn field(s: &str) -> String {
-        if s.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
+    let mut out = csv_header(dims);
+    out.push_str(&csv_rows(rows, dims));
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
     }
+}
+
+/// The CSV header line.
+pub fn csv_header(dims: &[String]) -> String {
     let mut out = String::from("windowStart,windowEnd,subject");
     for d in dims {
         out.push(',');
-        out.push_str(&field(d));
+        out.push_str(&csv_field(d));
     }
     out.push_str(",value\n");
+    out
+}
+
+/// The CSV lines of `rows`, without the header (a streamed answer writes it once).
+pub fn csv_rows(rows: &[Row], dims: &[String]) -> String {
+    let mut out = String::new();
     for r in rows {
         let mut cols = vec![
-            field(&r.window_start),
-            field(&r.window_end),
-            field(&r.subject),
+            csv_field(&r.window_start),
+            csv_field(&r.window_end),
+            csv_field(&r.subject),
         ];
         for d in dims {
             let v = match r.group_by.get(d) {
@@ -416,9 +486,9 @@ pub fn to_csv(rows: &[Row], dims: &[String]) -> String {
                 Some(Value::Null) | None => String::new(),
                 Some(v) => v.to_string(),
             };
-            cols.push(field(&v));
+            cols.push(csv_field(&v));
         }
-        cols.push(field(r.value.as_deref().unwrap_or("")));
+        cols.push(csv_field(r.value.as_deref().unwrap_or("")));
         out.push_str(&cols.join(","));
         out.push('\n');
     }

@@ -188,7 +188,7 @@ fn query_params(shape: Shape) -> Vec<Value> {
                 query_param(
                     "windowTimeZone",
                     false,
-                    string,
+                    string.clone(),
                     "IANA time zone (default UTC)",
                 ),
                 query_param("subject", false, repeated.clone(), "repeatable"),
@@ -199,6 +199,13 @@ fn query_params(shape: Shape) -> Vec<Value> {
                     "repeatable: group keys of the meter; `subject` is accepted (rows are per subject)",
                 ),
                 filter,
+                query_param(
+                    "limit",
+                    false,
+                    json!({"type": "integer", "minimum": 1, "maximum": 10000}),
+                    "one page of at most this many subjects, in subject order; nextCursor (and the Kloudmeter-Next-Cursor header) gives the next page's cursor. Without it, an all-subject CSV answer is streamed",
+                ),
+                query_param("cursor", false, string, "the nextCursor of the previous page (needs limit)"),
             ]
         }
         _ => Vec::new(),

@@ -11,7 +11,9 @@ use super::{ApiError, ApiResult, AppState};
 use crate::access::{Caller, Permission, Verb};
 use crate::domain::meter::MeterDef;
 use crate::domain::query;
+use crate::nats::store::Store;
 use crate::usage::UsageError;
+use futures::StreamExt as _;
 
 impl From<UsageError> for ApiError {
     fn from(e: UsageError) -> Self {
@@ -67,29 +69,85 @@ async fn run_query(
         ..def
     };
     let p = query::parse_query(&pairs, &def, Utc::now())?;
-    let rows = crate::usage::execute(store, &def, &p).await?;
-    Ok(answer(rows, &p, headers))
+    if wants_csv(headers) && p.page.is_none() && p.subjects.is_empty() {
+        return stream_csv(store.clone(), def, p).await;
+    }
+    let (rows, next) = crate::usage::execute_page(store, &def, &p).await?;
+    Ok(answer(rows, next, &p, headers))
 }
 
-/// The rows as JSON, or CSV when the client accepts it.
-fn answer(rows: Vec<query::Row>, p: &query::QueryParams, headers: &HeaderMap) -> Response {
-    let wants_csv = headers
+/// Subjects per page of a streamed CSV answer: what bounds its memory.
+const CSV_PAGE: usize = 1_000;
+
+fn wants_csv(headers: &HeaderMap) -> bool {
+    headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/csv"));
-    if wants_csv {
-        return (
+        .is_some_and(|a| a.contains("text/csv"))
+}
+
+/// Every subject's rows as CSV, read and written a page of subjects at a time, so that
+/// the whole set never sits in memory. The subject list and first page are read before
+/// answering (an invalid query is still a 4xx); a failure later cuts the body short
+/// (and is logged).
+async fn stream_csv(store: Store, def: MeterDef, p: query::QueryParams) -> ApiResult<Response> {
+    let dims = p.group_by.clone();
+    let mut pages = crate::usage::Pages::start(store, def, p, CSV_PAGE).await?;
+    let mut first = query::csv_header(&dims);
+    if let Some(rows) = pages.next_rows().await {
+        first.push_str(&query::csv_rows(&rows?, &dims));
+    }
+    let rest = futures::stream::unfold(Some(pages), move |pages| {
+        let dims = dims.clone();
+        async move {
+            let mut pages = pages?;
+            match pages.next_rows().await? {
+                Ok(rows) => Some((
+                    Ok(bytes::Bytes::from(query::csv_rows(&rows, &dims))),
+                    Some(pages),
+                )),
+                Err(e) => {
+                    tracing::error!(error = %e, "a streamed CSV answer was cut short");
+                    Some((Err(std::io::Error::other("query failed")), None))
+                }
+            }
+        }
+    });
+    let body = futures::stream::once(async move { Ok(bytes::Bytes::from(first)) }).chain(rest);
+    Ok((
+        [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// The rows as JSON, or CSV when the client accepts it; a page's next cursor in the
+/// `Kloudmeter-Next-Cursor` header (and the JSON's `nextCursor`).
+fn answer(
+    rows: Vec<query::Row>,
+    next: Option<String>,
+    p: &query::QueryParams,
+    headers: &HeaderMap,
+) -> Response {
+    let mut response = if wants_csv(headers) {
+        (
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
             query::to_csv(&rows, &p.group_by),
         )
-            .into_response();
+            .into_response()
+    } else {
+        Json(query::Answer {
+            window_size: p.window,
+            window_time_zone: p.tz.name().to_string(),
+            from: query::rfc3339(p.from),
+            to: query::rfc3339(p.to),
+            data: rows,
+            next_cursor: next.clone(),
+        })
+        .into_response()
+    };
+    if let Some(v) = next.and_then(|n| axum::http::HeaderValue::from_str(&n).ok()) {
+        response.headers_mut().insert("kloudmeter-next-cursor", v);
     }
-    Json(query::Answer {
-        window_size: p.window,
-        window_time_zone: p.tz.name().to_string(),
-        from: query::rfc3339(p.from),
-        to: query::rfc3339(p.to),
-        data: rows,
-    })
-    .into_response()
+    response
 }

@@ -373,6 +373,7 @@ fn invalid_configuration_stops_startup_with_one_line() {
         ("TENANCY", "namespaced"),
         ("TENANCY", "per-team"),
         ("TENANCY_CROSS_NAMESPACE", "Billing"),
+        ("WEBHOOK_URL", "ftp://hooks.example"),
     ];
     for (var, value) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kloudmeter"))

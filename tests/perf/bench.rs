@@ -1151,6 +1151,116 @@ async fn soak(rate: f64, secs: u64, failures: &mut Vec<String>) {
 }
 
 /// Query latency over a month of history: `n` events over 30 days for 1,000 subjects.
+/// 100,000 subjects over 30 days: one 1,000-subject page of DAY windows (p50/p99 over
+/// the first pages, each from the previous page's cursor), and the whole set as
+/// streamed CSV (time, rows, kloudmeter's peak RSS).
+async fn query_subjects_100k(n: usize, failures: &mut Vec<String>) {
+    const SUBJECTS: usize = 100_000;
+    let nats = Nats::start();
+    let km = Km::start(&nats, "meters", &[]).await;
+    let def = json!({"id": "calls", "eventType": "api.request", "aggregation": "count", "windowSize": "HOUR"});
+    let (s, _) = post(&km.url("/api/v1/meters"), &def).await;
+    assert_eq!(s, 201);
+    let start = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z")
+        .unwrap()
+        .timestamp();
+    let span = 30 * 86_400i64;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|chunk| {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|&i| {
+                    let t = start + (i as i64 * 7919) % span;
+                    json!({"id": format!("c{i}"), "eventType": "api.request", "subject": format!("customer-{:06}", i % SUBJECTS),
+                        "time": chrono::DateTime::from_timestamp(t, 0).unwrap().to_rfc3339(), "data": {}})
+                })
+                .collect();
+            serde_json::to_vec(&batch).unwrap()
+        })
+        .collect();
+    let loading = Instant::now();
+    http_load(km.url("/api/v1/events"), Arc::new(bodies), 8, 100).await;
+    caught_up(&js_for(&nats).await, "meters", Duration::from_secs(1800)).await;
+    let loaded = loading.elapsed();
+    let base = km.url("/api/v1/meters/calls/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=DAY");
+    let client = reqwest::Client::new();
+    let mut lat = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut counted = 0u64;
+    for _ in 0..30 {
+        let url = match &cursor {
+            Some(c) => format!("{base}&limit=1000&cursor={c}"),
+            None => format!("{base}&limit=1000"),
+        };
+        let t = Instant::now();
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let page: Value = r.json().await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        counted += page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["value"].as_str().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>();
+        cursor = page["nextCursor"].as_str().map(str::to_string);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99) = (lat[lat.len() / 2], lat[lat.len() - 1]);
+    // 30 pages of 1,000 subjects: subjects 0..29,999, each with n / SUBJECTS events
+    let want = (30_000 * (n / SUBJECTS)) as u64;
+    if counted != want {
+        failures.push(format!(
+            "100k subjects: 30 pages counted {counted}, want {want}"
+        ));
+    }
+    let t = Instant::now();
+    let mut r = client
+        .get(&base)
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .unwrap();
+    let (mut bytes, mut lines, mut total) = (0usize, 0usize, 0u64);
+    let mut partial = String::new();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        bytes += chunk.len();
+        partial.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = partial.find('\n') {
+            let line: String = partial.drain(..=end).collect();
+            lines += 1;
+            if lines > 1 {
+                total += line
+                    .trim_end()
+                    .rsplit(',')
+                    .next()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+    }
+    let csv_secs = t.elapsed().as_secs_f64();
+    if total != n as u64 {
+        failures.push(format!(
+            "100k subjects: the CSV counts {total} events, want {n}"
+        ));
+    }
+    println!();
+    println!("queries over {SUBJECTS} subjects ({n} events over 30 days, count meter with HOUR windows; loaded and aggregated in {:.0} s):", loaded.as_secs_f64());
+    println!("  a page of 1,000 subjects, 30 DAY windows each (30 pages in a row): p50 {p50:.0} ms, p99 {p99:.0} ms");
+    println!(
+        "  the whole set as CSV (streamed): {:.1} s, {} rows, {:.1} MB; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB",
+        csv_secs,
+        lines - 1,
+        bytes as f64 / 1e6,
+        rss_kib(km.pid().unwrap()) as f64 / 1024.0,
+        rss_kib(nats_pid(&nats)) as f64 / 1024.0
+    );
+}
+
 async fn query_latency(n: usize, failures: &mut Vec<String>) {
     let nats = Nats::start();
     let log_level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
@@ -1319,6 +1429,9 @@ async fn main() {
     }
     if want("query") {
         query_latency(env_usize("BENCH_QUERY_EVENTS", 1_000_000), &mut failures).await;
+    }
+    if want("subjects") {
+        query_subjects_100k(env_usize("BENCH_SUBJECTS_EVENTS", 300_000), &mut failures).await;
     }
     if want("e2e") {
         if half == 0.0 {
