@@ -120,40 +120,14 @@ impl CompiledThreshold {
     /// before it (a late event can still cross there), as [start, end); ALL is one
     /// period without bounds.
     pub fn periods(&self, now: DateTime<Utc>) -> Vec<Bounds> {
-        let local = now.with_timezone(&self.tz).date_naive();
-        let (current, previous) = match self.period {
-            Period::All => return vec![(None, None)],
-            Period::Day => (local, local.pred_opt().unwrap_or(local)),
-            Period::Month => {
-                let first = local.with_day(1).unwrap_or(local);
-                let before = first
-                    .pred_opt()
-                    .unwrap_or(first)
-                    .with_day(1)
-                    .unwrap_or(first);
-                (first, before)
-            }
+        let Some(current) = self.period_at(now) else {
+            return vec![(None, None)];
         };
-        let next = |d: NaiveDate| match self.period {
-            Period::Day => d.succ_opt().unwrap_or(d),
-            _ => {
-                let (y, m) = if d.month() == 12 {
-                    (d.year() + 1, 1)
-                } else {
-                    (d.year(), d.month() + 1)
-                };
-                NaiveDate::from_ymd_opt(y, m, 1).unwrap_or(d)
-            }
-        };
-        [current, previous]
-            .into_iter()
-            .map(|d| {
-                (
-                    Some(local_midnight(self.tz, d)),
-                    Some(local_midnight(self.tz, next(d))),
-                )
-            })
-            .collect()
+        // the previous period holds the last second before the current one starts
+        let previous = current
+            .0
+            .and_then(|start| self.period_at(start - chrono::Duration::seconds(1)));
+        [Some(current), previous].into_iter().flatten().collect()
     }
 
     /// The period holding the instant `t`, as [start, end); `None` for ALL (which

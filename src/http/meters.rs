@@ -138,12 +138,8 @@ pub(super) async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<Vec<MeterDef>>> {
-    let mut defs = state.store()?.all_meters().await?;
-    let shown = state
-        .listable(&caller, defs.iter().map(|d| d.id.as_str()))
-        .await?;
-    defs.retain(|d| shown.contains(&Permission::namespace_of(&d.id).map(str::to_string)));
-    Ok(Json(defs))
+    let defs = state.store()?.all_meters().await?;
+    Ok(Json(state.visible(&caller, defs).await?))
 }
 
 #[derive(Deserialize)]

@@ -98,27 +98,25 @@ impl AppState {
     async fn allowed(&self, caller: &Caller, permission: &Permission) -> ApiResult<bool> {
         Ok(self.0.gate.allowed(caller, permission).await?)
     }
-    /// The ids among `ids` whose namespace (cluster-wide for standalone meters) the caller
-    /// may list meters in: one review per namespace, not per meter.
-    async fn listable<'a>(
+    /// The meters among `defs` the caller may list: those of the namespaces (cluster-wide
+    /// for standalone meters) where it may `list meters`, one review per namespace.
+    async fn visible(
         &self,
         caller: &Caller,
-        ids: impl Iterator<Item = &'a str>,
-    ) -> ApiResult<std::collections::BTreeSet<Option<String>>> {
-        let mut namespaces = std::collections::BTreeSet::new();
-        for id in ids {
-            namespaces.insert(Permission::namespace_of(id).map(str::to_string));
-        }
+        mut defs: Vec<crate::domain::meter::MeterDef>,
+    ) -> ApiResult<Vec<crate::domain::meter::MeterDef>> {
+        let namespaces: std::collections::BTreeSet<Option<&str>> = defs
+            .iter()
+            .map(|d| Permission::namespace_of(&d.id))
+            .collect();
         let mut shown = std::collections::BTreeSet::new();
         for ns in namespaces {
-            if self
-                .allowed(caller, &Permission::list_meters(ns.as_deref()))
-                .await?
-            {
-                shown.insert(ns);
+            if self.allowed(caller, &Permission::list_meters(ns)).await? {
+                shown.insert(ns.map(str::to_string));
             }
         }
-        Ok(shown)
+        defs.retain(|d| shown.contains(&Permission::namespace_of(&d.id).map(str::to_string)));
+        Ok(defs)
     }
     /// Called once NATS is connected and set up; until then the API answers 503.
     pub fn set_store(&self, store: Store) {

@@ -207,11 +207,7 @@ pub(super) async fn list(
     let mut page: Vec<ReadingEntry> = Vec::new();
     let mut last: Option<Position> = None;
     let mut more = false;
-    let mut defs = store.all_meters().await?;
-    let shown = state
-        .listable(&caller, defs.iter().map(|d| d.id.as_str()))
-        .await?;
-    defs.retain(|d| shown.contains(&Permission::namespace_of(&d.id).map(str::to_string)));
+    let defs = state.visible(&caller, store.all_meters().await?).await?;
     'meters: for def in defs {
         // a meter wholly before the cursor is not read at all
         if after.as_ref().is_some_and(|(id, _)| def.id < *id) {
@@ -365,14 +361,7 @@ pub(super) async fn readings_v1(
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("meter: no meter {id:?}")))?]
         }
-        None => {
-            let mut defs = store.all_meters().await?;
-            let shown = state
-                .listable(&caller, defs.iter().map(|d| d.id.as_str()))
-                .await?;
-            defs.retain(|d| shown.contains(&Permission::namespace_of(&d.id).map(str::to_string)));
-            defs
-        }
+        None => state.visible(&caller, store.all_meters().await?).await?,
     };
     let mut data = Vec::new();
     for def in &defs {

@@ -154,15 +154,11 @@ async fn evaluate_late(
             continue;
         };
         if let Some(meter) = registry.get(&id) {
-            let served = store.served(&meter.def).await?;
-            if !served.ready {
+            let (readings, ready) = served_readings(store, &meter).await?;
+            if !ready {
                 // a meter being built: its served readings will be evaluated then
                 continue;
             }
-            let readings = MeterDef {
-                id: served.readings_id.clone(),
-                ..meter.def.clone()
-            };
             let start = DateTime::from_timestamp(hour, 0).unwrap_or_default();
             let end = DateTime::from_timestamp(hour + 3599, 0).unwrap_or_default();
             for (ti, threshold) in meter.thresholds.iter().enumerate() {
@@ -193,14 +189,10 @@ async fn evaluate(
     fired: &mut HashSet<String>,
     metrics: &Metrics,
 ) -> Result<()> {
-    let served = store.served(&meter.def).await?;
-    if !served.ready {
+    let (readings, ready) = served_readings(store, meter).await?;
+    if !ready {
         return Ok(());
     }
-    let readings = MeterDef {
-        id: served.readings_id.clone(),
-        ..meter.def.clone()
-    };
     let now = Utc::now();
     for (ti, threshold) in meter.thresholds.iter().enumerate() {
         for (start, end) in threshold.periods(now) {
@@ -252,11 +244,7 @@ pub struct Standing {
 
 /// A meter's [`Standing`] from its served readings (what `status.thresholds` shows).
 pub async fn standing(store: &Store, meter: &CompiledMeter, limit: usize) -> Result<Standing> {
-    let served = store.served(&meter.def).await?;
-    let readings = MeterDef {
-        id: served.readings_id.clone(),
-        ..meter.def.clone()
-    };
+    let (readings, _) = served_readings(store, meter).await?;
     let now = Utc::now();
     let mut standing = Standing::default();
     let mut over: HashMap<String, (Decimal, Decimal)> = HashMap::new();
@@ -285,6 +273,17 @@ pub async fn standing(store: &Store, meter: &CompiledMeter, limit: usize) -> Res
     subjects.truncate(limit);
     standing.subjects = subjects;
     Ok(standing)
+}
+
+/// The meter's definition naming its served readings ([`Store::served`]), what queries
+/// read period values with, and whether they are complete (not being built).
+async fn served_readings(store: &Store, meter: &CompiledMeter) -> Result<(MeterDef, bool)> {
+    let served = store.served(&meter.def).await?;
+    let readings = MeterDef {
+        id: served.readings_id,
+        ..meter.def.clone()
+    };
+    Ok((readings, served.ready))
 }
 
 /// Every subject's value over one period: the all-time totals, or a query over the
