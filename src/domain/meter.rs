@@ -90,13 +90,26 @@ impl WindowSize {
             WindowSize::Day => 86_400,
         }
     }
-    /// The coarser UTC windows kept for meters of this size.
+    /// The other UTC windows kept for meters of this size, finest first: HOUR meters keep
+    /// 15-minute quarters for the edges of windows in zones with a non-whole-hour offset
+    /// (MINUTE meters' own windows already fit every offset), and every size keeps its
+    /// coarser rollups.
     pub fn rollups(self) -> &'static [crate::domain::window::Rollup] {
         use crate::domain::window::Rollup;
         match self {
             WindowSize::Minute => &[Rollup::Hour, Rollup::Day, Rollup::Month],
-            WindowSize::Hour => &[Rollup::Day, Rollup::Month],
+            WindowSize::Hour => &[Rollup::Quarter, Rollup::Day, Rollup::Month],
             WindowSize::Day => &[Rollup::Month],
+        }
+    }
+
+    /// Start (epoch seconds, UTC) of the finest window kept that holds `epoch_seconds`
+    /// (the quarter for HOUR meters): every other window holding it contains that one,
+    /// so two times with the same finest start touch the same windows at every tier.
+    pub fn finest_start(self, epoch_seconds: i64) -> i64 {
+        match self.rollups().iter().find(|ru| ru.is_finer()) {
+            Some(ru) => ru.start(epoch_seconds),
+            None => self.window_start(epoch_seconds),
         }
     }
 
@@ -164,6 +177,11 @@ impl MeterDef {
         }
         if let Some(scope) = self.scope.fingerprint() {
             canon["scope"] = serde_json::json!(scope);
+        }
+        // HOUR meters built before the 15-minute tier existed lack it: the new
+        // fingerprint rebuilds them (in the background) so that every zone is exact
+        if self.window_size == WindowSize::Hour {
+            canon["tiers"] = serde_json::json!("quarter");
         }
         format!(
             "{:016x}",
@@ -599,18 +617,22 @@ mod tests {
 
     #[test]
     fn a_filter_rebuilds_and_export_does_not_and_unfiltered_hashes_stay() {
-        let a = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"}))
-            .unwrap();
+        let a = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x",
+            "windowSize":"MINUTE"}))
+        .unwrap();
         // the fingerprint meters had before filters existed: upgrading rebuilds nothing
         let before = serde_json::json!({"eventType": "a", "aggregation": "sum",
-            "valueProperty": "$.x", "groupBy": {}, "windowSize": "HOUR"});
-        assert_eq!(
-            a.semantic_hash(),
-            format!(
-                "{:016x}",
-                xxhash_rust::xxh3::xxh3_64(before.to_string().as_bytes())
-            )
-        );
+            "valueProperty": "$.x", "groupBy": {}, "windowSize": "MINUTE"});
+        let hash = |canon: serde_json::Value| {
+            format!("{:016x}", xxhash_rust::xxh3::xxh3_64(canon.to_string().as_bytes()))
+        };
+        assert_eq!(a.semantic_hash(), hash(before));
+        // HOUR meters gained the 15-minute tier: theirs changed once, to rebuild them
+        let hour = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"}))
+            .unwrap();
+        let with_tier = serde_json::json!({"eventType": "a", "aggregation": "sum",
+            "valueProperty": "$.x", "groupBy": {}, "windowSize": "HOUR", "tiers": "quarter"});
+        assert_eq!(hour.semantic_hash(), hash(with_tier));
         let mut b = a.clone();
         b.export = Some(Export { top_subjects: 5 });
         assert_eq!(a.semantic_hash(), b.semantic_hash());

@@ -529,25 +529,98 @@ async fn to_defaults_to_now_and_errors_name_what_was_sent() {
     assert_eq!(to.timestamp() % 3600, 0);
     assert!(to >= now && to <= now + chrono::Duration::hours(1), "{to}");
     // an error names a parameter the caller sent
-    let (s, body) = get(&km.url("/api/v1/meters/m/query?from=2026-01-01T00:30:00Z")).await;
+    let (s, body) = get(&km.url("/api/v1/meters/m/query?from=2026-01-01T00:10:00Z")).await;
     assert_eq!(
         (s, body["message"].clone()),
         (
             400,
-            json!("from: window boundaries must fall on the meter's HOUR windows")
+            json!("from: window boundaries must fall on a quarter hour")
         )
     );
+    // Monrovia kept -0:44:30 until 1972: its midnights fall on no quarter hour
     let (s, body) = get(&km.url(
-        "/api/v1/meters/m/query?from=2026-01-01T00:00:00Z&windowSize=DAY&windowTimeZone=Asia/Kolkata",
+        "/api/v1/meters/m/query?from=1971-01-01T00:00:00Z&to=1971-01-03T00:00:00Z&windowSize=DAY&windowTimeZone=Africa/Monrovia",
     ))
     .await;
     assert_eq!(
         (s, body["message"].clone()),
         (
             400,
-            json!("windowTimeZone: window boundaries must fall on the meter's HOUR windows")
+            json!("windowTimeZone: window boundaries must fall on a quarter hour")
         )
     );
+}
+
+/// DAY and MONTH windows in zones whose offset is not a whole hour, computed by hand:
+/// Kolkata (+05:30) and Kathmandu (+05:45) across October's end, Chatham across the
+/// start of its summer time (+12:45 → +13:45 on 27 September 2026) and September's end.
+#[tokio::test]
+async fn days_and_months_are_exact_in_every_zone() {
+    let events = [
+        // Kolkata's November starts 18:30Z, Kathmandu's 18:15Z, all in one UTC hour
+        ev(1, "india", "2026-10-31T18:10:00Z", json!({"v": 1})),
+        ev(2, "india", "2026-10-31T18:20:00Z", json!({"v": 2})),
+        ev(3, "india", "2026-10-31T18:40:00Z", json!({"v": 4})),
+        // Chatham: 26 Sep 23:55 (+12:45), 27 Sep 23:55 (+13:45), 28 Sep 00:05
+        ev(4, "chatham", "2026-09-26T11:10:00Z", json!({"v": 8})),
+        ev(5, "chatham", "2026-09-27T10:10:00Z", json!({"v": 16})),
+        ev(6, "chatham", "2026-09-27T10:20:00Z", json!({"v": 32})),
+        // 30 Sep 23:50 and 1 Oct 00:10 in Chatham
+        ev(7, "chatham", "2026-09-30T10:05:00Z", json!({"v": 64})),
+        ev(8, "chatham", "2026-09-30T10:25:00Z", json!({"v": 128})),
+    ];
+    let meters = [
+        json!({"id": "hourly", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"}),
+        json!({"id": "minutely", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v",
+            "windowSize": "MINUTE"}),
+    ];
+    let (_nats, km) = setup("qzones", &meters, &events).await;
+    for meter in ["hourly", "minutely"] {
+        let months = |tz: &str| {
+            format!("from=2026-09-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=MONTH&windowTimeZone={tz}&subject=india")
+        };
+        let b = query(&km, meter, &months("Asia/Kolkata")).await;
+        assert_eq!(
+            rows(&b),
+            [
+                row("2026-09-30T18:30:00Z", "india", json!({}), "3"),
+                row("2026-10-31T18:30:00Z", "india", json!({}), "4"),
+            ],
+            "{meter}"
+        );
+        let b = query(&km, meter, &months("Asia/Kathmandu")).await;
+        assert_eq!(
+            rows(&b),
+            [
+                row("2026-09-30T18:15:00Z", "india", json!({}), "1"),
+                row("2026-10-31T18:15:00Z", "india", json!({}), "6"),
+            ],
+            "{meter}"
+        );
+        let b = query(
+            &km,
+            meter,
+            "from=2026-09-25T11:15:00Z&to=2026-10-01T10:15:00Z&windowSize=DAY&windowTimeZone=Pacific/Chatham&subject=chatham",
+        )
+        .await;
+        assert_eq!(
+            rows(&b),
+            [
+                row("2026-09-25T11:15:00Z", "chatham", json!({}), "8"),
+                row("2026-09-26T11:15:00Z", "chatham", json!({}), "16"),
+                row("2026-09-27T10:15:00Z", "chatham", json!({}), "32"),
+                row("2026-09-29T10:15:00Z", "chatham", json!({}), "64"),
+                row("2026-09-30T10:15:00Z", "chatham", json!({}), "128"),
+            ],
+            "{meter}"
+        );
+        // the day of the change is 23 hours long
+        let day = &b["data"][1];
+        assert_eq!(
+            (day["windowStart"].clone(), day["windowEnd"].clone()),
+            (json!("2026-09-26T11:15:00Z"), json!("2026-09-27T10:15:00Z"))
+        );
+    }
 }
 
 #[tokio::test]
