@@ -280,12 +280,16 @@ fn cover_windows(
     def: &MeterDef,
     p: &query::QueryParams,
 ) -> Result<Covers> {
-    let refuse = |field: &'static str, why: String| UsageError::Invalid(FieldError::new(field, why));
+    let refuse =
+        |field: &'static str, why: String| UsageError::Invalid(FieldError::new(field, why));
     let edges = match def.window_size {
         // the finest tier an HOUR meter keeps: any zone whose offset is a whole number
         // of quarter hours (every zone today) is exact
         crate::domain::meter::WindowSize::Hour => "a quarter hour".to_string(),
-        other => format!("the meter's {} windows", format!("{other:?}").to_uppercase()),
+        other => format!(
+            "the meter's {} windows",
+            format!("{other:?}").to_uppercase()
+        ),
     };
     windows
         .iter()

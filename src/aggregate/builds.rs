@@ -320,6 +320,7 @@ pub(super) fn reading_meter(k: &ReadingKey) -> &str {
     match k {
         ReadingKey::Summary { meter }
         | ReadingKey::SubjectTotal { meter, .. }
+        | ReadingKey::GroupTotal { meter, .. }
         | ReadingKey::Window { meter, .. } => meter,
     }
 }

@@ -18,8 +18,9 @@ use crate::domain::window::ReadingKey;
 /// keys and still seeded per process, so crafted subjects cannot force collisions.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Readings one event touches for one meter: summary, total, own window, the other tiers.
-const MAX_TOUCHED: usize = 6;
+/// Readings one event touches for one meter: summary, total, own window, the other tiers,
+/// the group's total.
+const MAX_TOUCHED: usize = 7;
 
 /// One cached reading.
 #[derive(Debug)]

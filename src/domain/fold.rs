@@ -26,7 +26,7 @@ use crate::domain::window::ReadingKey;
 pub fn keys_for(meter: &CompiledMeter, event: &Event, c: &Contribution) -> Vec<ReadingKey> {
     // shared, not copied: each key holds the same three strings
     let id = &meter.id;
-    let mut keys = Vec::with_capacity(2 + 1 + meter.def.window_size.rollups().len());
+    let mut keys = Vec::with_capacity(2 + 2 + meter.def.window_size.rollups().len());
     keys.push(ReadingKey::Summary { meter: id.clone() });
     if let Contribution::Valid { group, .. } = c {
         let subject: std::sync::Arc<str> = event.subject.as_str().into();
@@ -41,8 +41,9 @@ pub fn keys_for(meter: &CompiledMeter, event: &Event, c: &Contribution) -> Vec<R
     keys
 }
 
-/// The window keys of one subject and group at time `t` (epoch seconds): the meter's own
-/// window first, then each rollup, coarsest last.
+/// The keys of one subject and group at time `t` (epoch seconds) beside the subject's
+/// total: the meter's own window first, then each other tier (coarsest last), then, for
+/// meters with `groupBy`, the group's all-time total.
 pub fn window_keys(
     meter: &CompiledMeter,
     subject: &std::sync::Arc<str>,
@@ -64,6 +65,13 @@ pub fn window_keys(
             group: group_token.clone(),
             rollup: Some(rollup),
             start: rollup.start(t),
+        });
+    }
+    if !meter.def.group_by.is_empty() {
+        each(ReadingKey::GroupTotal {
+            meter: meter.id.clone(),
+            subject: subject.clone(),
+            group: group_token.clone(),
         });
     }
 }

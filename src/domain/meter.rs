@@ -179,9 +179,13 @@ impl MeterDef {
             canon["scope"] = serde_json::json!(scope);
         }
         // HOUR meters built before the 15-minute tier existed lack it: the new
-        // fingerprint rebuilds them (in the background) so that every zone is exact
+        // fingerprint rebuilds them once (in the background) so that every zone is exact
         if self.window_size == WindowSize::Hour {
             canon["tiers"] = serde_json::json!("quarter");
+        }
+        // likewise meters with groupBy, built before they kept per-group totals
+        if !self.group_by.is_empty() {
+            canon["groupTotals"] = serde_json::json!(true);
         }
         format!(
             "{:016x}",
@@ -512,149 +516,4 @@ impl CompiledMeter {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn parse(v: serde_json::Value) -> Result<MeterDef, FieldError> {
-        parse_meter_json(&v, None)
-    }
-
-    #[test]
-    fn accepts_seed_shape_and_defaults_window() {
-        let m = parse(json!({"id":"m1","eventType":"api","aggregation":"SUM","valueProperty":"$.tokens","groupBy":{"model":"$.model"}})).unwrap();
-        assert_eq!(m.aggregation, Aggregation::Sum);
-        assert_eq!(m.window_size, WindowSize::Hour);
-        assert_eq!(m.group_by.get("model").map(String::as_str), Some("$.model"));
-        assert_eq!(
-            parse(json!({"id":"u","eventType":"a","aggregation":"unique","valueProperty":"$.u"}))
-                .unwrap()
-                .aggregation,
-            Aggregation::UniqueCount
-        );
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let cases = [
-            (
-                json!({"eventType":"a","aggregation":"count"}),
-                "id: is required",
-            ),
-            (
-                json!({"id":"a b","eventType":"a","aggregation":"count"}),
-                "id: ",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"median","valueProperty":"$.x"}),
-                "aggregation: unknown",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"sum"}),
-                "valueProperty: is required",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"tokens"}),
-                "valueProperty: JSONPath must start",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.[["}),
-                "valueProperty: invalid JSONPath",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"count","groupBy":{"g":"x"}}),
-                "groupBy.g: JSONPath must start",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"count","windowSize":"WEEK"}),
-                "windowSize: unknown",
-            ),
-            (
-                json!({"id":"m","aggregation":"count"}),
-                "eventType: is required",
-            ),
-            (
-                json!({"id":"m","eventType":7,"aggregation":"count"}),
-                "eventType: must be a string",
-            ),
-            (json!([1]), "body: must be a JSON object"),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"count","groupby":{"g":"$.g"}}),
-                "groupby: unknown field; did you mean groupBy?",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"sum","valuProperty":"$.x"}),
-                "valuProperty: unknown field; did you mean valueProperty?",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"count","window_size":"DAY"}),
-                "window_size: unknown field; did you mean windowSize?",
-            ),
-            (
-                json!({"id":"m","eventType":"a","aggregation":"count","colour":"red"}),
-                "colour: unknown field (the fields are id, description, eventType",
-            ),
-        ];
-        for (body, want) in cases {
-            let err = parse(body.clone()).unwrap_err().to_string();
-            assert!(
-                err.starts_with(want),
-                "{body}: got {err:?}, want prefix {want:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn semantic_hash_ignores_description_only() {
-        let a = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"}))
-            .unwrap();
-        let mut b = a.clone();
-        b.description = "changed".into();
-        assert_eq!(a.semantic_hash(), b.semantic_hash());
-        b.value_property = Some("$.y".into());
-        assert_ne!(a.semantic_hash(), b.semantic_hash());
-    }
-
-    #[test]
-    fn a_filter_rebuilds_and_export_does_not_and_unfiltered_hashes_stay() {
-        let a = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x",
-            "windowSize":"MINUTE"}))
-        .unwrap();
-        // the fingerprint meters had before filters existed: upgrading rebuilds nothing
-        let before = serde_json::json!({"eventType": "a", "aggregation": "sum",
-            "valueProperty": "$.x", "groupBy": {}, "windowSize": "MINUTE"});
-        let hash = |canon: serde_json::Value| {
-            format!("{:016x}", xxhash_rust::xxh3::xxh3_64(canon.to_string().as_bytes()))
-        };
-        assert_eq!(a.semantic_hash(), hash(before));
-        // HOUR meters gained the 15-minute tier: theirs changed once, to rebuild them
-        let hour = parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"}))
-            .unwrap();
-        let with_tier = serde_json::json!({"eventType": "a", "aggregation": "sum",
-            "valueProperty": "$.x", "groupBy": {}, "windowSize": "HOUR", "tiers": "quarter"});
-        assert_eq!(hour.semantic_hash(), hash(with_tier));
-        let mut b = a.clone();
-        b.export = Some(Export { top_subjects: 5 });
-        assert_eq!(a.semantic_hash(), b.semantic_hash());
-        b.filter = serde_json::from_value(json!({"$.region": {"eq": "eu"}})).unwrap();
-        assert_ne!(a.semantic_hash(), b.semantic_hash());
-        let parsed = parse(json!({"id":"m","eventType":"a","aggregation":"count",
-            "filter": {"$.region": {"nin": ["eu"]}}, "export": {"topSubjects": 3}}))
-        .unwrap();
-        assert_eq!(parsed.export, Some(Export { top_subjects: 3 }));
-        assert_eq!(parsed.filter["$.region"], json!({"nin": ["eu"]}));
-        assert_eq!(
-            parse(json!({"id":"m","eventType":"a","aggregation":"count","filter": []}))
-                .unwrap_err()
-                .field,
-            "filter"
-        );
-    }
-
-    #[test]
-    fn window_start_floors_negative_times() {
-        assert_eq!(WindowSize::Hour.window_start(3599), 0);
-        assert_eq!(WindowSize::Hour.window_start(-1), -3600);
-        assert_eq!(WindowSize::Day.window_start(86_400 * 3 + 5), 86_400 * 3);
-    }
-}
+mod tests;

@@ -383,7 +383,11 @@ pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<(Option<Rollup>, i6
             .rev()
             .filter(|ru| !ru.is_finer())
             .find(|ru| fits(ru, t));
-        let finer = || base.rollups().iter().find(|ru| ru.is_finer() && fits(ru, t));
+        let finer = || {
+            base.rollups()
+                .iter()
+                .find(|ru| ru.is_finer() && fits(ru, t))
+        };
         if let Some(ru) = coarser {
             out.push((Some(*ru), t));
             t = ru.next(t);

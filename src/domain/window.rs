@@ -16,6 +16,13 @@ pub enum ReadingKey {
         meter: Arc<str>,
         subject: Arc<str>,
     },
+    /// One subject's all-time reading of one group (meters with `groupBy` only): what
+    /// the original KloudMeter's readings list shows per group.
+    GroupTotal {
+        meter: Arc<str>,
+        subject: Arc<str>,
+        group: Arc<str>,
+    },
     /// A window at the meter's own size (`rollup: None`), or a coarser UTC rollup kept
     /// so that queries over long ranges read few keys.
     Window {

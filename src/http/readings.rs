@@ -58,14 +58,21 @@ pub struct SubjectReading {
 
 /// One subject's all-time reading in the original KloudMeter's shape: what
 /// `GET /api/readings` lists after each meter's row, and what `GET /api/reading/?key=`
-/// answers for such a key.
+/// answers for such a key. For meters with `groupBy`, each subject's entry is followed
+/// by one per group, carrying the group's values instead of a key.
 #[derive(Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SeedReading {
-    /// `<eventType>.<aggregation>.<meterId>.<subject>`, as the original stored readings.
-    key: String,
+    /// `<eventType>.<aggregation>.<meterId>.<subject>`, as the original stored readings
+    /// (a subject's entry; a group's has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
     meter_id: String,
     subject: String,
+    /// A group's entry: its values, by groupBy name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<std::collections::BTreeMap<String, serde_json::Value>>")]
+    group_by: Option<crate::domain::fold::SharedGroup>,
     value: Option<String>,
     /// Events counted for the subject.
     count: u64,
@@ -91,7 +98,8 @@ fn seed_key(def: &MeterDef, subject: &str) -> String {
 
 fn seed_reading(def: &MeterDef, subject: String, r: &crate::domain::fold::Reading) -> SeedReading {
     SeedReading {
-        key: seed_key(def, &subject),
+        key: Some(seed_key(def, &subject)),
+        group_by: None,
         meter_id: def.id.clone(),
         value: r.acc.value(def.aggregation).map(|d| d.to_string()),
         count: r.acc.count,
@@ -164,8 +172,9 @@ pub(super) struct PageQuery {
 }
 
 /// Where an entry of `GET /api/readings` stands: meters by id, each meter's row before its
-/// subjects, subjects by name. A cursor is the last position a page gave.
-type Position = (String, Option<String>);
+/// subjects, subjects by name, each subject's entry before its groups, groups by token. A
+/// cursor is the last position a page gave.
+type Position = (String, Option<String>, Option<String>);
 
 fn encode_cursor(p: &Position) -> String {
     use base64::Engine as _;
@@ -210,10 +219,10 @@ pub(super) async fn list(
     let defs = state.visible(&caller, store.all_meters().await?).await?;
     'meters: for def in defs {
         // a meter wholly before the cursor is not read at all
-        if after.as_ref().is_some_and(|(id, _)| def.id < *id) {
+        if after.as_ref().is_some_and(|(id, _, _)| def.id < *id) {
             continue;
         }
-        let row = (def.id.clone(), None);
+        let row = (def.id.clone(), None, None);
         if past(&row) {
             if page.len() == limit {
                 more = true;
@@ -225,17 +234,36 @@ pub(super) async fn list(
             last = Some(row);
         }
         let served = store.served(&def).await?;
+        let mut groups = if def.group_by.is_empty() {
+            Vec::new()
+        } else {
+            store.group_totals(&served.readings_id).await?
+        }
+        .into_iter()
+        .peekable();
         for (subject, r) in store.subject_totals(&served.readings_id, None).await? {
-            let at = (def.id.clone(), Some(subject.clone()));
-            if !past(&at) {
-                continue;
+            let mut entries = vec![(None, seed_reading(&def, subject.clone(), &r))];
+            // group totals come sorted by subject too: take this subject's
+            while let Some((s, token, g)) = groups.next_if(|(s, _, _)| *s <= subject) {
+                if s == subject {
+                    let mut entry = seed_reading(&def, s, &g);
+                    entry.key = None;
+                    entry.group_by = Some(g.group_by.clone());
+                    entries.push((Some(token), entry));
+                }
             }
-            if page.len() == limit {
-                more = true;
-                break 'meters;
+            for (token, entry) in entries {
+                let at = (def.id.clone(), Some(subject.clone()), token);
+                if !past(&at) {
+                    continue;
+                }
+                if page.len() == limit {
+                    more = true;
+                    break 'meters;
+                }
+                page.push(ReadingEntry::Subject(entry));
+                last = Some(at);
             }
-            page.push(ReadingEntry::Subject(seed_reading(&def, subject, &r)));
-            last = Some(at);
         }
     }
     let mut response = Json(page).into_response();

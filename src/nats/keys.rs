@@ -123,6 +123,7 @@ fn rollup_prefix(rollup: Rollup) -> &'static str {
 /// Key layout of the readings bucket:
 /// - `r.<meter>.summary`                       per-meter totals and counters
 /// - `r.<meter>.<subject>.total`               all-time total of one subject
+/// - `r.<meter>.<subject>.<group>.total`       all-time total of one subject's group
 /// - `r.<meter>.<subject>.<group>.<start>`     one window of one subject and group
 ///   (`<start>` prefixed `q`, `h`, `d` or `M` for the other tiers)
 impl ReadingKey {
@@ -132,6 +133,11 @@ impl ReadingKey {
             ReadingKey::SubjectTotal { meter, subject } => {
                 format!("r.{}.{}.total", token(meter), token(subject))
             }
+            ReadingKey::GroupTotal {
+                meter,
+                subject,
+                group,
+            } => format!("r.{}.{}.{group}.total", token(meter), token(subject)),
             ReadingKey::Window {
                 meter,
                 subject,
@@ -177,6 +183,20 @@ pub fn subject_totals_filter(meter: &str, subject: Option<&str>) -> String {
     match subject {
         Some(s) => format!("r.{}.{}.total", token(meter), token(s)),
         None => format!("r.{}.*.total", token(meter)),
+    }
+}
+
+/// Key filter for every subject's group totals of a meter.
+pub fn group_totals_filter(meter: &str) -> String {
+    format!("r.{}.*.*.total", token(meter))
+}
+
+/// The subject and group token of a group-total key (`r.<meter>.<subject>.<group>.total`).
+pub fn group_total_of(key: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = key.split('.').collect();
+    match parts.as_slice() {
+        ["r", _, subject, group, "total"] => Some((untoken(subject)?, group.to_string())),
+        _ => None,
     }
 }
 

@@ -242,4 +242,24 @@ impl Store {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
+
+    /// Every subject's per-group all-time readings of a meter with `groupBy`, by subject
+    /// then group token.
+    pub async fn group_totals(
+        &self,
+        meter: &str,
+    ) -> Result<Vec<(String, String, Reading)>, StoreError> {
+        let items = self
+            .scan(&self.readings, &keys::group_totals_filter(meter))
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            if let Some((subject, group)) = keys::group_total_of(&item.key) {
+                out.push((subject, group, decode(&item.key, &item.value)?));
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        Ok(out)
+    }
 }

@@ -780,11 +780,16 @@ async fn usage_is_on_metrics_and_subjects_only_where_exported() {
 
 #[tokio::test]
 async fn seed_readings_list_every_subject_once_across_pages() {
-    let meters: Vec<Value> = ["a", "b", "c"]
+    let mut meters: Vec<Value> = ["a", "b", "c"]
         .iter()
         .map(|id| json!({"id": id, "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"}))
         .collect();
-    let events: Vec<Value> = (0..250usize)
+    // a groupBy meter: an entry per subject, then one per group of it
+    meters.push(
+        json!({"id": "d", "eventType": "tok", "aggregation": "sum", "valueProperty": "$.v",
+        "groupBy": {"model": "$.model"}}),
+    );
+    let mut events: Vec<Value> = (0..250usize)
         .map(|i| {
             ev(
                 i,
@@ -794,9 +799,28 @@ async fn seed_readings_list_every_subject_once_across_pages() {
             )
         })
         .collect();
+    for (i, (subject, model, v)) in [
+        ("x1", json!("a"), 1),
+        ("x1", json!("b"), 2),
+        ("x1", json!("a"), 4),
+        ("x2", Value::Null, 8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut data = json!({"v": v});
+        if !model.is_null() {
+            data["model"] = model;
+        }
+        events.push(
+            json!({"id": format!("t{i}"), "eventType": "tok", "subject": subject,
+            "time": "2026-11-30T09:00:00Z", "data": data}),
+        );
+    }
     let (_nats, km) = setup("pages", &meters, &events).await;
     let client = reqwest::Client::new();
     let mut seen: Vec<String> = Vec::new();
+    let mut groups: BTreeMap<String, (Value, Value)> = BTreeMap::new();
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
@@ -817,6 +841,19 @@ async fn seed_readings_list_every_subject_once_across_pages() {
             // a meter's row, or a subject's entry with the original's key and exact value
             match (e.get("meter"), e.get("key")) {
                 (Some(m), None) => seen.push(m.as_str().unwrap().to_string()),
+                (None, Some(k)) if e["meterId"] == json!("d") => {
+                    assert!(e.get("groupBy").is_none(), "{e}");
+                    seen.push(k.as_str().unwrap().to_string());
+                }
+                (None, None) => {
+                    let subject = e["subject"].as_str().unwrap();
+                    seen.push(format!("{subject}/group"));
+                    let group = e["groupBy"].to_string();
+                    groups.insert(
+                        format!("{subject} {group}"),
+                        (e["value"].clone(), e["count"].clone()),
+                    );
+                }
                 (None, Some(k)) => {
                     let i: usize = e["subject"].as_str().unwrap()[1..].parse().unwrap();
                     assert_eq!(
@@ -838,7 +875,26 @@ async fn seed_readings_list_every_subject_once_across_pages() {
         want.push(m.to_string());
         want.extend((0..250).map(|i| format!("use.sum.{m}.s{i:03}")));
     }
+    want.extend(
+        [
+            "d",
+            "tok.sum.d.x1",
+            "x1/group",
+            "x1/group",
+            "tok.sum.d.x2",
+            "x2/group",
+        ]
+        .map(String::from),
+    );
     assert_eq!(seen, want, "every entry once, in order");
+    assert_eq!(
+        groups,
+        BTreeMap::from([
+            (r#"x1 {"model":"a"}"#.to_string(), (json!("5"), json!(2))),
+            (r#"x1 {"model":"b"}"#.to_string(), (json!("2"), json!(1))),
+            (r#"x2 {"model":null}"#.to_string(), (json!("8"), json!(1))),
+        ])
+    );
     assert_eq!(pages, 8);
     for (param, message) in [
         ("limit=0", "limit: must be a whole number 1-10000"),

@@ -608,8 +608,8 @@ fn the_slot_cache_reuses_slots_within_a_window_and_moves_with_time() {
             .to_vec()
     };
     let a = touch("s1", "x", "2026-11-24T10:00:01Z");
-    // summary, total, minute, hour, day, month
-    assert_eq!(a.len(), 6);
+    // summary, total, minute, hour, day, month, the group's total
+    assert_eq!(a.len(), 7);
     assert_eq!(touch("s1", "x", "2026-11-24T10:00:59Z"), a);
     let next_minute = touch("s1", "x", "2026-11-24T10:01:00Z");
     assert_eq!((&next_minute[..2], &next_minute[3..]), (&a[..2], &a[3..]));

@@ -293,8 +293,14 @@ fn cover_uses_the_coarsest_stored_windows() {
     let c = cover(s.timestamp(), e.timestamp(), WindowSize::Hour).unwrap();
     let q = |at: &str| (Some(Rollup::Quarter), t(at).timestamp());
     // 18:30-19:00 in quarters, 19:00-24:00 in hours, 00:00-18:00 in hours, 18:00-18:30
-    assert_eq!(&c[..2], &[q("2026-11-01T18:30:00Z"), q("2026-11-01T18:45:00Z")]);
-    assert_eq!(&c[c.len() - 2..], &[q("2026-11-02T18:00:00Z"), q("2026-11-02T18:15:00Z")]);
+    assert_eq!(
+        &c[..2],
+        &[q("2026-11-01T18:30:00Z"), q("2026-11-01T18:45:00Z")]
+    );
+    assert_eq!(
+        &c[c.len() - 2..],
+        &[q("2026-11-02T18:00:00Z"), q("2026-11-02T18:15:00Z")]
+    );
     assert_eq!(c.iter().filter(|(r, _)| r.is_none()).count(), 5 + 18);
     assert_eq!(c.len(), 2 + 5 + 18 + 2);
     assert_eq!(
