@@ -41,7 +41,7 @@
 //! hold its total and current windows, so folding an event costs a few array accesses, and
 //! meters that read the same property with the same groupBy evaluate an event once. Every
 //! 250 ms (every 1–5 s while a backlog is worked off, spaced so that writing takes at most a
-//! fifth of the time, or as soon as 50,000 readings changed) it (3) writes each changed
+//! fifth of the time, or as soon as 100,000 readings changed) it (3) writes each changed
 //! reading with compare-and-swap — serialized at once, sent by a separate task while folding
 //! goes on — and only when all are acknowledged (4) advances the cursor. Every reading
 //! records the highest stream sequence applied to it, so replaying any part of the stream —

@@ -49,13 +49,17 @@ const LOAD_PIPELINE: usize = 1024;
 const FLUSH_SLICE: usize = 8_192;
 /// Events folded per step of a batch (bounds the memory of the per-event plan).
 const APPLY_CHUNK: usize = 1_000;
-/// Readings kept in memory between flushes (clean ones are dropped past this).
-const CACHE_LIMIT: usize = 100_000;
+/// Readings kept in memory between flushes (clean ones are dropped past this). An event
+/// touches up to seven readings of each meter (summary, subject and group totals, four
+/// windows): ten meters over 1,000 subjects keep 60,000 readings busy, and a limit below
+/// the working set makes every flush start the cache afresh.
+const CACHE_LIMIT: usize = 200_000;
 /// Changed readings are written (and the cursor advanced) at least this often, so
 /// readings in KV trail ingestion by well under a second.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
-/// ...and as soon as this many readings are waiting to be written.
-const MAX_DIRTY: usize = 50_000;
+/// ...and as soon as this many readings are waiting to be written (about 20 MB of them).
+/// A working set larger than this flushes every batch, rewriting each reading per batch.
+const MAX_DIRTY: usize = 100_000;
 /// While a backlog is being worked off (more than a batch waiting), flushes come this
 /// often instead: every flush rewrites each touched reading once, so fewer flushes mean
 /// fewer writes per event, and catching up sooner is what brings latency back down.
