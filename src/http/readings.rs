@@ -191,79 +191,88 @@ fn decode_cursor(raw: &str) -> Result<Position, ApiError> {
         .ok_or_else(|| ApiError::bad_request("cursor: not a cursor this API gave"))
 }
 
+/// A meter's row, then its subjects' entries, each subject's followed by its groups'
+/// (meters with `groupBy`), with their positions.
+async fn meter_entries(store: &Store, def: &MeterDef) -> ApiResult<Vec<(Position, ReadingEntry)>> {
+    let mut out = vec![(
+        (def.id.clone(), None, None),
+        ReadingEntry::Meter(meter_reading(store, def, false).await?),
+    )];
+    let served = store.served(def).await?;
+    let mut groups = if def.group_by.is_empty() {
+        Vec::new()
+    } else {
+        store.group_totals(&served.readings_id).await?
+    }
+    .into_iter()
+    .peekable();
+    for (subject, r) in store.subject_totals(&served.readings_id, None).await? {
+        out.push((
+            (def.id.clone(), Some(subject.clone()), None),
+            ReadingEntry::Subject(seed_reading(def, subject.clone(), &r)),
+        ));
+        // group totals come sorted by subject too: take this subject's
+        while let Some((s, token, g)) = groups.next_if(|(s, _, _)| *s <= subject) {
+            if s == subject {
+                let mut entry = seed_reading(def, s, &g);
+                entry.key = None;
+                entry.group_by = Some(g.group_by.clone());
+                out.push((
+                    (def.id.clone(), Some(subject.clone()), Some(token)),
+                    ReadingEntry::Subject(entry),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Every meter's row followed by one entry per subject (the original KloudMeter's
-/// readings), in a stable order; `limit` pages it and the `Kloudmeter-Next-Cursor` header
-/// gives the `cursor` of the next page.
+/// readings) and per group, in a stable order. `limit` pages it (the
+/// `Kloudmeter-Next-Cursor` header gives the `cursor` of the next page); without it the
+/// answer is streamed a meter at a time.
 pub(super) async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(q): Query<PageQuery>,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse as _;
-    let limit = match q.limit.as_deref() {
-        None => usize::MAX,
-        Some(raw) => raw
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit: must be a whole number 1-{MAX_PAGE}"))
-            })?,
-    };
+    let limit = q
+        .limit
+        .as_deref()
+        .map(|raw| {
+            raw.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_PAGE).contains(n))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("limit: must be a whole number 1-{MAX_PAGE}"))
+                })
+        })
+        .transpose()?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
-    let past = |p: &Position| after.as_ref().is_none_or(|a| p > a);
     let store = state.store()?;
+    let defs = state.visible(&caller, store.all_meters().await?).await?;
+    let Some(limit) = limit else {
+        return stream_entries(store.clone(), defs, after).await;
+    };
     let mut page: Vec<ReadingEntry> = Vec::new();
     let mut last: Option<Position> = None;
     let mut more = false;
-    let defs = state.visible(&caller, store.all_meters().await?).await?;
     'meters: for def in defs {
         // a meter wholly before the cursor is not read at all
         if after.as_ref().is_some_and(|(id, _, _)| def.id < *id) {
             continue;
         }
-        let row = (def.id.clone(), None, None);
-        if past(&row) {
+        for (at, entry) in meter_entries(store, &def).await? {
+            if after.as_ref().is_some_and(|a| at <= *a) {
+                continue;
+            }
             if page.len() == limit {
                 more = true;
                 break 'meters;
             }
-            page.push(ReadingEntry::Meter(
-                meter_reading(store, &def, false).await?,
-            ));
-            last = Some(row);
-        }
-        let served = store.served(&def).await?;
-        let mut groups = if def.group_by.is_empty() {
-            Vec::new()
-        } else {
-            store.group_totals(&served.readings_id).await?
-        }
-        .into_iter()
-        .peekable();
-        for (subject, r) in store.subject_totals(&served.readings_id, None).await? {
-            let mut entries = vec![(None, seed_reading(&def, subject.clone(), &r))];
-            // group totals come sorted by subject too: take this subject's
-            while let Some((s, token, g)) = groups.next_if(|(s, _, _)| *s <= subject) {
-                if s == subject {
-                    let mut entry = seed_reading(&def, s, &g);
-                    entry.key = None;
-                    entry.group_by = Some(g.group_by.clone());
-                    entries.push((Some(token), entry));
-                }
-            }
-            for (token, entry) in entries {
-                let at = (def.id.clone(), Some(subject.clone()), token);
-                if !past(&at) {
-                    continue;
-                }
-                if page.len() == limit {
-                    more = true;
-                    break 'meters;
-                }
-                page.push(ReadingEntry::Subject(entry));
-                last = Some(at);
-            }
+            page.push(entry);
+            last = Some(at);
         }
     }
     let mut response = Json(page).into_response();
@@ -273,6 +282,71 @@ pub(super) async fn list(
         }
     }
     Ok(response)
+}
+
+/// The whole list as one JSON array written a meter at a time, so that no answer holds
+/// every meter's subjects at once. The first meter is read before answering (a failure
+/// there is still an error status); a failure later cuts the body short (and is logged).
+async fn stream_entries(
+    store: Store,
+    defs: Vec<MeterDef>,
+    after: Option<Position>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse as _;
+    use futures::StreamExt as _;
+    // one meter's entries as the array's next part (`[` before the first, `,` between)
+    async fn part(
+        store: &Store,
+        def: &MeterDef,
+        after: &Option<Position>,
+        first: &mut bool,
+    ) -> ApiResult<String> {
+        let mut out = String::new();
+        if after.as_ref().is_some_and(|(id, _, _)| def.id < *id) {
+            return Ok(out);
+        }
+        for (at, entry) in meter_entries(store, def).await? {
+            if after.as_ref().is_some_and(|a| at <= *a) {
+                continue;
+            }
+            out.push(if std::mem::take(first) { '[' } else { ',' });
+            out.push_str(
+                &serde_json::to_string(&entry)
+                    .map_err(|e| ApiError::internal(format!("serializing a reading: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+    let mut defs = defs.into_iter();
+    let mut first = true;
+    let head = match defs.next() {
+        Some(def) => part(&store, &def, &after, &mut first).await?,
+        None => String::new(),
+    };
+    let rest = futures::stream::unfold(Some((store, defs, after, first)), |state| async move {
+        let (store, mut defs, after, mut first) = state?;
+        let Some(def) = defs.next() else {
+            // the closing bracket (an empty list when nothing came before)
+            let end = if first { "[]" } else { "]" };
+            return Some((Ok(bytes::Bytes::from(end)), None));
+        };
+        match part(&store, &def, &after, &mut first).await {
+            Ok(text) => Some((
+                Ok(bytes::Bytes::from(text)),
+                Some((store, defs, after, first)),
+            )),
+            Err(e) => {
+                tracing::error!(meter = %def.id, error = ?e, "a streamed readings list was cut short");
+                Some((Err(std::io::Error::other("reading failed")), None))
+            }
+        }
+    });
+    let body = futures::stream::once(async move { Ok(bytes::Bytes::from(head)) }).chain(rest);
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 /// A meter's reading by its id, or one subject's by the original KloudMeter's reading key

@@ -91,7 +91,10 @@ async fn seed_readme_curl_flow() {
         json!([{"meter": "unique_meter_id", "aggregation": "sum", "value": "3", "events": 2, "invalidEvents": 0,
         "subjects": 1, "lastEventTime": "2026-11-24T10:00:00Z", "ready": true},
         {"key": "type_of_event.sum.unique_meter_id.subject_of_event", "meterId": "unique_meter_id",
-        "subject": "subject_of_event", "value": "3", "count": 2, "lastEventTime": "2026-11-24T10:00:00Z"}])
+        "subject": "subject_of_event", "value": "3", "count": 2, "lastEventTime": "2026-11-24T10:00:00Z"},
+        // the meter groups by groupKey: the subject's one group follows it
+        {"meterId": "unique_meter_id", "subject": "subject_of_event", "groupBy": {"groupKey": "value2"},
+        "value": "3", "count": 2, "lastEventTime": "2026-11-24T10:00:00Z"}])
     );
     // the original's reading key answers that subject's reading
     let by_key = curl(&[&format!(

@@ -821,6 +821,7 @@ async fn seed_readings_list_every_subject_once_across_pages() {
     let client = reqwest::Client::new();
     let mut seen: Vec<String> = Vec::new();
     let mut groups: BTreeMap<String, (Value, Value)> = BTreeMap::new();
+    let mut paged: Vec<Value> = Vec::new();
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
@@ -837,6 +838,7 @@ async fn seed_readings_list_every_subject_once_across_pages() {
         let page: Vec<Value> = r.json().await.unwrap();
         assert!(page.len() <= 100);
         pages += 1;
+        paged.extend(page.iter().cloned());
         for e in page {
             // a meter's row, or a subject's entry with the original's key and exact value
             match (e.get("meter"), e.get("key")) {
@@ -896,6 +898,9 @@ async fn seed_readings_list_every_subject_once_across_pages() {
         ])
     );
     assert_eq!(pages, 8);
+    // without limit: the same entries, streamed as one array
+    let (s, whole) = get(&km.url("/api/readings")).await;
+    assert_eq!((s, whole), (200, Value::Array(paged)));
     for (param, message) in [
         ("limit=0", "limit: must be a whole number 1-10000"),
         ("limit=many", "limit: must be a whole number 1-10000"),
