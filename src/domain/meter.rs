@@ -298,25 +298,7 @@ pub fn parse_meter_json(
         None => get_str("id")?.ok_or_else(|| FieldError::new("id", "is required"))?,
     };
     validate_meter_id(&id, id_override.is_some())?;
-    let group_by = match obj.get("groupBy") {
-        None | Some(serde_json::Value::Null) => BTreeMap::new(),
-        Some(serde_json::Value::Object(m)) => {
-            let mut out = BTreeMap::new();
-            for (k, v) in m {
-                let path = v
-                    .as_str()
-                    .ok_or_else(|| FieldError::new(format!("groupBy.{k}"), "must be a string"))?;
-                out.insert(k.clone(), path.to_string());
-            }
-            out
-        }
-        Some(_) => {
-            return Err(FieldError::new(
-                "groupBy",
-                "must be an object of name to JSONPath",
-            ))
-        }
-    };
+    let group_by = parse_group_by(obj.get("groupBy"))?;
     let filter = match obj.get("filter") {
         None | Some(serde_json::Value::Null) => BTreeMap::new(),
         Some(serde_json::Value::Object(m)) => m.clone().into_iter().collect(),
@@ -327,37 +309,8 @@ pub fn parse_meter_json(
             ))
         }
     };
-    let thresholds = match obj.get("thresholds") {
-        None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(serde_json::Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                serde_json::from_value(t.clone())
-                    .map_err(|e| FieldError::new(format!("thresholds[{i}]"), format!("{e}")))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(FieldError::new("thresholds", "must be a list")),
-    };
-    let export = match obj.get("export") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::Object(m)) => {
-            if let Some(k) = m.keys().find(|k| *k != "topSubjects") {
-                return Err(unknown_field(&format!("export.{k}"), &["topSubjects"]));
-            }
-            let n = m.get("topSubjects").and_then(serde_json::Value::as_u64);
-            match n.and_then(|n| u32::try_from(n).ok()) {
-                Some(top_subjects) => Some(Export { top_subjects }),
-                None => {
-                    return Err(FieldError::new(
-                        "export.topSubjects",
-                        format!("must be a whole number 1-{MAX_EXPORTED_SUBJECTS}"),
-                    ))
-                }
-            }
-        }
-        Some(_) => return Err(FieldError::new("export", "must be an object")),
-    };
+    let thresholds = parse_thresholds(obj.get("thresholds"))?;
+    let export = parse_export(obj.get("export"))?;
     let aggregation_raw =
         get_str("aggregation")?.ok_or_else(|| FieldError::new("aggregation", "is required"))?;
     let aggregation = Aggregation::parse(&aggregation_raw).ok_or_else(|| {
@@ -396,6 +349,66 @@ pub fn parse_meter_json(
     };
     CompiledMeter::compile(&def)?;
     Ok(def)
+}
+
+/// `groupBy`: name → JSONPath.
+fn parse_group_by(raw: Option<&serde_json::Value>) -> Result<BTreeMap<String, String>, FieldError> {
+    match raw {
+        None | Some(serde_json::Value::Null) => Ok(BTreeMap::new()),
+        Some(serde_json::Value::Object(m)) => {
+            let mut out = BTreeMap::new();
+            for (k, v) in m {
+                let path = v
+                    .as_str()
+                    .ok_or_else(|| FieldError::new(format!("groupBy.{k}"), "must be a string"))?;
+                out.insert(k.clone(), path.to_string());
+            }
+            Ok(out)
+        }
+        Some(_) => Err(FieldError::new(
+            "groupBy",
+            "must be an object of name to JSONPath",
+        )),
+    }
+}
+
+/// `thresholds`: a list, each item named by its index when it is refused.
+fn parse_thresholds(
+    raw: Option<&serde_json::Value>,
+) -> Result<Vec<crate::domain::threshold::Threshold>, FieldError> {
+    match raw {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::from_value(t.clone())
+                    .map_err(|e| FieldError::new(format!("thresholds[{i}]"), format!("{e}")))
+            })
+            .collect(),
+        Some(_) => Err(FieldError::new("thresholds", "must be a list")),
+    }
+}
+
+/// `export`: `{"topSubjects": N}`.
+fn parse_export(raw: Option<&serde_json::Value>) -> Result<Option<Export>, FieldError> {
+    match raw {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Object(m)) => {
+            if let Some(k) = m.keys().find(|k| *k != "topSubjects") {
+                return Err(unknown_field(&format!("export.{k}"), &["topSubjects"]));
+            }
+            let n = m.get("topSubjects").and_then(serde_json::Value::as_u64);
+            match n.and_then(|n| u32::try_from(n).ok()) {
+                Some(top_subjects) => Ok(Some(Export { top_subjects })),
+                None => Err(FieldError::new(
+                    "export.topSubjects",
+                    format!("must be a whole number 1-{MAX_EXPORTED_SUBJECTS}"),
+                )),
+            }
+        }
+        Some(_) => Err(FieldError::new("export", "must be an object")),
+    }
 }
 
 /// A meter ready for the fold: JSONPaths parsed once, not per event.

@@ -170,38 +170,11 @@ pub fn parse_query(
     let mut cursor = None;
     for (k, v) in pairs {
         match k.as_str() {
-            "limit" => {
-                limit = Some(
-                    v.parse::<usize>()
-                        .ok()
-                        .filter(|n| (1..=MAX_PAGE).contains(n))
-                        .ok_or_else(|| {
-                            FieldError::new("limit", format!("must be a whole number 1-{MAX_PAGE}"))
-                        })?,
-                )
-            }
+            "limit" => limit = Some(parse_limit(v)?),
             "cursor" => cursor = Some(decode_cursor(v)?),
             "from" => from = Some(parse_time("from", v)?),
             "to" => to = Some(parse_time("to", v)?),
-            "windowSize" => {
-                let w = QueryWindow::parse(v).ok_or_else(|| {
-                    FieldError::new(
-                        "windowSize",
-                        format!("unknown window size {v:?} (MINUTE, HOUR, DAY, MONTH)"),
-                    )
-                })?;
-                if w.rank() < meter_rank(meter.window_size) {
-                    let base = format!("{:?}", meter.window_size).to_uppercase();
-                    return Err(FieldError::new(
-                        "windowSize",
-                        format!(
-                            "{} is finer than the meter's windowSize {base}",
-                            v.to_uppercase()
-                        ),
-                    ));
-                }
-                window = Some(w);
-            }
+            "windowSize" => window = Some(parse_window(v, meter)?),
             "windowTimeZone" => {
                 tz = v.parse::<Tz>().map_err(|_| {
                     FieldError::new("windowTimeZone", format!("unknown IANA time zone {v:?}"))
@@ -234,17 +207,7 @@ pub fn parse_query(
         }
     }
     let from = from.ok_or_else(|| FieldError::new("from", "is required"))?;
-    let to = match to {
-        Some(to) => to,
-        // now, rounded up to the meter's window, so that the range ends on a window
-        // the meter keeps and the current window is included whole
-        None => {
-            let size = meter.window_size.seconds();
-            let t = now.timestamp();
-            let end = t.div_euclid(size) * size + if t.rem_euclid(size) == 0 { 0 } else { size };
-            DateTime::from_timestamp(end, 0).unwrap_or(now)
-        }
-    };
+    let to = to.unwrap_or_else(|| default_to(meter, now));
     if from >= to {
         return Err(FieldError::new("from", "must be before to (default: now)"));
     }
@@ -269,6 +232,44 @@ pub fn parse_query(
         filters,
         kept_before: None,
     })
+}
+
+/// `limit`: a page of 1 to [`MAX_PAGE`] subjects.
+pub(crate) fn parse_limit(v: &str) -> Result<usize, FieldError> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| FieldError::new("limit", format!("must be a whole number 1-{MAX_PAGE}")))
+}
+
+/// `windowSize`: one of the four, never finer than the meter's own windows.
+fn parse_window(v: &str, meter: &MeterDef) -> Result<QueryWindow, FieldError> {
+    let w = QueryWindow::parse(v).ok_or_else(|| {
+        FieldError::new(
+            "windowSize",
+            format!("unknown window size {v:?} (MINUTE, HOUR, DAY, MONTH)"),
+        )
+    })?;
+    if w.rank() < meter_rank(meter.window_size) {
+        let base = format!("{:?}", meter.window_size).to_uppercase();
+        return Err(FieldError::new(
+            "windowSize",
+            format!(
+                "{} is finer than the meter's windowSize {base}",
+                v.to_uppercase()
+            ),
+        ));
+    }
+    Ok(w)
+}
+
+/// `to` when absent: now, rounded up to the meter's window, so that the range ends on a
+/// window the meter keeps and the current window is included whole.
+fn default_to(meter: &MeterDef, now: DateTime<Utc>) -> DateTime<Utc> {
+    let size = meter.window_size.seconds();
+    let t = now.timestamp();
+    let end = t.div_euclid(size) * size + if t.rem_euclid(size) == 0 { 0 } else { size };
+    DateTime::from_timestamp(end, 0).unwrap_or(now)
 }
 
 /// The first instant of a local day: midnight, or later where DST skips it (also what

@@ -162,9 +162,6 @@ async fn subject_readings(
     Ok(out)
 }
 
-/// Most entries one page of `GET /api/readings` holds.
-const MAX_PAGE: usize = 10_000;
-
 #[derive(Deserialize)]
 pub(super) struct PageQuery {
     limit: Option<String>,
@@ -240,14 +237,7 @@ pub(super) async fn list(
     let limit = q
         .limit
         .as_deref()
-        .map(|raw| {
-            raw.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!("limit: must be a whole number 1-{MAX_PAGE}"))
-                })
-        })
+        .map(crate::domain::query::parse_limit)
         .transpose()?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let store = state.store()?;
