@@ -64,8 +64,6 @@ type Fetched = (
     Option<Reading>,
 );
 
-/// Stored windows a query reads at once (direct gets pipelined on one connection).
-const QUERY_PIPELINE: usize = 2048;
 
 /// Most stored windows one query may read.
 const QUERY_KEY_LIMIT: usize = 500_000;
@@ -404,21 +402,22 @@ fn pick_scanned(plan: Vec<Planned>, scans: Vec<Vec<KvItem>>) -> Result<Vec<Fetch
 
 /// The planned readings, one pipelined get each.
 async fn get_each(store: &Store, plan: Vec<Planned>) -> Result<Vec<Fetched>> {
-    let readings = store.readings.clone();
-    futures::stream::iter(plan)
-        .map(|(wi, subject, projected, key)| {
-            let readings = readings.clone();
-            async move {
-                let reading = match readings.get(key).await.map_err(UsageError::storage)? {
-                    Some(raw) => Some(serde_json::from_slice::<Reading>(&raw)?),
-                    None => None,
-                };
-                Ok::<_, UsageError>((wi, subject, projected, reading))
-            }
-        })
-        .buffer_unordered(QUERY_PIPELINE)
-        .try_collect()
+    let mut keys: Vec<String> = plan.iter().map(|p| p.3.clone()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let values = store
+        .get_many(&store.readings, keys)
         .await
+        .map_err(UsageError::storage)?;
+    plan.into_iter()
+        .map(|(wi, subject, projected, key)| {
+            let reading = match values.get(&key) {
+                Some(raw) => Some(serde_json::from_slice::<Reading>(raw)?),
+                None => None,
+            };
+            Ok((wi, subject, projected, reading))
+        })
+        .collect()
 }
 
 /// Readings merged exactly per (output window, subject, projected group).
