@@ -64,7 +64,6 @@ type Fetched = (
     Option<Reading>,
 );
 
-
 /// Most stored windows one query may read.
 const QUERY_KEY_LIMIT: usize = 500_000;
 
@@ -278,21 +277,11 @@ fn cover_windows(
     def: &MeterDef,
     p: &query::QueryParams,
 ) -> Result<Covers> {
-    let refuse =
-        |field: &'static str, why: String| UsageError::Invalid(FieldError::new(field, why));
-    let edges = match def.window_size {
-        // the finest tier an HOUR meter keeps: any zone whose offset is a whole number
-        // of quarter hours (every zone today) is exact
-        crate::domain::meter::WindowSize::Hour => "a quarter hour".to_string(),
-        other => format!(
-            "the meter's {} windows",
-            format!("{other:?}").to_uppercase()
-        ),
-    };
     windows
         .iter()
         .map(|(a, b)| {
-            let cover = query::cover(a.timestamp(), b.timestamp(), def.window_size).map_err(|t| {
+            query::cover(a.timestamp(), b.timestamp(), def.window_size).map_err(|t| {
+                let base = format!("{:?}", def.window_size).to_uppercase();
                 let field = if t == p.from.timestamp() {
                     "from"
                 } else if t == p.to.timestamp() {
@@ -300,23 +289,11 @@ fn cover_windows(
                 } else {
                     "windowTimeZone"
                 };
-                refuse(field, format!("window boundaries must fall on {edges}"))
-            })?;
-            let kept_edge = cover.iter().find(|(ru, start)| {
-                ru.is_some_and(Rollup::is_finer) && p.kept_before.is_some_and(|k| *start < k)
-            });
-            if let Some((_, start)) = kept_edge {
-                let kept = p.kept_before.and_then(|k| DateTime::from_timestamp(k, 0)).unwrap_or_default();
-                return Err(refuse(
-                    "windowTimeZone",
-                    format!(
-                        "a window edge at {} falls inside history kept from an earlier definition of the meter (before {}), which has no 15-minute windows",
-                        query::rfc3339(DateTime::from_timestamp(*start, 0).unwrap_or_default()),
-                        query::rfc3339(kept)
-                    ),
-                ));
-            }
-            Ok(cover)
+                UsageError::Invalid(FieldError::new(
+                    field,
+                    format!("window boundaries must fall on the meter's {base} windows"),
+                ))
+            })
         })
         .collect()
 }

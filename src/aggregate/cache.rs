@@ -18,8 +18,8 @@ use crate::domain::window::ReadingKey;
 /// keys and still seeded per process, so crafted subjects cannot force collisions.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Readings one event touches for one meter: summary, total, own window, the other tiers,
-/// the group's total.
+/// Readings one event touches for one meter: summary, total, own window, rollups, the
+/// group's total.
 const MAX_TOUCHED: usize = 7;
 
 /// One cached reading.
@@ -58,8 +58,8 @@ impl EventSlots {
 struct GroupSlots {
     token: Arc<str>,
     group: Option<Arc<GroupInfo>>,
-    /// Start of the finest window kept the slots below are for: every other tier
-    /// contains it, so the same start means the same slots at every level.
+    /// Start of the meter's own window the slots below are for: rollups contain it, so
+    /// the same start means the same slots at every level.
     start: i64,
     windows: [u32; MAX_TOUCHED - 2],
     len: u8,
@@ -253,7 +253,7 @@ impl Cache {
                 ),
                 groups: FastMap::default(),
             });
-        let start = meter.def.window_size.finest_start(time);
+        let start = meter.def.window_size.window_start(time);
         let g = s.groups.entry(group).or_insert_with(|| {
             let token: Arc<str> = crate::domain::fold::token_of(group).into();
             GroupSlots {

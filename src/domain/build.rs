@@ -312,14 +312,7 @@ pub fn merge_kept(
     let mut subjects = 0u64;
     for w in kept {
         let mut keys = Vec::new();
-        // a kept window is whole: it says nothing of the finer tier inside it (queries
-        // needing quarters of kept history are refused, see `usage`)
-        fold::window_keys(meter, &w.subject, &w.group, w.start, |k| match &k {
-            ReadingKey::Window {
-                rollup: Some(ru), ..
-            } if ru.is_finer() => {}
-            _ => keys.push(k),
-        });
+        fold::window_keys(meter, &w.subject, &w.group, w.start, |k| keys.push(k));
         let total_key = ReadingKey::SubjectTotal {
             meter: meter.id.clone(),
             subject: w.subject.clone(),

@@ -90,26 +90,13 @@ impl WindowSize {
             WindowSize::Day => 86_400,
         }
     }
-    /// The other UTC windows kept for meters of this size, finest first: HOUR meters keep
-    /// 15-minute quarters for the edges of windows in zones with a non-whole-hour offset
-    /// (MINUTE meters' own windows already fit every offset), and every size keeps its
-    /// coarser rollups.
+    /// The coarser UTC windows kept for meters of this size.
     pub fn rollups(self) -> &'static [crate::domain::window::Rollup] {
         use crate::domain::window::Rollup;
         match self {
             WindowSize::Minute => &[Rollup::Hour, Rollup::Day, Rollup::Month],
-            WindowSize::Hour => &[Rollup::Quarter, Rollup::Day, Rollup::Month],
+            WindowSize::Hour => &[Rollup::Day, Rollup::Month],
             WindowSize::Day => &[Rollup::Month],
-        }
-    }
-
-    /// Start (epoch seconds, UTC) of the finest window kept that holds `epoch_seconds`
-    /// (the quarter for HOUR meters): every other window holding it contains that one,
-    /// so two times with the same finest start touch the same windows at every tier.
-    pub fn finest_start(self, epoch_seconds: i64) -> i64 {
-        match self.rollups().iter().find(|ru| ru.is_finer()) {
-            Some(ru) => ru.start(epoch_seconds),
-            None => self.window_start(epoch_seconds),
         }
     }
 
@@ -178,12 +165,8 @@ impl MeterDef {
         if let Some(scope) = self.scope.fingerprint() {
             canon["scope"] = serde_json::json!(scope);
         }
-        // HOUR meters built before the 15-minute tier existed lack it: the new
-        // fingerprint rebuilds them once (in the background) so that every zone is exact
-        if self.window_size == WindowSize::Hour {
-            canon["tiers"] = serde_json::json!("quarter");
-        }
-        // likewise meters with groupBy, built before they kept per-group totals
+        // meters with groupBy built before they kept per-group totals lack them: the new
+        // fingerprint rebuilds them once (in the background)
         if !self.group_by.is_empty() {
             canon["groupTotals"] = serde_json::json!(true);
         }

@@ -59,10 +59,6 @@ pub struct QueryParams {
     pub filters: Vec<GroupFilter>,
     /// `limit` (and `cursor`): one page of subjects, in subject order.
     pub page: Option<Page>,
-    /// Windows before this (epoch seconds) hold history kept from an earlier definition
-    /// (see [`crate::domain::build::Progress::rebuilt_from`]): whole windows, without
-    /// the finer tier inside them. Set by the caller from the served generation.
-    pub kept_before: Option<i64>,
 }
 
 /// One page of an all-subject (or many-subject) query: up to `limit` subjects after the
@@ -230,7 +226,6 @@ pub fn parse_query(
         subjects,
         group_by,
         filters,
-        kept_before: None,
     })
 }
 
@@ -358,48 +353,33 @@ pub struct Answer {
     pub next_cursor: Option<String>,
 }
 
-/// Stored windows that together are exactly [a, b): coarsest UTC rollups first, then the
-/// meter's own windows, and finer tiers (HOUR meters' quarters) only at edges where
-/// neither fits. Fails when a or b falls on no boundary of the finest tier kept.
+/// Stored windows that together are exactly [a, b): coarsest UTC rollups first.
+/// Fails when a or b does not fall on a boundary of the meter's own windows.
 pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<(Option<Rollup>, i64)>, i64> {
     let size = base.seconds();
-    let finest = base
-        .rollups()
-        .iter()
-        .find(|ru| ru.is_finer())
-        .map_or(size, |ru| ru.next(0) - ru.start(0));
-    if a.rem_euclid(finest) != 0 {
+    if a.rem_euclid(size) != 0 {
         return Err(a);
     }
-    if b.rem_euclid(finest) != 0 {
+    if b.rem_euclid(size) != 0 {
         return Err(b);
     }
-    let fits = |ru: &&Rollup, t: i64| ru.start(t) == t && ru.next(t) <= b;
     let mut out = Vec::new();
     let mut t = a;
     while t < b {
-        let coarser = base
+        let rollup = base
             .rollups()
             .iter()
             .rev()
-            .filter(|ru| !ru.is_finer())
-            .find(|ru| fits(ru, t));
-        let finer = || {
-            base.rollups()
-                .iter()
-                .find(|ru| ru.is_finer() && fits(ru, t))
-        };
-        if let Some(ru) = coarser {
-            out.push((Some(*ru), t));
-            t = ru.next(t);
-        } else if t.rem_euclid(size) == 0 && t + size <= b {
-            out.push((None, t));
-            t += size;
-        } else if let Some(ru) = finer() {
-            out.push((Some(*ru), t));
-            t = ru.next(t);
-        } else {
-            return Err(t);
+            .find(|ru| ru.start(t) == t && ru.next(t) <= b);
+        match rollup {
+            Some(ru) => {
+                out.push((Some(*ru), t));
+                t = ru.next(t);
+            }
+            None => {
+                out.push((None, t));
+                t += size;
+            }
         }
     }
     Ok(out)

@@ -34,29 +34,18 @@ pub enum ReadingKey {
     },
 }
 
-/// Windows kept beside the meter's own, all in UTC: coarser rollups, so that long
-/// ranges read few keys, and for HOUR meters 15-minute quarters, so that windows in
-/// zones whose offset is not a whole hour (India, Nepal, Chatham, parts of Australia)
-/// start and end exactly: every offset in use is a multiple of 15 minutes.
+/// Coarser windows kept beside the meter's own, all in UTC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rollup {
-    Quarter,
     Hour,
     Day,
     Month,
 }
 
 impl Rollup {
-    /// Whether this window is finer than the meter's own (only read at the edges of a
-    /// range, where the meter's own windows do not fit).
-    pub fn is_finer(self) -> bool {
-        self == Rollup::Quarter
-    }
-
     /// Start (epoch seconds) of the UTC rollup window holding `epoch_seconds`.
     pub fn start(self, epoch_seconds: i64) -> i64 {
         match self {
-            Rollup::Quarter => epoch_seconds.div_euclid(900) * 900,
             Rollup::Hour => epoch_seconds.div_euclid(3600) * 3600,
             Rollup::Day => epoch_seconds.div_euclid(86_400) * 86_400,
             Rollup::Month => {
@@ -73,7 +62,6 @@ impl Rollup {
     /// Start of the next rollup window after the one starting at `start`.
     pub fn next(self, start: i64) -> i64 {
         match self {
-            Rollup::Quarter => start + 900,
             Rollup::Hour => start + 3600,
             Rollup::Day => start + 86_400,
             Rollup::Month => {

@@ -64,13 +64,11 @@ async fn run_query(
         .ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
     // Readings are stored under the served generation's name; from here on the
     // definition stands for them.
-    let served = store.served(&def).await?;
     let def = MeterDef {
-        id: served.readings_id,
+        id: store.served(&def).await?.readings_id,
         ..def
     };
-    let mut p = query::parse_query(&pairs, &def, Utc::now())?;
-    p.kept_before = served.rebuilt_from.map(|t| t.timestamp());
+    let p = query::parse_query(&pairs, &def, Utc::now())?;
     if wants_csv(headers) && p.page.is_none() && p.subjects.is_empty() {
         return stream_csv(store.clone(), def, p).await;
     }

@@ -113,7 +113,6 @@ impl Names {
 /// The key segment prefix of a rollup window (none for the meter's own windows).
 fn rollup_prefix(rollup: Rollup) -> &'static str {
     match rollup {
-        Rollup::Quarter => "q",
         Rollup::Hour => "h",
         Rollup::Day => "d",
         Rollup::Month => "M",
@@ -125,7 +124,7 @@ fn rollup_prefix(rollup: Rollup) -> &'static str {
 /// - `r.<meter>.<subject>.total`               all-time total of one subject
 /// - `r.<meter>.<subject>.<group>.total`       all-time total of one subject's group
 /// - `r.<meter>.<subject>.<group>.<start>`     one window of one subject and group
-///   (`<start>` prefixed `q`, `h`, `d` or `M` for the other tiers)
+///   (`<start>` prefixed `h`, `d` or `M` for rollups)
 impl ReadingKey {
     pub fn kv_key(&self) -> String {
         match self {

@@ -261,7 +261,10 @@ async fn multi_get(
     let _ = replies.unsubscribe().await;
     if !complete {
         let seen: std::collections::HashSet<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
-        let rest: Vec<String> = keys.into_iter().filter(|k| !seen.contains(k.as_str())).collect();
+        let rest: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !seen.contains(k.as_str()))
+            .collect();
         for key in rest {
             if let Some(value) = bucket.get(&key).await? {
                 out.push((key, value));

@@ -529,33 +529,33 @@ async fn to_defaults_to_now_and_errors_name_what_was_sent() {
     assert_eq!(to.timestamp() % 3600, 0);
     assert!(to >= now && to <= now + chrono::Duration::hours(1), "{to}");
     // an error names a parameter the caller sent
-    let (s, body) = get(&km.url("/api/v1/meters/m/query?from=2026-01-01T00:10:00Z")).await;
+    let (s, body) = get(&km.url("/api/v1/meters/m/query?from=2026-01-01T00:30:00Z")).await;
     assert_eq!(
         (s, body["message"].clone()),
         (
             400,
-            json!("from: window boundaries must fall on a quarter hour")
+            json!("from: window boundaries must fall on the meter's HOUR windows")
         )
     );
-    // Monrovia kept -0:44:30 until 1972: its midnights fall on no quarter hour
     let (s, body) = get(&km.url(
-        "/api/v1/meters/m/query?from=1971-01-01T00:00:00Z&to=1971-01-03T00:00:00Z&windowSize=DAY&windowTimeZone=Africa/Monrovia",
+        "/api/v1/meters/m/query?from=2026-01-01T00:00:00Z&windowSize=DAY&windowTimeZone=Asia/Kolkata",
     ))
     .await;
     assert_eq!(
         (s, body["message"].clone()),
         (
             400,
-            json!("windowTimeZone: window boundaries must fall on a quarter hour")
+            json!("windowTimeZone: window boundaries must fall on the meter's HOUR windows")
         )
     );
 }
 
-/// DAY and MONTH windows in zones whose offset is not a whole hour, computed by hand:
-/// Kolkata (+05:30) and Kathmandu (+05:45) across October's end, Chatham across the
-/// start of its summer time (+12:45 → +13:45 on 27 September 2026) and September's end.
+/// DAY and MONTH windows in zones whose offset is not a whole hour, computed by hand, on a
+/// MINUTE meter (an HOUR meter refuses them, naming windowTimeZone): Kolkata (+05:30) and
+/// Kathmandu (+05:45) across October's end, Chatham across the start of its summer time
+/// (+12:45 → +13:45 on 27 September 2026) and September's end.
 #[tokio::test]
-async fn days_and_months_are_exact_in_every_zone() {
+async fn minute_meters_answer_days_and_months_in_every_zone() {
     let events = [
         // Kolkata's November starts 18:30Z, Kathmandu's 18:15Z, all in one UTC hour
         ev(1, "india", "2026-10-31T18:10:00Z", json!({"v": 1})),
@@ -570,12 +570,11 @@ async fn days_and_months_are_exact_in_every_zone() {
         ev(8, "chatham", "2026-09-30T10:25:00Z", json!({"v": 128})),
     ];
     let meters = [
-        json!({"id": "hourly", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"}),
         json!({"id": "minutely", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v",
             "windowSize": "MINUTE"}),
     ];
     let (_nats, km) = setup("qzones", &meters, &events).await;
-    for meter in ["hourly", "minutely"] {
+    for meter in ["minutely"] {
         let months = |tz: &str| {
             format!("from=2026-09-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=MONTH&windowTimeZone={tz}&subject=india")
         };

@@ -102,14 +102,11 @@ fn semantic_hash_ignores_description_only() {
 
 #[test]
 fn a_filter_rebuilds_and_export_does_not_and_unfiltered_hashes_stay() {
-    let a = parse(
-        json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x",
-        "windowSize":"MINUTE"}),
-    )
-    .unwrap();
+    let a =
+        parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"})).unwrap();
     // the fingerprint meters had before filters existed: upgrading rebuilds nothing
     let before = serde_json::json!({"eventType": "a", "aggregation": "sum",
-        "valueProperty": "$.x", "groupBy": {}, "windowSize": "MINUTE"});
+        "valueProperty": "$.x", "groupBy": {}, "windowSize": "HOUR"});
     let hash = |canon: serde_json::Value| {
         format!(
             "{:016x}",
@@ -117,12 +114,15 @@ fn a_filter_rebuilds_and_export_does_not_and_unfiltered_hashes_stay() {
         )
     };
     assert_eq!(a.semantic_hash(), hash(before));
-    // HOUR meters gained the 15-minute tier: theirs changed once, to rebuild them
-    let hour =
-        parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"})).unwrap();
-    let with_tier = serde_json::json!({"eventType": "a", "aggregation": "sum",
-        "valueProperty": "$.x", "groupBy": {}, "windowSize": "HOUR", "tiers": "quarter"});
-    assert_eq!(hour.semantic_hash(), hash(with_tier));
+    // meters with groupBy gained per-group totals: theirs changed once, to rebuild them
+    let grouped = parse(
+        json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x",
+        "groupBy": {"g": "$.g"}}),
+    )
+    .unwrap();
+    let with_totals = serde_json::json!({"eventType": "a", "aggregation": "sum",
+        "valueProperty": "$.x", "groupBy": {"g": "$.g"}, "windowSize": "HOUR", "groupTotals": true});
+    assert_eq!(grouped.semantic_hash(), hash(with_totals));
     let mut b = a.clone();
     b.export = Some(Export { top_subjects: 5 });
     assert_eq!(a.semantic_hash(), b.semantic_hash());
