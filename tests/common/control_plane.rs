@@ -51,14 +51,15 @@ impl ControlPlane {
     pub fn with_crds() -> ControlPlane {
         let cp = Self::start();
         cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
-        cp.kubectl(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            "crd/meters.kloudmeter.io",
-        ]);
+        cp.wait_established(&["crd/meters.kloudmeter.io"]);
         cp
+    }
+
+    /// Wait (up to a minute) until every named CRD is established.
+    pub fn wait_established(&self, crds: &[&str]) {
+        let mut args = vec!["wait", "--for", "condition=established", "--timeout=60s"];
+        args.extend_from_slice(crds);
+        self.kubectl(&args);
     }
 
     /// The environment of a kloudmeter process that operates this control plane from

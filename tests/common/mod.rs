@@ -369,18 +369,27 @@ pub async fn post_until_accepted_by(
 /// `n` events of `event_type` stored as ingestion stores them (dedup header, JSON body),
 /// straight into the stream: the fastest way to a long history. Each has `{"v": 1}`.
 pub async fn preload_events(js: &jetstream::Context, stream: &str, event_type: &str, n: usize) {
-    let subject = format!("{stream}.events.{event_type}");
-    let mut acks = FuturesUnordered::new();
-    for i in 0..n {
+    let events = (0..n).map(|i| {
         let e = json!({"id": format!("{event_type}-{i}"), "eventType": event_type,
             "subject": format!("customer-{}", i % 100), "time": "2026-11-02T10:00:00Z", "data": {"v": 1}});
+        (format!("{:016x}{i:016x}", event_type.len()), e)
+    });
+    store_events(js, &format!("{stream}.events.{event_type}"), events).await;
+}
+
+/// Events published on `subject` as ingestion stores them: each with its dedup header
+/// (32 hex digits) and JSON body, 2,000 acknowledgements in flight.
+pub async fn store_events(
+    js: &jetstream::Context,
+    subject: &str,
+    events: impl IntoIterator<Item = (String, Value)>,
+) {
+    let mut acks = FuturesUnordered::new();
+    for (dedup, e) in events {
         let mut h = HeaderMap::new();
-        h.insert(
-            "Km-Dedup",
-            format!("{:016x}{i:016x}", event_type.len()).as_str(),
-        );
+        h.insert("Km-Dedup", dedup.as_str());
         let ack = js
-            .publish_with_headers(subject.clone(), h, e.to_string().into())
+            .publish_with_headers(subject.to_string(), h, e.to_string().into())
             .await
             .unwrap();
         acks.push(ack.into_future());

@@ -194,11 +194,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         cp.kubectl_stdin(&["apply", "-f", "-"], &prometheusrule_crd)
             .0
     );
-    cp.kubectl(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
+    cp.wait_established(&[
         "crd/meters.kloudmeter.io",
         "crd/servicemonitors.monitoring.coreos.com",
         "crd/prometheusrules.monitoring.coreos.com",

@@ -1261,6 +1261,22 @@ async fn query_subjects_100k(n: usize, failures: &mut Vec<String>) {
     );
 }
 
+/// The sum of a query answer's row values.
+fn rows_total(body: &Value) -> rust_decimal::Decimal {
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r["value"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum()
+}
+
 async fn query_latency(n: usize, failures: &mut Vec<String>) {
     let nats = Nats::start();
     let log_level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
@@ -1324,18 +1340,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
     // the same in a zone whose days are not UTC days
     let zoned = km.url("/api/v1/meters/tokens/query?from=2026-10-31T23:00:00Z&to=2026-11-30T23:00:00Z&windowSize=DAY&windowTimeZone=Europe/Berlin&subject=customer-0042");
     let (p50z, p99z, body_z) = run(zoned).await;
-    let zoned_total: rust_decimal::Decimal = body_z["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r["value"]
-                .as_str()
-                .unwrap()
-                .parse::<rust_decimal::Decimal>()
-                .unwrap()
-        })
-        .sum();
+    let zoned_total = rows_total(&body_z);
     if zoned_total != rust_decimal::Decimal::from(expected_zoned) {
         failures.push(format!(
             "query: customer-0042's Berlin month {zoned_total}, want {expected_zoned}"
@@ -1345,18 +1350,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
         km.url("/api/v1/meters/tokens/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z");
     let (p50b, p99b, body_b) = run(all).await;
     let rows_a = body_a["data"].as_array().map_or(0, Vec::len);
-    let total: rust_decimal::Decimal = body_b["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r["value"]
-                .as_str()
-                .unwrap()
-                .parse::<rust_decimal::Decimal>()
-                .unwrap()
-        })
-        .sum();
+    let total = rows_total(&body_b);
     if total != rust_decimal::Decimal::from(expected)
         || body_b["data"].as_array().unwrap().len() != 1000
     {
