@@ -9,9 +9,10 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
-use crate::domain::fold::Reading;
-use crate::domain::meter::MeterDef;
+use crate::domain::fold::{Acc, Reading};
+use crate::domain::meter::{MeterDef, WindowSize};
 use crate::domain::query;
+use crate::domain::query::Chunk;
 use crate::domain::window::{ReadingKey, Rollup};
 use crate::error::FieldError;
 use crate::nats::keys;
@@ -56,13 +57,9 @@ impl From<StoreError> for UsageError {
     }
 }
 
-/// One stored window read for a query: (output window, subject, projected group, reading).
-type Fetched = (
-    usize,
-    String,
-    std::collections::BTreeMap<String, Value>,
-    Option<Reading>,
-);
+/// What one stored window contributes to a query: (output window, subject, projected
+/// group, the reading's accumulator or the part of it in range; `None`: nothing stored).
+type Fetched = (usize, String, BTreeMap<String, Value>, Option<Acc>);
 
 /// Most stored windows one query may read.
 const QUERY_KEY_LIMIT: usize = 500_000;
@@ -109,11 +106,51 @@ pub(crate) async fn query_subjects(
 /// Output windows: [start, end).
 type Windows = Vec<(DateTime<Utc>, DateTime<Utc>)>;
 
-/// Stored windows: (rollup, start) chunks, per output window.
-type Covers = Vec<Vec<(Option<Rollup>, i64)>>;
+/// Stored windows (or parts of them), per output window.
+type Covers = Vec<Vec<Chunk>>;
 
-/// One stored window to read: (output window, subject, projected group, KV key).
-type Planned = (usize, String, BTreeMap<String, Value>, String);
+/// One stored window to read for an output window, subject and projected group.
+struct Planned {
+    window: usize,
+    subject: String,
+    projected: BTreeMap<String, Value>,
+    key: String,
+    chunk: Chunk,
+    /// The parameter that set the boundary inside `chunk`, when it is a part.
+    edge: &'static str,
+}
+
+impl Planned {
+    /// The reading's contribution: all of it, or the quarters in range of an HOUR
+    /// window at a range's edge — refused when the window did not keep them.
+    fn fetched(self, raw: Option<&[u8]>) -> Result<Fetched> {
+        let acc = match raw {
+            None => None,
+            Some(raw) => {
+                let reading: Reading = serde_json::from_slice(raw)?;
+                Some(match self.chunk.quarters {
+                    None => reading.acc,
+                    Some((lo, hi)) => reading
+                        .quarter_part(usize::from(lo)..usize::from(hi))
+                        .ok_or_else(|| no_quarters(self.edge, self.chunk.start))?,
+                })
+            }
+        };
+        Ok((self.window, self.subject, self.projected, acc))
+    }
+}
+
+/// An edge inside an hour that holds events without 15-minute detail.
+fn no_quarters(field: &'static str, hour: i64) -> UsageError {
+    let at = DateTime::from_timestamp(hour, 0).unwrap_or_default();
+    UsageError::Invalid(FieldError::new(
+        field,
+        format!(
+            "a window boundary falls inside the hour from {}, which holds events without 15-minute detail (recorded before quarters were kept, or more distinct values than one reading keeps); choose boundaries on whole hours",
+            query::rfc3339(at)
+        ),
+    ))
+}
 
 /// Subjects and their groups, as [`query_subjects`] finds them.
 type Subjects = Vec<(String, BTreeMap<String, crate::domain::fold::SharedGroup>)>;
@@ -144,9 +181,7 @@ pub(crate) async fn execute_page(
     p: &query::QueryParams,
 ) -> Result<(Vec<query::Row>, Option<String>)> {
     let (windows, covers) = plan_windows(def, p)?;
-    let mut chunk_list: Vec<(Option<Rollup>, i64)> = covers.iter().flatten().copied().collect();
-    chunk_list.sort();
-    chunk_list.dedup();
+    let chunk_list = stored_windows(&covers);
     // Every subject over few stored windows: one snapshot read per stored window (all
     // subjects and groups at once) is far cheaper than a get per subject, and runs
     // beside the read of the subject list. A page reads only its own subjects.
@@ -251,10 +286,7 @@ impl Pages {
         slice.reverse();
         // the whole set in one slice over few stored windows: scanning each window once
         // beats a get per subject, as in a query that is not streamed
-        let mut chunks: Vec<(Option<Rollup>, i64)> =
-            self.covers.iter().flatten().copied().collect();
-        chunks.sort();
-        chunks.dedup();
+        let chunks = stored_windows(&self.covers);
         let whole = !self.started && keep == 0 && self.p.subjects.is_empty() && chunks.len() <= 64;
         self.started = true;
         let rows = async {
@@ -271,7 +303,7 @@ impl Pages {
 }
 
 /// The stored windows that cover each output window exactly; an output boundary that is
-/// not a boundary of the meter's windows is refused, naming the parameter that set it.
+/// no boundary stored (see [`query::cover`]) is refused, naming the parameter that set it.
 fn cover_windows(
     windows: &[(DateTime<Utc>, DateTime<Utc>)],
     def: &MeterDef,
@@ -281,7 +313,13 @@ fn cover_windows(
         .iter()
         .map(|(a, b)| {
             query::cover(a.timestamp(), b.timestamp(), def.window_size).map_err(|t| {
-                let base = format!("{:?}", def.window_size).to_uppercase();
+                let finest = match def.window_size {
+                    WindowSize::Hour => "a quarter hour".to_string(),
+                    other => format!(
+                        "the meter's {} windows",
+                        format!("{other:?}").to_uppercase()
+                    ),
+                };
                 let field = if t == p.from.timestamp() {
                     "from"
                 } else if t == p.to.timestamp() {
@@ -291,11 +329,23 @@ fn cover_windows(
                 };
                 UsageError::Invalid(FieldError::new(
                     field,
-                    format!("window boundaries must fall on the meter's {base} windows"),
+                    format!("window boundaries must fall on {finest}"),
                 ))
             })
         })
         .collect()
+}
+
+/// The stored windows the covers read, each once (an hour two edges share is one).
+fn stored_windows(covers: &Covers) -> Vec<(Option<Rollup>, i64)> {
+    let mut windows: Vec<(Option<Rollup>, i64)> = covers
+        .iter()
+        .flatten()
+        .map(|c| (c.rollup, c.start))
+        .collect();
+    windows.sort();
+    windows.dedup();
+    windows
 }
 
 /// Every subject's and group's reading of each stored window, one scan per window.
@@ -340,15 +390,22 @@ fn plan_reads(
                     continue;
                 }
                 let projected = query::project(values, &p.group_by);
-                for (rollup, start) in chunks {
+                for chunk in chunks {
                     let key = ReadingKey::Window {
                         meter: def.id.as_str().into(),
                         subject: subject.as_str().into(),
                         group: token.as_str().into(),
-                        rollup: *rollup,
-                        start: *start,
+                        rollup: chunk.rollup,
+                        start: chunk.start,
                     };
-                    plan.push((wi, subject.clone(), projected.clone(), key.kv_key()));
+                    plan.push(Planned {
+                        window: wi,
+                        subject: subject.clone(),
+                        projected: projected.clone(),
+                        key: key.kv_key(),
+                        chunk: *chunk,
+                        edge: edge_field(p, chunk),
+                    });
                 }
             }
         }
@@ -359,6 +416,23 @@ fn plan_reads(
     Ok(plan)
 }
 
+/// Which parameter set the boundary inside a part of a window: `from`, `to`, or the
+/// zone's midnights (`windowTimeZone`).
+fn edge_field(p: &query::QueryParams, chunk: &Chunk) -> &'static str {
+    let Some((lo, hi)) = chunk.quarters else {
+        return "windowTimeZone";
+    };
+    let at = |q: u8| chunk.start + crate::domain::meter::QUARTER * i64::from(q);
+    let edge = if lo > 0 { at(lo) } else { at(hi) };
+    if edge == p.from.timestamp() {
+        "from"
+    } else if edge == p.to.timestamp() {
+        "to"
+    } else {
+        "windowTimeZone"
+    }
+}
+
 /// The planned readings out of the window scans.
 fn pick_scanned(plan: Vec<Planned>, scans: Vec<Vec<KvItem>>) -> Result<Vec<Fetched>> {
     let found: HashMap<String, bytes::Bytes> = scans
@@ -367,19 +441,16 @@ fn pick_scanned(plan: Vec<Planned>, scans: Vec<Vec<KvItem>>) -> Result<Vec<Fetch
         .map(|item| (item.key, item.value))
         .collect();
     plan.into_iter()
-        .map(|(wi, subject, projected, key)| {
-            let reading = match found.get(&key) {
-                Some(raw) => Some(serde_json::from_slice::<Reading>(raw)?),
-                None => None,
-            };
-            Ok((wi, subject, projected, reading))
+        .map(|p| {
+            let raw = found.get(&p.key).cloned();
+            p.fetched(raw.as_deref())
         })
         .collect()
 }
 
 /// The planned readings, one pipelined get each.
 async fn get_each(store: &Store, plan: Vec<Planned>) -> Result<Vec<Fetched>> {
-    let mut keys: Vec<String> = plan.iter().map(|p| p.3.clone()).collect();
+    let mut keys: Vec<String> = plan.iter().map(|p| p.key.clone()).collect();
     keys.sort_unstable();
     keys.dedup();
     let values = store
@@ -387,12 +458,9 @@ async fn get_each(store: &Store, plan: Vec<Planned>) -> Result<Vec<Fetched>> {
         .await
         .map_err(UsageError::storage)?;
     plan.into_iter()
-        .map(|(wi, subject, projected, key)| {
-            let reading = match values.get(&key) {
-                Some(raw) => Some(serde_json::from_slice::<Reading>(raw)?),
-                None => None,
-            };
-            Ok((wi, subject, projected, reading))
+        .map(|p| {
+            let raw = values.get(&p.key).cloned();
+            p.fetched(raw.as_deref())
         })
         .collect()
 }
@@ -400,14 +468,14 @@ async fn get_each(store: &Store, plan: Vec<Planned>) -> Result<Vec<Fetched>> {
 /// Readings merged exactly per (output window, subject, projected group).
 fn merge(fetched: Vec<Fetched>) -> query::Merged {
     let mut merged: query::Merged = BTreeMap::new();
-    for (wi, subject, projected, reading) in fetched {
-        let Some(reading) = reading else { continue };
+    for (wi, subject, projected, acc) in fetched {
+        let Some(acc) = acc else { continue };
         let gkey = serde_json::to_string(&projected).unwrap_or_default();
         merged
             .entry((wi, subject, gkey))
             .or_insert_with(|| (projected, crate::domain::fold::Acc::default()))
             .1
-            .merge(&reading.acc);
+            .merge(&acc);
     }
     merged
 }

@@ -336,6 +336,7 @@ impl Aggregator {
                         e.time,
                         value,
                         group,
+                        fold::quarter_of(m, e.time),
                     );
                     match applied {
                         Applied::Counted => {

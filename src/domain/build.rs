@@ -326,8 +326,13 @@ pub fn merge_kept(
                 .entry(w.group.to_string())
                 .or_insert_with(|| w.reading.group_by.clone());
         }
-        for k in keys {
+        for (i, k) in keys.into_iter().enumerate() {
             let r = out.entry(k).or_default();
+            // the new window that holds the kept one's start (first of `window_keys`):
+            // its quarters are the kept window's when both are hours that keep them
+            if i == 0 && meter.def.window_size.quarter_of(0).is_some() {
+                r.merge_quarters(&w.reading);
+            }
             merge_into(r, &w.reading);
             if r.group_by.is_empty() {
                 r.group_by = w.reading.group_by.clone();
@@ -552,5 +557,55 @@ mod tests {
             start: 0,
         });
         assert_eq!(day.acc.count, 3);
+        // kept windows without quarters (built before they existed) leave their hour
+        // without: its quarters are never partial
+        let hour = |start| {
+            get(ReadingKey::Window {
+                meter: "m".into(),
+                subject: "a".into(),
+                group: "_".into(),
+                rollup: None,
+                start,
+            })
+        };
+        assert_eq!(
+            (hour(3600).acc.count, hour(3600).quarter_part(0..4)),
+            (2, None)
+        );
+    }
+
+    #[test]
+    fn kept_hours_bring_their_quarters() {
+        let d = def("$.a", false);
+        let m = CompiledMeter::compile(&d).unwrap();
+        let v = |n: i64| crate::domain::fold::Value_::Number(rust_decimal::Decimal::from(n));
+        let mut with_quarters = Reading::default();
+        with_quarters
+            .acc
+            .add(&v(5), DateTime::from_timestamp(60, 0).unwrap(), 1);
+        let mut first = crate::domain::fold::Acc::default();
+        first.add(&v(5), DateTime::from_timestamp(60, 0).unwrap(), 1);
+        with_quarters.quarters = vec![Some(first), None, None, None];
+        let kept = [("a", 0, with_quarters.clone()), ("a", 0, with_quarters)].map(
+            |(s, start, reading)| KeptWindow {
+                subject: s.into(),
+                group: "_".into(),
+                start,
+                reading,
+            },
+        );
+        let out = merge_kept(&m, kept);
+        let hour = &out[&ReadingKey::Window {
+            meter: "m".into(),
+            subject: "a".into(),
+            group: "_".into(),
+            rollup: None,
+            start: 0,
+        }];
+        let part = |lo, hi| hour.quarter_part(lo..hi).map(|a| a.sum.to_string());
+        assert_eq!(
+            (part(0, 1), part(1, 4)),
+            (Some("10".into()), Some("0".into()))
+        );
     }
 }

@@ -18,7 +18,7 @@ use std::hash::BuildHasher;
 use chrono::{DateTime, Utc};
 
 use crate::domain::event::Event;
-use crate::domain::meter::CompiledMeter;
+use crate::domain::meter::{Aggregation, CompiledMeter};
 use crate::domain::window::ReadingKey;
 
 /// The keys an event touches for a meter: always the summary; when valid, the subject's
@@ -100,6 +100,16 @@ pub trait Touched {
     fn at(&mut self, i: usize) -> &mut Reading;
 }
 
+/// The quarter of its own window an event at `time` lands in, with what the meter
+/// aggregates: for [`apply_valid`], for meters whose windows keep quarters.
+pub fn quarter_of(meter: &CompiledMeter, time: DateTime<Utc>) -> Option<(usize, Aggregation)> {
+    let q = meter.def.window_size.quarter_of(time.timestamp())?;
+    Some((q, meter.def.aggregation))
+}
+
+/// Position of the meter's own window among the readings an event touches.
+const OWN_WINDOW: usize = 2;
+
 /// The group an event belongs to, as windows and subject totals record it.
 #[derive(Clone, Copy, Debug)]
 pub struct Group<'a> {
@@ -108,13 +118,16 @@ pub struct Group<'a> {
 }
 
 /// Apply one valid event (stream sequence `seq`) to the readings it touches. A reading
-/// that already holds the sequence is left alone, so replays change nothing.
+/// that already holds the sequence is left alone, so replays change nothing. `quarter`:
+/// the quarter of its own window the event falls in and the meter's aggregation, for
+/// meters whose windows keep quarters ([`quarter_of`]).
 pub fn apply_valid(
     r: &mut impl Touched,
     seq: u64,
     time: DateTime<Utc>,
     value: &Value_,
     group: Option<Group<'_>>,
+    quarter: Option<(usize, Aggregation)>,
 ) -> Applied {
     let summary_seq = r.get(0).map_or(0, |s| s.seq);
     // Check every reading first, so an overflow leaves all of them untouched.
@@ -150,6 +163,9 @@ pub fn apply_valid(
             continue;
         }
         x.acc.add(value, time, seq);
+        if let (OWN_WINDOW, Some((q, aggregation))) = (i, quarter) {
+            x.add_quarter(q, aggregation, value, time, seq);
+        }
         x.note_event(seq, time);
         if let Some(g) = group {
             if i == 1 {
@@ -230,7 +246,8 @@ pub fn apply<S: BuildHasher>(
                 readings,
                 keys: &keys,
             };
-            apply_valid(&mut touched, seq, event.time, value, group)
+            let quarter = quarter_of(meter, event.time);
+            apply_valid(&mut touched, seq, event.time, value, group, quarter)
         }
     }
 }

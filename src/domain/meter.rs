@@ -104,7 +104,19 @@ impl WindowSize {
     pub fn window_start(self, epoch_seconds: i64) -> i64 {
         epoch_seconds.div_euclid(self.seconds()) * self.seconds()
     }
+
+    /// Which 15-minute quarter of its window `epoch_seconds` falls in, for meters whose
+    /// windows keep quarters (HOUR: see [`crate::domain::fold::Reading::quarters`]).
+    pub fn quarter_of(self, epoch_seconds: i64) -> Option<usize> {
+        match self {
+            WindowSize::Hour => Some((epoch_seconds.rem_euclid(3600) / QUARTER) as usize),
+            WindowSize::Minute | WindowSize::Day => None,
+        }
+    }
 }
+
+/// Seconds in a quarter hour: every UTC offset in use is a whole number of them.
+pub const QUARTER: i64 = 900;
 
 /// A meter as users define it (API JSON and, later, the CR spec).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -169,6 +181,12 @@ impl MeterDef {
         // fingerprint rebuilds them once (in the background)
         if !self.group_by.is_empty() {
             canon["groupTotals"] = serde_json::json!(true);
+        }
+        // HOUR meters built before their windows kept quarters lack them: the new
+        // fingerprint rebuilds them once (in the background), so that days in zones
+        // whose offset is not a whole hour are exact over the stream's whole history
+        if self.window_size == WindowSize::Hour {
+            canon["quarters"] = serde_json::json!(true);
         }
         format!(
             "{:016x}",

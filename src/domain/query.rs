@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::domain::fold::Acc;
-use crate::domain::meter::{MeterDef, WindowSize};
+use crate::domain::meter::{MeterDef, WindowSize, QUARTER};
 use crate::domain::window::Rollup;
 use crate::error::FieldError;
 
@@ -353,19 +353,60 @@ pub struct Answer {
     pub next_cursor: Option<String>,
 }
 
-/// Stored windows that together are exactly [a, b): coarsest UTC rollups first.
-/// Fails when a or b does not fall on a boundary of the meter's own windows.
-pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<(Option<Rollup>, i64)>, i64> {
+/// One stored window a cover reads: a rollup or the meter's own window
+/// (`rollup: None`), whole — or, at a range's edge that falls inside one of an HOUR
+/// meter's windows, only its quarters `quarters.0..quarters.1`
+/// ([`crate::domain::fold::Reading::quarter_part`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Chunk {
+    pub rollup: Option<Rollup>,
+    pub start: i64,
+    pub quarters: Option<(u8, u8)>,
+}
+
+impl Chunk {
+    pub fn whole(rollup: Option<Rollup>, start: i64) -> Chunk {
+        Chunk {
+            rollup,
+            start,
+            quarters: None,
+        }
+    }
+}
+
+/// Stored windows that together are exactly [a, b): coarsest UTC rollups first, then
+/// the meter's own windows, and quarters of one only at an edge inside it. Fails when a
+/// or b falls on no boundary stored: the meter's windows, or a quarter hour for HOUR
+/// meters (every UTC offset in use is a whole number of quarter hours).
+pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<Chunk>, i64> {
     let size = base.seconds();
-    if a.rem_euclid(size) != 0 {
+    let finest = if base.quarter_of(0).is_some() {
+        QUARTER
+    } else {
+        size
+    };
+    if a.rem_euclid(finest) != 0 {
         return Err(a);
     }
-    if b.rem_euclid(size) != 0 {
+    if b.rem_euclid(finest) != 0 {
         return Err(b);
     }
     let mut out = Vec::new();
     let mut t = a;
     while t < b {
+        if t.rem_euclid(size) != 0 || t + size > b {
+            // an edge inside one of the meter's windows: the quarters of it in range
+            let start = base.window_start(t);
+            let end = (start + size).min(b);
+            let quarter = |at: i64| ((at - start) / QUARTER) as u8;
+            out.push(Chunk {
+                rollup: None,
+                start,
+                quarters: Some((quarter(t), quarter(end))),
+            });
+            t = end;
+            continue;
+        }
         let rollup = base
             .rollups()
             .iter()
@@ -373,11 +414,11 @@ pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<(Option<Rollup>, i6
             .find(|ru| ru.start(t) == t && ru.next(t) <= b);
         match rollup {
             Some(ru) => {
-                out.push((Some(*ru), t));
+                out.push(Chunk::whole(Some(*ru), t));
                 t = ru.next(t);
             }
             None => {
-                out.push((None, t));
+                out.push(Chunk::whole(None, t));
                 t += size;
             }
         }

@@ -189,7 +189,7 @@ fn query_params(shape: Shape) -> Vec<Value> {
                     "windowTimeZone",
                     false,
                     string.clone(),
-                    "IANA time zone (default UTC)",
+                    "IANA time zone whose midnights DAY and MONTH windows start at (default UTC); boundaries must fall on the meter's windows, for HOUR meters on any quarter hour, so MINUTE and HOUR meters answer every zone in use",
                 ),
                 query_param("subject", false, repeated.clone(), "repeatable"),
                 query_param(

@@ -529,33 +529,34 @@ async fn to_defaults_to_now_and_errors_name_what_was_sent() {
     assert_eq!(to.timestamp() % 3600, 0);
     assert!(to >= now && to <= now + chrono::Duration::hours(1), "{to}");
     // an error names a parameter the caller sent
-    let (s, body) = get(&km.url("/api/v1/meters/m/query?from=2026-01-01T00:30:00Z")).await;
+    let (s, body) = get(&km.url("/api/v1/meters/m/query?from=2026-01-01T00:10:00Z")).await;
     assert_eq!(
         (s, body["message"].clone()),
         (
             400,
-            json!("from: window boundaries must fall on the meter's HOUR windows")
+            json!("from: window boundaries must fall on a quarter hour")
         )
     );
+    // Monrovia kept -0:44:30 until 1972: its midnights fall on no quarter hour
     let (s, body) = get(&km.url(
-        "/api/v1/meters/m/query?from=2026-01-01T00:00:00Z&windowSize=DAY&windowTimeZone=Asia/Kolkata",
+        "/api/v1/meters/m/query?from=1971-01-01T00:00:00Z&to=1971-01-03T00:00:00Z&windowSize=DAY&windowTimeZone=Africa/Monrovia",
     ))
     .await;
     assert_eq!(
         (s, body["message"].clone()),
         (
             400,
-            json!("windowTimeZone: window boundaries must fall on the meter's HOUR windows")
+            json!("windowTimeZone: window boundaries must fall on a quarter hour")
         )
     );
 }
 
-/// DAY and MONTH windows in zones whose offset is not a whole hour, computed by hand, on a
-/// MINUTE meter (an HOUR meter refuses them, naming windowTimeZone): Kolkata (+05:30) and
-/// Kathmandu (+05:45) across October's end, Chatham across the start of its summer time
-/// (+12:45 → +13:45 on 27 September 2026) and September's end.
+/// DAY and MONTH windows in zones whose offset is not a whole hour, computed by hand, on
+/// HOUR meters (through the quarters their windows keep) and MINUTE meters: Kolkata
+/// (+05:30) and Kathmandu (+05:45) across October's end, Chatham across the start of its
+/// summer time (+12:45 → +13:45 on 27 September 2026) and September's end.
 #[tokio::test]
-async fn minute_meters_answer_days_and_months_in_every_zone() {
+async fn days_and_months_are_exact_in_every_zone() {
     let events = [
         // Kolkata's November starts 18:30Z, Kathmandu's 18:15Z, all in one UTC hour
         ev(1, "india", "2026-10-31T18:10:00Z", json!({"v": 1})),
@@ -570,11 +571,28 @@ async fn minute_meters_answer_days_and_months_in_every_zone() {
         ev(8, "chatham", "2026-09-30T10:25:00Z", json!({"v": 128})),
     ];
     let meters = [
+        json!({"id": "hourly", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"}),
         json!({"id": "minutely", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v",
             "windowSize": "MINUTE"}),
+        json!({"id": "distinct", "eventType": "use", "aggregation": "unique_count",
+            "valueProperty": "$.v"}),
     ];
-    let (_nats, km) = setup("qzones", &meters, &events).await;
-    for meter in ["minutely"] {
+    let (nats, km) = setup("qzones", &meters, &events).await;
+    // distinct values by quarter too: Kathmandu's October holds 1, its November 2 and 4
+    let b = query(
+        &km,
+        "distinct",
+        "from=2026-09-30T18:15:00Z&to=2026-11-30T18:15:00Z&windowSize=MONTH&windowTimeZone=Asia/Kathmandu&subject=india",
+    )
+    .await;
+    assert_eq!(
+        rows(&b),
+        [
+            row("2026-09-30T18:15:00Z", "india", json!({}), "1"),
+            row("2026-10-31T18:15:00Z", "india", json!({}), "2"),
+        ]
+    );
+    for meter in ["hourly", "minutely"] {
         let months = |tz: &str| {
             format!("from=2026-09-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=MONTH&windowTimeZone={tz}&subject=india")
         };
@@ -620,6 +638,47 @@ async fn minute_meters_answer_days_and_months_in_every_zone() {
             (json!("2026-09-26T11:15:00Z"), json!("2026-09-27T10:15:00Z"))
         );
     }
+    // an hour whose distinct values outgrow what its quarters may hold beside it keeps
+    // none: a boundary inside it is refused, naming the parameter that set it; whole
+    // hours answer
+    let many = (0..=50_000).map(|i| {
+        let e = json!({"id": format!("many-{i}"), "eventType": "use", "subject": "many",
+            "time": "2026-11-02T18:20:00Z", "data": {"v": i}});
+        (format!("{i:032x}"), e)
+    });
+    let js = nats.client().await;
+    store_events(&js, "qzones.events.use", many).await;
+    caught_up(&js, "qzones", Duration::from_secs(120)).await;
+    let days = "from=2026-11-01T18:30:00Z&to=2026-11-03T18:30:00Z&windowSize=DAY&windowTimeZone=Asia/Kolkata&subject=many";
+    let refused = |field: &str| {
+        json!(format!("{field}: a window boundary falls inside the hour from 2026-11-02T18:00:00Z, which holds events without 15-minute detail (recorded before quarters were kept, or more distinct values than one reading keeps); choose boundaries on whole hours"))
+    };
+    let (s, body) = get(&km.url(&format!("/api/v1/meters/distinct/query?{days}"))).await;
+    assert_eq!(
+        (s, body["message"].clone()),
+        (400, refused("windowTimeZone"))
+    );
+    let (s, body) = get(&km.url(
+        "/api/v1/meters/distinct/query?from=2026-11-02T18:15:00Z&to=2026-11-02T19:00:00Z&subject=many",
+    ))
+    .await;
+    assert_eq!((s, body["message"].clone()), (400, refused("from")));
+    let b = query(
+        &km,
+        "distinct",
+        "from=2026-11-02T00:00:00Z&to=2026-11-03T00:00:00Z&subject=many",
+    )
+    .await;
+    assert_eq!(
+        rows(&b),
+        [row("2026-11-02T00:00:00Z", "many", json!({}), "50001")]
+    );
+    // the sum meter's quarters took the same events: Kolkata's days are exact
+    let b = query(&km, "hourly", days).await;
+    assert_eq!(
+        rows(&b),
+        [row("2026-11-01T18:30:00Z", "many", json!({}), "1250025000")]
+    );
 }
 
 #[tokio::test]

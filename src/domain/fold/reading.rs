@@ -188,6 +188,24 @@ impl Acc {
         }
     }
 
+    /// Drop what `aggregation` never reads (kept in the finer parts of a reading only:
+    /// its whole accumulators keep everything).
+    pub(super) fn keep_only(&mut self, aggregation: Aggregation) {
+        use Aggregation::*;
+        if !matches!(aggregation, Sum | Avg) {
+            self.sum = Decimal::ZERO;
+        }
+        if aggregation != Min {
+            self.min = None;
+        }
+        if aggregation != Max {
+            self.max = None;
+        }
+        if aggregation != Latest {
+            self.latest = None;
+        }
+    }
+
     /// The reading's value under an aggregation; `None` before any event.
     pub fn value(&self, agg: Aggregation) -> Option<Decimal> {
         let v = match agg {
@@ -230,9 +248,94 @@ pub struct Reading {
     /// queries can address its windows directly.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub groups: BTreeMap<String, SharedGroup>,
+    /// HOUR meters' own windows only: the hour's four 15-minute quarters (`null` while
+    /// empty), each an accumulator of what the meter's aggregation needs, so that a day in
+    /// a zone whose offset is not a whole hour (India, Nepal, Chatham) starts and ends
+    /// exactly inside an hour — at the cost of a larger value, not of more keys. They are
+    /// complete only while their counts add up to the hour's ([`Self::quarter_part`]): a
+    /// window written before quarters existed, or whose distinct sets outgrew
+    /// [`DISTINCT_CAP`] together, has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarters: Vec<Option<Acc>>,
 }
 
+/// Quarters an hour holds.
+const QUARTERS: usize = 4;
+
 impl Reading {
+    /// Add a value the window itself has just taken to its quarter `q`, keeping only
+    /// what `aggregation` reads. Quarters start with the window's first event: a window
+    /// that holds events without them keeps none, and one whose quarters cannot take the
+    /// value (their distinct sets would outgrow the hour's budget, or a sum its range)
+    /// drops them, so that an incomplete set of quarters is never taken for a whole one.
+    pub(super) fn add_quarter(
+        &mut self,
+        q: usize,
+        aggregation: Aggregation,
+        v: &Value_,
+        time: DateTime<Utc>,
+        seq: u64,
+    ) {
+        if self.quarters.is_empty() {
+            if self.acc.count != 1 {
+                return;
+            }
+            self.quarters = vec![None; QUARTERS];
+        }
+        let Some(slot) = self.quarters.get_mut(q) else {
+            return;
+        };
+        let quarter = slot.get_or_insert_with(Acc::default);
+        if !quarter.can_add(v) {
+            self.quarters.clear();
+            return;
+        }
+        quarter.add(v, time, seq);
+        quarter.keep_only(aggregation);
+        let distinct = |a: &Acc| a.distinct.as_ref().map_or(0, |d| d.hashes.len());
+        let held =
+            distinct(&self.acc) + self.quarters.iter().flatten().map(distinct).sum::<usize>();
+        if held > DISTINCT_CAP {
+            // (the hour's own set keeps its exactness; one reading stays under NATS's
+            // message limit)
+            self.quarters.clear();
+        }
+    }
+
+    /// Whether every event of the window is in one of its quarters.
+    fn quarters_complete(&self) -> bool {
+        self.quarters.len() == QUARTERS
+            && self.quarters.iter().flatten().map(|q| q.count).sum::<u64>() == self.acc.count
+    }
+
+    /// The quarters `range` of the window merged; `None` when the window does not hold
+    /// every one of its events in quarters (see [`Self::quarters`]).
+    pub fn quarter_part(&self, range: std::ops::Range<usize>) -> Option<Acc> {
+        if !self.quarters_complete() {
+            return None;
+        }
+        let mut out = Acc::default();
+        for q in self.quarters.get(range)?.iter().flatten() {
+            out.merge(q);
+        }
+        Some(out)
+    }
+
+    /// Merge the quarters of another window of the same hour (kept history) into these,
+    /// before the windows themselves merge: they stay complete only when both sides are.
+    pub(crate) fn merge_quarters(&mut self, from: &Reading) {
+        if !from.quarters_complete() || (self.acc.count > 0 && !self.quarters_complete()) {
+            self.quarters.clear();
+            return;
+        }
+        self.quarters.resize(QUARTERS, None);
+        for (into, q) in self.quarters.iter_mut().zip(&from.quarters) {
+            if let Some(q) = q {
+                into.get_or_insert_with(Acc::default).merge(q);
+            }
+        }
+    }
+
     pub(super) fn note_event(&mut self, seq: u64, time: DateTime<Utc>) {
         self.seq = seq;
         if self.first_seq == 0 {

@@ -1,6 +1,6 @@
 use super::*;
 use crate::domain::meter::{parse_meter_json, MeterDef};
-use crate::domain::meter::{Aggregation, Path};
+use crate::domain::meter::{Aggregation, Path, WindowSize};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -278,6 +278,89 @@ fn invalid_values_are_counted_and_block_nothing() {
 }
 
 #[test]
+fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
+    let m = meter(json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v"}));
+    let events = [
+        ev("c", "2026-11-24T10:05:00Z", json!({"v": 1})),
+        ev("c", "2026-11-24T10:35:00Z", json!({"v": 2})),
+        ev("c", "2026-11-24T10:50:00Z", json!({"v": 4})),
+    ];
+    let (s, _) = fold_all(&m, &events);
+    let hour = &s[&window("m", "c", "_", "2026-11-24T10:00:00Z")];
+    let sums: Vec<Option<String>> = hour
+        .quarters
+        .iter()
+        .map(|q| q.as_ref().map(|q| q.sum.to_string()))
+        .collect();
+    assert_eq!(
+        sums,
+        [Some("1".into()), None, Some("2".into()), Some("4".into())]
+    );
+    // a quarter keeps only what the aggregation reads: the hour keeps everything
+    let first = hour.quarters[0].as_ref().unwrap();
+    assert_eq!(
+        (
+            first.min,
+            first.max,
+            first.latest.is_some(),
+            hour.acc.latest.is_some()
+        ),
+        (None, None, false, true)
+    );
+    let part = |r: &Reading, lo, hi| r.quarter_part(lo..hi).map(|a| a.sum.to_string());
+    assert_eq!(part(hour, 2, 4).as_deref(), Some("6"));
+    // rollups and totals keep none
+    assert!(s[&total("m", "c")].quarters.is_empty());
+    // a window written before quarters existed: its events are in no quarter, and new
+    // ones do not start a partial set
+    let mut legacy = hour.clone();
+    legacy.quarters.clear();
+    assert_eq!(part(&legacy, 0, 2), None);
+    let mut store = HashMap::from([(window("m", "c", "_", "2026-11-24T10:00:00Z"), legacy)]);
+    let late = ev("c", "2026-11-24T10:10:00Z", json!({"v": 8}));
+    apply(&mut store, &m, 9, &late, &contribution(&m, &late));
+    let legacy = &store[&window("m", "c", "_", "2026-11-24T10:00:00Z")];
+    assert_eq!(
+        (legacy.acc.sum.to_string(), part(legacy, 0, 1)),
+        ("15".into(), None)
+    );
+    // MINUTE and DAY windows keep none
+    let daily = meter(
+        json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v","windowSize":"DAY"}),
+    );
+    let (s, _) = fold_all(&daily, &events);
+    assert!(s.values().all(|r| r.quarters.is_empty()));
+}
+
+#[test]
+fn quarters_give_way_when_distinct_sets_outgrow_the_budget() {
+    let m =
+        meter(json!({"id":"m","eventType":"t","aggregation":"unique_count","valueProperty":"$.u"}));
+    let key = window("m", "c", "_", "2026-11-24T10:00:00Z");
+    let mut store = HashMap::new();
+    // every value twice in the hour (once in its own, once in the quarter): the budget
+    // is spent at DISTINCT_CAP / 2 values
+    let n = DISTINCT_CAP / 2 + 1;
+    for i in 0..n {
+        let e = ev("c", "2026-11-24T10:20:00Z", json!({"u": i}));
+        apply(&mut store, &m, i as u64 + 1, &e, &contribution(&m, &e));
+        if i + 1 == n - 1 {
+            assert_eq!(
+                store[&key]
+                    .quarter_part(1..2)
+                    .map(|a| a.distinct.map(|d| d.count())),
+                Some(Some(n as u64 - 1))
+            );
+        }
+    }
+    let r = &store[&key];
+    assert_eq!(
+        (r.acc.value(Aggregation::UniqueCount), r.quarter_part(0..4)),
+        (Some(rust_decimal::Decimal::from(n)), None)
+    );
+}
+
+#[test]
 fn sums_are_exact_decimals() {
     let m = meter(json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v"}));
     let e = ev("c", "2026-11-24T10:00:00Z", json!({"v": 0.1}));
@@ -336,9 +419,9 @@ fn arb_events() -> impl Strategy<Value = Vec<Event>> {
 }
 
 fn arb_meter() -> impl Strategy<Value = CompiledMeter> {
-    (prop::sample::select(vec!["count", "sum", "avg", "min", "max", "unique_count", "latest"]), any::<bool>()).prop_map(|(agg, grouped)| {
+    (prop::sample::select(vec!["count", "sum", "avg", "min", "max", "unique_count", "latest"]), any::<bool>(), prop::sample::select(vec!["MINUTE", "HOUR"])).prop_map(|(agg, grouped, size)| {
         let vp = if agg == "unique_count" { "$.u" } else { "$.v" };
-        let mut def = json!({"id":"m","eventType":"t","aggregation":agg,"valueProperty":vp,"windowSize":"MINUTE"});
+        let mut def = json!({"id":"m","eventType":"t","aggregation":agg,"valueProperty":vp,"windowSize":size});
         if grouped {
             def["groupBy"] = json!({"g": "$.g"});
         }
@@ -438,6 +521,27 @@ proptest! {
         for ((subject, group, ru, start), merged) in per_rollup {
             let key = ReadingKey::Window { meter: "m".into(), subject: subject.into(), group: group.into(), rollup: Some(ru), start };
             prop_assert_eq!(store[&key].acc.value(agg), merged.value(agg));
+        }
+        // an HOUR window's quarters each equal the MINUTE windows inside them, and any
+        // run of them the merge of those minutes
+        if m.def.window_size == WindowSize::Hour {
+            let minutely = CompiledMeter::compile(&MeterDef { window_size: WindowSize::Minute, ..m.def.clone() }).unwrap();
+            let (minutes, _) = fold_all(&minutely, &events);
+            for (k, r) in &store {
+                let ReadingKey::Window { subject, group, rollup: None, start, .. } = k else { continue };
+                for (lo, hi) in [(0, 1), (1, 2), (2, 3), (3, 4), (0, 2), (1, 4), (0, 4)] {
+                    let mut expected = Acc::default();
+                    for (mk, mr) in &minutes {
+                        if let ReadingKey::Window { subject: s2, group: g2, rollup: None, start: t, .. } = mk {
+                            if s2 == subject && g2 == group && (start + 900 * lo..start + 900 * hi).contains(t) {
+                                expected.merge(&mr.acc);
+                            }
+                        }
+                    }
+                    let part = r.quarter_part(lo as usize..hi as usize);
+                    prop_assert_eq!(part.map(|a| (a.count, a.value(agg))), Some((expected.count, expected.value(agg))));
+                }
+            }
         }
     }
 }
@@ -548,7 +652,9 @@ fn fold_through_cache(
                     token: &g.token,
                     values: &g.values,
                 });
-                let applied = apply_valid(&mut cache.touched(&slots), seq, e.time, &value, g);
+                let quarter = quarter_of(m, e.time);
+                let applied =
+                    apply_valid(&mut cache.touched(&slots), seq, e.time, &value, g, quarter);
                 match applied {
                     Applied::Counted => slots.slots().iter().for_each(|&s| cache.mark_dirty(s)),
                     Applied::Invalid(_) => cache.mark_dirty(slots.slots()[0]),

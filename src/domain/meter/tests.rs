@@ -102,11 +102,14 @@ fn semantic_hash_ignores_description_only() {
 
 #[test]
 fn a_filter_rebuilds_and_export_does_not_and_unfiltered_hashes_stay() {
-    let a =
-        parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"})).unwrap();
+    let a = parse(
+        json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x",
+        "windowSize": "MINUTE"}),
+    )
+    .unwrap();
     // the fingerprint meters had before filters existed: upgrading rebuilds nothing
     let before = serde_json::json!({"eventType": "a", "aggregation": "sum",
-        "valueProperty": "$.x", "groupBy": {}, "windowSize": "HOUR"});
+        "valueProperty": "$.x", "groupBy": {}, "windowSize": "MINUTE"});
     let hash = |canon: serde_json::Value| {
         format!(
             "{:016x}",
@@ -117,12 +120,18 @@ fn a_filter_rebuilds_and_export_does_not_and_unfiltered_hashes_stay() {
     // meters with groupBy gained per-group totals: theirs changed once, to rebuild them
     let grouped = parse(
         json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x",
-        "groupBy": {"g": "$.g"}}),
+        "groupBy": {"g": "$.g"}, "windowSize": "MINUTE"}),
     )
     .unwrap();
     let with_totals = serde_json::json!({"eventType": "a", "aggregation": "sum",
-        "valueProperty": "$.x", "groupBy": {"g": "$.g"}, "windowSize": "HOUR", "groupTotals": true});
+        "valueProperty": "$.x", "groupBy": {"g": "$.g"}, "windowSize": "MINUTE", "groupTotals": true});
     assert_eq!(grouped.semantic_hash(), hash(with_totals));
+    // HOUR meters' windows gained quarters: theirs changed once, to rebuild them
+    let hourly =
+        parse(json!({"id":"m","eventType":"a","aggregation":"sum","valueProperty":"$.x"})).unwrap();
+    let with_quarters = serde_json::json!({"eventType": "a", "aggregation": "sum",
+        "valueProperty": "$.x", "groupBy": {}, "windowSize": "HOUR", "quarters": true});
+    assert_eq!(hourly.semantic_hash(), hash(with_quarters));
     let mut b = a.clone();
     b.export = Some(Export { top_subjects: 5 });
     assert_eq!(a.semantic_hash(), b.semantic_hash());

@@ -267,16 +267,19 @@ fn cover_uses_the_coarsest_stored_windows() {
         t("2027-01-01T05:00:00Z").timestamp(),
     );
     let c = cover(a, b, WindowSize::Hour).unwrap();
-    let hours = c.iter().filter(|(r, _)| r.is_none()).count();
-    let days = c.iter().filter(|(r, _)| *r == Some(Rollup::Day)).count();
+    let hours = c.iter().filter(|c| c.rollup.is_none()).count();
+    let days = c.iter().filter(|c| c.rollup == Some(Rollup::Day)).count();
     assert_eq!((hours, days, c.len()), (19 + 5, 30, 54));
+    assert!(c.iter().all(|c| c.quarters.is_none()));
     let (a, b) = (
         t("2026-01-01T00:00:00Z").timestamp(),
         t("2027-01-01T00:00:00Z").timestamp(),
     );
     assert_eq!(cover(a, b, WindowSize::Hour).unwrap().len(), 12);
-    assert_eq!(cover(a + 1800, b, WindowSize::Hour), Err(a + 1800));
-    // Asia/Kolkata is UTC+5:30: its midnights are not on HOUR boundaries
+    assert_eq!(cover(a + 600, b, WindowSize::Hour), Err(a + 600));
+    assert_eq!(cover(a, b + 900, WindowSize::Day), Err(b + 900));
+    // Asia/Kolkata is UTC+5:30: its midnights fall inside hours, on the quarter hours
+    // an HOUR window keeps
     let p = q(
         &[
             ("from", "2026-11-01T18:30:00Z"),
@@ -288,7 +291,35 @@ fn cover_uses_the_coarsest_stored_windows() {
     )
     .unwrap();
     let (s, e) = output_windows(&p).unwrap()[0];
-    assert!(cover(s.timestamp(), e.timestamp(), WindowSize::Hour).is_err());
+    let c = cover(s.timestamp(), e.timestamp(), WindowSize::Hour).unwrap();
+    let quarters = |at: &str, lo, hi| Chunk {
+        rollup: None,
+        start: t(at).timestamp(),
+        quarters: Some((lo, hi)),
+    };
+    // 18:30-19:00 is the second half of 18:00, then 19:00-24:00 and 00:00-18:00 in
+    // hours (no day fits), then the first half of 18:00
+    assert_eq!(c[0], quarters("2026-11-01T18:00:00Z", 2, 4));
+    assert_eq!(c[c.len() - 1], quarters("2026-11-02T18:00:00Z", 0, 2));
+    assert_eq!(c.iter().filter(|c| c.quarters.is_none()).count(), 5 + 18);
+    assert_eq!(c.len(), 1 + 5 + 18 + 1);
+    // Kathmandu (+05:45) across a month: one quarter at each end, days and hours between
+    let (a, b) = (
+        t("2026-10-31T18:15:00Z").timestamp(),
+        t("2026-11-30T18:15:00Z").timestamp(),
+    );
+    let c = cover(a, b, WindowSize::Hour).unwrap();
+    assert_eq!(c[0], quarters("2026-10-31T18:00:00Z", 1, 4));
+    assert_eq!(c[c.len() - 1], quarters("2026-11-30T18:00:00Z", 0, 1));
+    assert_eq!(
+        c.iter().filter(|c| c.rollup == Some(Rollup::Day)).count(),
+        29
+    );
+    // one quarter alone
+    assert_eq!(
+        cover(a, a + 900, WindowSize::Hour).unwrap(),
+        [quarters("2026-10-31T18:00:00Z", 1, 2)]
+    );
     assert_eq!(
         cover(s.timestamp(), e.timestamp(), WindowSize::Minute)
             .unwrap()
@@ -301,13 +332,27 @@ proptest! {
     #[test]
     fn cover_is_exact_and_contiguous(offset in 0i64..5_000_000, len in 1i64..3000, base in prop::sample::select(vec![WindowSize::Minute, WindowSize::Hour, WindowSize::Day])) {
         let s = base.seconds();
-        let a = (1_750_000_000 + offset * 60).div_euclid(s) * s;
-        let b = a + len * s;
+        // HOUR meters answer on any quarter hour
+        let step = if base == WindowSize::Hour { 900 } else { s };
+        let a = (1_750_000_000 + offset * 60).div_euclid(step) * step;
+        let b = a + len * step;
         let chunks = cover(a, b, base).unwrap();
+        // parts of windows only at the two edges
+        let parts = chunks.iter().filter(|c| c.quarters.is_some()).count();
+        prop_assert!(parts <= 2, "{} parts", parts);
         let mut t = a;
-        for (rollup, start) in chunks {
+        for c in chunks {
+            let (start, end) = match (c.rollup, c.quarters) {
+                (Some(r), None) => (c.start, r.next(c.start)),
+                (None, None) => (c.start, c.start + s),
+                (None, Some((lo, hi))) => {
+                    prop_assert!(lo < hi && hi <= 4);
+                    (c.start + 900 * i64::from(lo), c.start + 900 * i64::from(hi))
+                }
+                (Some(_), Some(_)) => { prop_assert!(false, "a rollup in quarters"); unreachable!() }
+            };
             prop_assert_eq!(start, t);
-            t = match rollup { Some(r) => r.next(start), None => start + s };
+            t = end;
         }
         prop_assert_eq!(t, b);
     }
