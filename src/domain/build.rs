@@ -585,7 +585,7 @@ mod tests {
             .add(&v(5), DateTime::from_timestamp(60, 0).unwrap(), 1);
         let mut first = crate::domain::fold::Acc::default();
         first.add(&v(5), DateTime::from_timestamp(60, 0).unwrap(), 1);
-        with_quarters.quarters = vec![Some(first), None, None, None];
+        with_quarters.quarters = vec![Some(Box::new(first)), None, None, None];
         let kept = [("a", 0, with_quarters.clone()), ("a", 0, with_quarters)].map(
             |(s, start, reading)| KeptWindow {
                 subject: s.into(),

@@ -162,10 +162,10 @@ pub fn apply_valid(
         if x.seq >= seq {
             continue;
         }
-        x.acc.add(value, time, seq);
         if let (OWN_WINDOW, Some((q, aggregation))) = (i, quarter) {
             x.add_quarter(q, aggregation, value, time, seq);
         }
+        x.acc.add(value, time, seq);
         x.note_event(seq, time);
         if let Some(g) = group {
             if i == 1 {

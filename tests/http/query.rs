@@ -638,12 +638,17 @@ async fn days_and_months_are_exact_in_every_zone() {
             (json!("2026-09-26T11:15:00Z"), json!("2026-09-27T10:15:00Z"))
         );
     }
-    // an hour whose distinct values outgrow what its quarters may hold beside it keeps
-    // none: a boundary inside it is refused, naming the parameter that set it; whole
+    // an hour whose distinct values, over two quarters, outgrow what its quarters may
+    // hold beside it keeps none: a boundary inside it is refused, naming the parameter that set it; whole
     // hours answer
     let many = (0..=50_000).map(|i| {
+        let at = if i % 2 == 0 {
+            "2026-11-02T18:05:00Z"
+        } else {
+            "2026-11-02T18:20:00Z"
+        };
         let e = json!({"id": format!("many-{i}"), "eventType": "use", "subject": "many",
-            "time": "2026-11-02T18:20:00Z", "data": {"v": i}});
+            "time": at, "data": {"v": i}});
         (format!("{i:032x}"), e)
     });
     let js = nats.client().await;

@@ -248,26 +248,33 @@ pub struct Reading {
     /// queries can address its windows directly.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub groups: BTreeMap<String, SharedGroup>,
-    /// HOUR meters' own windows only: the hour's four 15-minute quarters (`null` while
-    /// empty), each an accumulator of what the meter's aggregation needs, so that a day in
-    /// a zone whose offset is not a whole hour (India, Nepal, Chatham) starts and ends
-    /// exactly inside an hour — at the cost of a larger value, not of more keys. They are
-    /// complete only while their counts add up to the hour's ([`Self::quarter_part`]): a
-    /// window written before quarters existed, or whose distinct sets outgrew
-    /// [`DISTINCT_CAP`] together, has none.
+    /// HOUR meters' own windows only, with [`Self::quarters`]: while every event of the
+    /// hour fell in one 15-minute quarter, which (the hour's own accumulator is then that
+    /// quarter's: the common case, stored in a few bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_quarter: Option<u8>,
+    /// HOUR meters' own windows only, once their events span quarters: the hour's four
+    /// 15-minute quarters (`null` while empty), each an accumulator of what the meter's
+    /// aggregation reads, so that a day in a zone whose offset is not a whole hour (India,
+    /// Nepal, Chatham) starts and ends exactly inside an hour — at the cost of a larger
+    /// value, not of more keys. Complete only while their counts add up to the hour's
+    /// ([`Self::quarter_part`]): a window written before quarters existed, or whose
+    /// distinct sets outgrew [`DISTINCT_CAP`] together, has none. (Boxed: the aggregator
+    /// keeps hundreds of thousands of readings in memory.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub quarters: Vec<Option<Acc>>,
+    pub quarters: Vec<Option<Box<Acc>>>,
 }
 
 /// Quarters an hour holds.
 const QUARTERS: usize = 4;
 
 impl Reading {
-    /// Add a value the window itself has just taken to its quarter `q`, keeping only
-    /// what `aggregation` reads. Quarters start with the window's first event: a window
-    /// that holds events without them keeps none, and one whose quarters cannot take the
-    /// value (their distinct sets would outgrow the hour's budget, or a sum its range)
-    /// drops them, so that an incomplete set of quarters is never taken for a whole one.
+    /// Note in quarter `q` a value the window is about to take (called before the
+    /// window's own accumulator takes it), keeping only what `aggregation` reads.
+    /// Quarters start with the window's first event: a window that holds events without
+    /// them keeps none, and one whose quarters cannot take the value (their distinct sets
+    /// would outgrow the hour's budget, or a sum its range) drops them, so that an
+    /// incomplete set of quarters is never taken for a whole one.
     pub(super) fn add_quarter(
         &mut self,
         q: usize,
@@ -276,16 +283,29 @@ impl Reading {
         time: DateTime<Utc>,
         seq: u64,
     ) {
-        if self.quarters.is_empty() {
-            if self.acc.count != 1 {
-                return;
-            }
-            self.quarters = vec![None; QUARTERS];
-        }
-        let Some(slot) = self.quarters.get_mut(q) else {
+        if q >= QUARTERS {
             return;
-        };
-        let quarter = slot.get_or_insert_with(Acc::default);
+        }
+        if self.quarters.is_empty() {
+            match self.only_quarter {
+                None if self.acc.count == 0 => {
+                    self.only_quarter = Some(q as u8);
+                    return;
+                }
+                // written without quarters
+                None => return,
+                Some(only) if usize::from(only) == q => return,
+                Some(only) => {
+                    // the second quarter: the first one's events are the hour's so far
+                    let mut first = self.acc.clone();
+                    first.keep_only(aggregation);
+                    self.quarters = vec![None; QUARTERS];
+                    self.quarters[usize::from(only)] = Some(Box::new(first));
+                    self.only_quarter = None;
+                }
+            }
+        }
+        let quarter = self.quarters[q].get_or_insert_with(Box::default);
         if !quarter.can_add(v) {
             self.quarters.clear();
             return;
@@ -293,29 +313,46 @@ impl Reading {
         quarter.add(v, time, seq);
         quarter.keep_only(aggregation);
         let distinct = |a: &Acc| a.distinct.as_ref().map_or(0, |d| d.hashes.len());
-        let held =
-            distinct(&self.acc) + self.quarters.iter().flatten().map(distinct).sum::<usize>();
-        if held > DISTINCT_CAP {
+        let held = distinct(&self.acc)
+            + self
+                .quarters
+                .iter()
+                .flatten()
+                .map(|q| distinct(q))
+                .sum::<usize>();
+        if held >= DISTINCT_CAP {
             // (the hour's own set keeps its exactness; one reading stays under NATS's
             // message limit)
             self.quarters.clear();
         }
     }
 
-    /// Whether every event of the window is in one of its quarters.
-    fn quarters_complete(&self) -> bool {
-        self.quarters.len() == QUARTERS
-            && self.quarters.iter().flatten().map(|q| q.count).sum::<u64>() == self.acc.count
+    /// The window's quarters, each `None` while empty; `None` when they do not hold
+    /// every event of the window.
+    fn quarter_accs(&self) -> Option<Vec<Option<Acc>>> {
+        if let (Some(only), true) = (self.only_quarter, self.quarters.is_empty()) {
+            let mut out = vec![None; QUARTERS];
+            *out.get_mut(usize::from(only))? = Some(self.acc.clone());
+            return Some(out);
+        }
+        let held: u64 = self.quarters.iter().flatten().map(|q| q.count).sum();
+        if self.quarters.len() != QUARTERS || held != self.acc.count {
+            return None;
+        }
+        Some(
+            self.quarters
+                .iter()
+                .map(|q| q.as_deref().cloned())
+                .collect(),
+        )
     }
 
     /// The quarters `range` of the window merged; `None` when the window does not hold
     /// every one of its events in quarters (see [`Self::quarters`]).
     pub fn quarter_part(&self, range: std::ops::Range<usize>) -> Option<Acc> {
-        if !self.quarters_complete() {
-            return None;
-        }
+        let quarters = self.quarter_accs()?;
         let mut out = Acc::default();
-        for q in self.quarters.get(range)?.iter().flatten() {
+        for q in quarters.get(range)?.iter().flatten() {
             out.merge(q);
         }
         Some(out)
@@ -324,16 +361,27 @@ impl Reading {
     /// Merge the quarters of another window of the same hour (kept history) into these,
     /// before the windows themselves merge: they stay complete only when both sides are.
     pub(crate) fn merge_quarters(&mut self, from: &Reading) {
-        if !from.quarters_complete() || (self.acc.count > 0 && !self.quarters_complete()) {
-            self.quarters.clear();
+        let ours = if self.acc.count == 0 {
+            Some(vec![None; QUARTERS])
+        } else {
+            self.quarter_accs()
+        };
+        self.only_quarter = None;
+        self.quarters.clear();
+        let (Some(ours), Some(theirs)) = (ours, from.quarter_accs()) else {
             return;
-        }
-        self.quarters.resize(QUARTERS, None);
-        for (into, q) in self.quarters.iter_mut().zip(&from.quarters) {
-            if let Some(q) = q {
-                into.get_or_insert_with(Acc::default).merge(q);
-            }
-        }
+        };
+        self.quarters = ours
+            .into_iter()
+            .zip(theirs)
+            .map(|(a, b)| match (a, b) {
+                (Some(mut a), Some(b)) => {
+                    a.merge(&b);
+                    Some(Box::new(a))
+                }
+                (a, b) => a.or(b).map(Box::new),
+            })
+            .collect();
     }
 
     pub(super) fn note_event(&mut self, seq: u64, time: DateTime<Utc>) {

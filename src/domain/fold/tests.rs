@@ -285,8 +285,19 @@ fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
         ev("c", "2026-11-24T10:35:00Z", json!({"v": 2})),
         ev("c", "2026-11-24T10:50:00Z", json!({"v": 4})),
     ];
+    // while every event is in one quarter, the hour says which, and is that quarter
+    let (s, _) = fold_all(&m, &events[..1]);
+    let hour = &s[&window("m", "c", "_", "2026-11-24T10:00:00Z")];
+    assert_eq!((hour.only_quarter, hour.quarters.len()), (Some(0), 0));
+    let part = |r: &Reading, lo, hi| r.quarter_part(lo..hi).map(|a| a.sum.to_string());
+    assert_eq!(
+        (part(hour, 0, 1), part(hour, 1, 4)),
+        (Some("1".into()), Some("0".into()))
+    );
+    // a second quarter spells them out
     let (s, _) = fold_all(&m, &events);
     let hour = &s[&window("m", "c", "_", "2026-11-24T10:00:00Z")];
+    assert_eq!(hour.only_quarter, None);
     let sums: Vec<Option<String>> = hour
         .quarters
         .iter()
@@ -307,10 +318,10 @@ fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
         ),
         (None, None, false, true)
     );
-    let part = |r: &Reading, lo, hi| r.quarter_part(lo..hi).map(|a| a.sum.to_string());
     assert_eq!(part(hour, 2, 4).as_deref(), Some("6"));
     // rollups and totals keep none
-    assert!(s[&total("m", "c")].quarters.is_empty());
+    let total = &s[&total("m", "c")];
+    assert_eq!((total.only_quarter, total.quarters.len()), (None, 0));
     // a window written before quarters existed: its events are in no quarter, and new
     // ones do not start a partial set
     let mut legacy = hour.clone();
@@ -329,7 +340,9 @@ fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
         json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v","windowSize":"DAY"}),
     );
     let (s, _) = fold_all(&daily, &events);
-    assert!(s.values().all(|r| r.quarters.is_empty()));
+    assert!(s
+        .values()
+        .all(|r| r.quarters.is_empty() && r.only_quarter.is_none()));
 }
 
 #[test]
@@ -338,17 +351,21 @@ fn quarters_give_way_when_distinct_sets_outgrow_the_budget() {
         meter(json!({"id":"m","eventType":"t","aggregation":"unique_count","valueProperty":"$.u"}));
     let key = window("m", "c", "_", "2026-11-24T10:00:00Z");
     let mut store = HashMap::new();
-    // every value twice in the hour (once in its own, once in the quarter): the budget
-    // is spent at DISTINCT_CAP / 2 values
+    // every value twice in the hour (in its own set and in a quarter's, the events
+    // spanning two quarters): the budget is spent at DISTINCT_CAP / 2 values
     let n = DISTINCT_CAP / 2 + 1;
     for i in 0..n {
-        let e = ev("c", "2026-11-24T10:20:00Z", json!({"u": i}));
+        let at = if i % 2 == 0 {
+            "2026-11-24T10:20:00Z"
+        } else {
+            "2026-11-24T10:40:00Z"
+        };
+        let e = ev("c", at, json!({"u": i}));
         apply(&mut store, &m, i as u64 + 1, &e, &contribution(&m, &e));
         if i + 1 == n - 1 {
+            let whole = store[&key].quarter_part(0..4);
             assert_eq!(
-                store[&key]
-                    .quarter_part(1..2)
-                    .map(|a| a.distinct.map(|d| d.count())),
+                whole.map(|a| a.distinct.map(|d| d.count())),
                 Some(Some(n as u64 - 1))
             );
         }
@@ -358,6 +375,17 @@ fn quarters_give_way_when_distinct_sets_outgrow_the_budget() {
         (r.acc.value(Aggregation::UniqueCount), r.quarter_part(0..4)),
         (Some(rust_decimal::Decimal::from(n)), None)
     );
+    // in one quarter they cost nothing: the hour is that quarter
+    let mut store = HashMap::new();
+    for i in 0..n {
+        let e = ev("c", "2026-11-24T10:20:00Z", json!({"u": i}));
+        apply(&mut store, &m, i as u64 + 1, &e, &contribution(&m, &e));
+    }
+    let part = store[&key]
+        .quarter_part(1..2)
+        .and_then(|a| a.distinct)
+        .map(|d| d.count());
+    assert_eq!(part, Some(n as u64));
 }
 
 #[test]
