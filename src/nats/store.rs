@@ -211,8 +211,9 @@ const MULTI_GET: usize = 1_000;
 /// How long a batched direct get may go without its next message.
 const MULTI_GET_IDLE: Duration = Duration::from_secs(5);
 
-/// One batched direct get. Should the server end the batch before every key (it bounds
-/// a batch's bytes), the keys it did not answer are read one by one.
+/// The keys of one [`Store::get_many`] chunk. Should the server end a batch before every
+/// key (it bounds a batch's bytes), the keys it did not answer are asked for again in
+/// a batch of their own; one by one only if a batch answers none of them.
 async fn multi_get(
     store: &Store,
     bucket: &kv::Store,
@@ -220,6 +221,37 @@ async fn multi_get(
     prefix: &str,
     keys: Vec<String>,
 ) -> Result<Vec<(String, Bytes)>> {
+    let mut out = Vec::with_capacity(keys.len());
+    let mut left = keys;
+    loop {
+        let (got, complete) = one_batch(store, api, prefix, &left).await?;
+        if complete {
+            out.extend(got);
+            return Ok(out);
+        }
+        if got.is_empty() {
+            break;
+        }
+        let seen: std::collections::HashSet<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        left.retain(|k| !seen.contains(k.as_str()));
+        out.extend(got);
+    }
+    for key in left {
+        if let Some(value) = bucket.get(&key).await? {
+            out.push((key, value));
+        }
+    }
+    Ok(out)
+}
+
+/// One batched direct get: the values it brought (deleted keys left out) and whether
+/// the server said it answered every key.
+async fn one_batch(
+    store: &Store,
+    api: &str,
+    prefix: &str,
+    keys: &[String],
+) -> Result<(Vec<(String, Bytes)>, bool)> {
     let inbox = store.client.new_inbox();
     let mut replies = store.client.subscribe(inbox.clone()).await?;
     let subjects: Vec<String> = keys.iter().map(|k| format!("{prefix}{k}")).collect();
@@ -259,19 +291,7 @@ async fn multi_get(
         }
     }
     let _ = replies.unsubscribe().await;
-    if !complete {
-        let seen: std::collections::HashSet<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
-        let rest: Vec<String> = keys
-            .into_iter()
-            .filter(|k| !seen.contains(k.as_str()))
-            .collect();
-        for key in rest {
-            if let Some(value) = bucket.get(&key).await? {
-                out.push((key, value));
-            }
-        }
-    }
-    Ok(out)
+    Ok((out, complete))
 }
 
 fn header<'a>(msg: &'a async_nats::Message, name: &str) -> Option<&'a str> {
