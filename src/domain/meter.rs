@@ -113,6 +113,27 @@ impl WindowSize {
             WindowSize::Minute | WindowSize::Day => None,
         }
     }
+
+    /// Whether a day in `tz` starts on a boundary a meter of this size keeps (its windows;
+    /// any quarter hour for HOUR meters), so that days and months there can be summed
+    /// exactly: the zone's offset is checked twice a month from 1990 to 2060 (every
+    /// offset in use since then is a whole number of quarter hours, and of minutes).
+    pub fn answers_days_in(self, tz: chrono_tz::Tz) -> bool {
+        use chrono::{Offset, TimeZone};
+        let step = match self {
+            _ if tz == chrono_tz::UTC => return true,
+            WindowSize::Minute => return true,
+            WindowSize::Hour => QUARTER,
+            WindowSize::Day => 86_400,
+        };
+        (631_152_000..2_840_140_800i64)
+            .step_by(15 * 86_400)
+            .all(|t| {
+                let at = chrono::DateTime::from_timestamp(t, 0).unwrap_or_default();
+                let offset = tz.offset_from_utc_datetime(&at.naive_utc()).fix();
+                i64::from(offset.local_minus_utc()).rem_euclid(step) == 0
+            })
+    }
 }
 
 /// Seconds in a quarter hour: every UTC offset in use is a whole number of them.
@@ -348,8 +369,31 @@ pub fn parse_meter_json(
         },
         scope: Default::default(),
     };
-    CompiledMeter::compile(&def)?;
+    check_definition(&def)?;
     Ok(def)
+}
+
+/// What a definition must pass to be accepted (through the API or a Meter's spec): it
+/// compiles, and each threshold's periods can be summed in its zone. Definitions already
+/// stored are only compiled when loaded ([`CompiledMeter::compile`]), so that a rule
+/// added later never stops a meter that is running.
+pub fn check_definition(def: &MeterDef) -> Result<CompiledMeter, FieldError> {
+    let compiled = CompiledMeter::compile(def)?;
+    for (i, t) in compiled.thresholds.iter().enumerate() {
+        if t.period != crate::domain::threshold::Period::All
+            && !def.window_size.answers_days_in(t.tz)
+        {
+            let size = format!("{:?}", def.window_size).to_uppercase();
+            return Err(FieldError::new(
+                format!("thresholds[{i}].timeZone"),
+                format!(
+                    "days in {} do not start on the {size} windows this meter keeps; use a MINUTE or HOUR meter",
+                    t.tz.name()
+                ),
+            ));
+        }
+    }
+    Ok(compiled)
 }
 
 /// `groupBy`: name → JSONPath.

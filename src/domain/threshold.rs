@@ -41,7 +41,8 @@ pub struct Threshold {
     pub value: String,
     /// DAY, MONTH or ALL: the period a subject's value is summed over.
     pub period: Period,
-    /// IANA time zone whose days and months the periods follow (default UTC).
+    /// IANA time zone whose days and months the periods follow (default UTC). A DAY
+    /// meter's windows are UTC days: it takes only zones without an offset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_zone: Option<String>,
     /// Recurring: also value + every, value + 2·every, … (a positive decimal).

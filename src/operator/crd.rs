@@ -282,7 +282,7 @@ impl MeterSpec {
             suspend: self.suspend.unwrap_or(false),
             scope: Default::default(),
         };
-        crate::domain::meter::CompiledMeter::compile(&def)
+        crate::domain::meter::check_definition(&def)
             .map_err(|e| FieldError::new(format!("spec.{}", e.field), e.message))?;
         Ok(def)
     }
@@ -358,6 +358,17 @@ mod tests {
             ("ns/m", Aggregation::Sum, WindowSize::Hour)
         );
         assert_eq!(MeterSpec::from_def(&def).to_def("ns", "m").unwrap(), def);
+        // a threshold whose zone a DAY meter's windows cannot follow
+        let mut daily = spec("count", None);
+        daily.window_size = Some("DAY".into());
+        daily.thresholds = serde_json::from_value(serde_json::json!(
+            [{"value": "5", "period": "DAY", "timeZone": "Asia/Kolkata"}]
+        ))
+        .unwrap();
+        assert_eq!(
+            daily.to_def("ns", "m").unwrap_err().field,
+            "spec.thresholds[0].timeZone"
+        );
     }
 
     #[test]

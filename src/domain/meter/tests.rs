@@ -156,3 +156,37 @@ fn window_start_floors_negative_times() {
     assert_eq!(WindowSize::Hour.window_start(-1), -3600);
     assert_eq!(WindowSize::Day.window_start(86_400 * 3 + 5), 86_400 * 3);
 }
+
+#[test]
+fn thresholds_in_zones_the_windows_cannot_follow_are_refused() {
+    let with = |size: &str, tz: &str| {
+        parse(json!({"id":"m","eventType":"a","aggregation":"count","windowSize":size,
+            "thresholds":[{"value":"1","period":"DAY"},{"value":"5","period":"MONTH","timeZone":tz}]}))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    // Berlin's days start at 22:00 or 23:00 UTC: not on a DAY meter's UTC days
+    assert_eq!(
+        with("DAY", "Europe/Berlin"),
+        Err("thresholds[1].timeZone: days in Europe/Berlin do not start on the DAY windows this meter keeps; use a MINUTE or HOUR meter".into())
+    );
+    assert_eq!(with("DAY", "Etc/UTC"), Ok(()));
+    assert_eq!(with("DAY", "Africa/Abidjan"), Ok(()));
+    // HOUR meters keep quarter hours: India, Nepal and Chatham are fine
+    for tz in [
+        "Asia/Kolkata",
+        "Asia/Kathmandu",
+        "Pacific/Chatham",
+        "Europe/Berlin",
+    ] {
+        assert_eq!(with("HOUR", tz), Ok(()), "{tz}");
+        assert_eq!(with("MINUTE", tz), Ok(()), "{tz}");
+    }
+    // a definition stored before the rule still compiles, so it keeps running
+    let mut stored =
+        parse(json!({"id":"m","eventType":"a","aggregation":"count","windowSize":"DAY"})).unwrap();
+    stored.thresholds =
+        serde_json::from_value(json!([{"value":"5","period":"DAY","timeZone":"Europe/Berlin"}]))
+            .unwrap();
+    assert!(CompiledMeter::compile(&stored).is_ok());
+}
