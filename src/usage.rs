@@ -320,15 +320,8 @@ fn cover_windows(
                         format!("{other:?}").to_uppercase()
                     ),
                 };
-                let field = if t == p.from.timestamp() {
-                    "from"
-                } else if t == p.to.timestamp() {
-                    "to"
-                } else {
-                    "windowTimeZone"
-                };
                 UsageError::Invalid(FieldError::new(
-                    field,
+                    field_at(p, t),
                     format!("window boundaries must fall on {finest}"),
                 ))
             })
@@ -384,13 +377,14 @@ fn plan_reads(
     }
     let mut plan = Vec::new();
     for (wi, chunks) in covers.iter().enumerate() {
+        let edges: Vec<&'static str> = chunks.iter().map(|c| edge_field(p, c)).collect();
         for (subject, groups) in subjects {
             for (token, values) in groups {
                 if !query::group_matches(values, &p.filters) {
                     continue;
                 }
                 let projected = query::project(values, &p.group_by);
-                for chunk in chunks {
+                for (chunk, &edge) in chunks.iter().zip(&edges) {
                     let key = ReadingKey::Window {
                         meter: def.id.as_str().into(),
                         subject: subject.as_str().into(),
@@ -404,7 +398,7 @@ fn plan_reads(
                         projected: projected.clone(),
                         key: key.kv_key(),
                         chunk: *chunk,
-                        edge: edge_field(p, chunk),
+                        edge,
                     });
                 }
             }
@@ -416,21 +410,25 @@ fn plan_reads(
     Ok(plan)
 }
 
-/// Which parameter set the boundary inside a part of a window: `from`, `to`, or the
-/// zone's midnights (`windowTimeZone`).
+/// Which parameter set a boundary at `t` (epoch seconds): `from`, `to`, or the zone's
+/// midnights (`windowTimeZone`).
+fn field_at(p: &query::QueryParams, t: i64) -> &'static str {
+    if t == p.from.timestamp() {
+        "from"
+    } else if t == p.to.timestamp() {
+        "to"
+    } else {
+        "windowTimeZone"
+    }
+}
+
+/// Which parameter set the boundary inside a part of a window.
 fn edge_field(p: &query::QueryParams, chunk: &Chunk) -> &'static str {
     let Some((lo, hi)) = chunk.quarters else {
         return "windowTimeZone";
     };
     let at = |q: u8| chunk.start + crate::domain::meter::QUARTER * i64::from(q);
-    let edge = if lo > 0 { at(lo) } else { at(hi) };
-    if edge == p.from.timestamp() {
-        "from"
-    } else if edge == p.to.timestamp() {
-        "to"
-    } else {
-        "windowTimeZone"
-    }
+    field_at(p, if lo > 0 { at(lo) } else { at(hi) })
 }
 
 /// The planned readings out of the window scans.

@@ -327,32 +327,53 @@ impl Reading {
         }
     }
 
+    /// The one quarter all of the window's events fell in, while it has no others.
+    fn sole_quarter(&self) -> Option<usize> {
+        self.only_quarter
+            .filter(|_| self.quarters.is_empty())
+            .map(usize::from)
+    }
+
+    /// Whether the window's quarters hold every one of its events (see
+    /// [`Self::quarters`]).
+    fn quarters_complete(&self) -> bool {
+        self.sole_quarter().is_some()
+            || (self.quarters.len() == QUARTERS
+                && self.quarters.iter().flatten().map(|q| q.count).sum::<u64>() == self.acc.count)
+    }
+
     /// The window's quarters, each `None` while empty; `None` when they do not hold
     /// every event of the window.
     fn quarter_accs(&self) -> Option<Vec<Option<Acc>>> {
-        if let (Some(only), true) = (self.only_quarter, self.quarters.is_empty()) {
+        if let Some(only) = self.sole_quarter() {
             let mut out = vec![None; QUARTERS];
-            *out.get_mut(usize::from(only))? = Some(self.acc.clone());
+            *out.get_mut(only)? = Some(self.acc.clone());
             return Some(out);
         }
-        let held: u64 = self.quarters.iter().flatten().map(|q| q.count).sum();
-        if self.quarters.len() != QUARTERS || held != self.acc.count {
-            return None;
-        }
-        Some(
+        self.quarters_complete().then(|| {
             self.quarters
                 .iter()
                 .map(|q| q.as_deref().cloned())
-                .collect(),
-        )
+                .collect()
+        })
     }
 
     /// The quarters `range` of the window merged; `None` when the window does not hold
     /// every one of its events in quarters (see [`Self::quarters`]).
     pub fn quarter_part(&self, range: std::ops::Range<usize>) -> Option<Acc> {
-        let quarters = self.quarter_accs()?;
+        if !self.quarters_complete() {
+            return None;
+        }
+        // (read in place: an edge of a query costs no copy of the other quarters)
+        if let Some(only) = self.sole_quarter() {
+            return Some(if range.contains(&only) {
+                self.acc.clone()
+            } else {
+                Acc::default()
+            });
+        }
         let mut out = Acc::default();
-        for q in quarters.get(range)?.iter().flatten() {
+        for q in self.quarters.get(range)?.iter().flatten() {
             out.merge(q);
         }
         Some(out)
