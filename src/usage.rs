@@ -58,47 +58,44 @@ impl From<StoreError> for UsageError {
 }
 
 /// What one stored window contributes to a query: (output window, subject, projected
-/// group, the reading's accumulator or the part of it in range; `None`: nothing stored).
-type Fetched = (usize, String, BTreeMap<String, Value>, Option<Acc>);
+/// group, the reading's accumulator or the part of it in range — `None`: nothing
+/// stored —, and whether it is taken away rather than added: [`query::signed_cover`]).
+type Fetched = (usize, String, BTreeMap<String, Value>, Option<Acc>, bool);
 
 /// Most stored windows one query may read.
 const QUERY_KEY_LIMIT: usize = 500_000;
 
-/// Subjects to answer for, with every group each has seen.
+/// A subject to answer for, with what its total says about where its windows are.
+pub(crate) struct Subject {
+    pub name: String,
+    /// Every group it has been seen with (`_` alone for meters without `groupBy`).
+    pub groups: BTreeMap<String, crate::domain::fold::SharedGroup>,
+    /// The UTC days it has events on, when its total keeps them: windows of other days
+    /// are not read.
+    pub days: Option<crate::domain::fold::DaySet>,
+}
+
+/// Subjects to answer for (every one when `wanted` is empty), each with its groups.
 pub(crate) async fn query_subjects(
     store: &Store,
     def: &MeterDef,
     wanted: &[String],
-) -> Result<
-    Vec<(
-        String,
-        std::collections::BTreeMap<String, crate::domain::fold::SharedGroup>,
-    )>,
-> {
+) -> Result<Vec<Subject>> {
     let totals = if wanted.is_empty() {
         store.subject_totals(&def.id, None).await?
     } else {
-        let mut found = Vec::with_capacity(wanted.len());
-        for subject in wanted {
-            let key = ReadingKey::SubjectTotal {
-                meter: def.id.as_str().into(),
-                subject: subject.as_str().into(),
-            };
-            if let Some(reading) = store.reading(&key).await? {
-                found.push((subject.clone(), reading));
-            }
-        }
-        found
+        store.totals_of(&def.id, wanted).await?
     };
     Ok(totals
         .into_iter()
-        .map(|(s, r)| {
-            let groups = if r.groups.is_empty() {
-                std::collections::BTreeMap::from([("_".to_string(), Default::default())])
+        .map(|(name, r)| Subject {
+            name,
+            groups: if r.groups.is_empty() {
+                BTreeMap::from([("_".to_string(), Default::default())])
             } else {
                 r.groups
-            };
-            (s, groups)
+            },
+            days: r.days,
         })
         .collect())
 }
@@ -136,7 +133,13 @@ impl Planned {
                 })
             }
         };
-        Ok((self.window, self.subject, self.projected, acc))
+        Ok((
+            self.window,
+            self.subject,
+            self.projected,
+            acc,
+            self.chunk.minus,
+        ))
     }
 }
 
@@ -152,8 +155,8 @@ fn no_quarters(field: &'static str, hour: i64) -> UsageError {
     ))
 }
 
-/// Subjects and their groups, as [`query_subjects`] finds them.
-type Subjects = Vec<(String, BTreeMap<String, crate::domain::fold::SharedGroup>)>;
+/// Subjects as [`query_subjects`] finds them.
+type Subjects = Vec<Subject>;
 
 fn too_many_windows() -> UsageError {
     UsageError::Invalid(FieldError::new(
@@ -193,19 +196,28 @@ pub(crate) async fn execute_page(
             Ok(Vec::new())
         }
     };
-    let (mut subjects, scans) = futures::try_join!(query_subjects(store, def, &p.subjects), scans)?;
-    let mut next = None;
-    if let Some(page) = &p.page {
-        sort_subjects(&mut subjects);
-        let first = match &page.after {
-            Some(after) => subjects.partition_point(|(s, _)| s <= after),
-            None => 0,
-        };
-        let end = (first + page.limit).min(subjects.len());
-        if end < subjects.len() && end > first {
-            next = Some(query::encode_cursor(&subjects[end - 1].0));
+    let subjects_read = async {
+        match &p.page {
+            Some(page) if p.subjects.is_empty() => {
+                let (slice, next) = page_of(&store.ordered_subjects(def).await?, page);
+                if slice.is_empty() {
+                    return Ok((Vec::new(), None));
+                }
+                Ok((query_subjects(store, def, &slice).await?, next))
+            }
+            _ => Ok((query_subjects(store, def, &p.subjects).await?, None)),
         }
-        subjects = subjects.drain(first..end).collect();
+    };
+    let ((mut subjects, mut next), scans) = futures::try_join!(subjects_read, scans)?;
+    if let Some(page) = &p.page {
+        if !p.subjects.is_empty() {
+            // the subjects it names, paged
+            sort_subjects(&mut subjects);
+            let names: Vec<String> = subjects.iter().map(|s| s.name.clone()).collect();
+            let (slice, after) = page_of(&names, page);
+            subjects.retain(|s| slice.binary_search(&s.name).is_ok());
+            next = after;
+        }
     }
     let plan = plan_reads(def, p, &covers, &subjects)?;
     let fetched = if scan_mode {
@@ -231,29 +243,42 @@ fn plan_windows(def: &MeterDef, p: &query::QueryParams) -> Result<(Windows, Cove
     Ok((windows, covers))
 }
 
-fn sort_subjects(subjects: &mut Subjects) {
-    subjects.sort_by(|a, b| a.0.cmp(&b.0));
-    subjects.dedup_by(|a, b| a.0 == b.0);
+/// The subjects of one page out of subjects in order, and the next page's cursor while
+/// more remain.
+fn page_of(ordered: &[String], page: &query::Page) -> (Vec<String>, Option<String>) {
+    let first = match &page.after {
+        Some(after) => ordered.partition_point(|s| s <= after),
+        None => 0,
+    };
+    let end = first.saturating_add(page.limit).min(ordered.len());
+    let next =
+        (end < ordered.len() && end > first).then(|| query::encode_cursor(&ordered[end - 1]));
+    (ordered[first..end].to_vec(), next)
 }
 
-/// A query answered a slice of subjects at a time: the subject list is read once, each
-/// [`Self::next_rows`] reads only its slice's windows. What a streamed answer uses, so
-/// that neither the rows nor the reads of the whole set are held at once.
+fn sort_subjects(subjects: &mut Subjects) {
+    subjects.sort_by(|a, b| a.name.cmp(&b.name));
+    subjects.dedup_by(|a, b| a.name == b.name);
+}
+
+/// An all-subject query answered a slice of subjects at a time: the ordered subject
+/// list is read once ([`Store::ordered_subjects`]), each [`Self::next_rows`] reads only
+/// its slice's totals and windows. What a streamed answer uses, so that neither the
+/// rows nor the reads of the whole set are held at once.
 pub(crate) struct Pages {
     store: Store,
     def: MeterDef,
     p: query::QueryParams,
     windows: Windows,
     covers: Covers,
-    /// Left to answer, in reverse subject order (slices are taken off the end).
-    left: Subjects,
+    subjects: std::sync::Arc<[String]>,
+    /// How many subjects were answered.
+    done: usize,
     size: usize,
-    /// Whether a slice was answered already.
-    started: bool,
 }
 
 impl Pages {
-    /// Checks the query and reads its subjects (every one, or those it names).
+    /// Checks the query and lists the meter's subjects.
     pub async fn start(
         store: Store,
         def: MeterDef,
@@ -261,35 +286,33 @@ impl Pages {
         size: usize,
     ) -> Result<Pages> {
         let (windows, covers) = plan_windows(&def, &p)?;
-        let mut left = query_subjects(&store, &def, &p.subjects).await?;
-        sort_subjects(&mut left);
-        left.reverse();
+        let subjects = store.ordered_subjects(&def).await?;
         Ok(Pages {
             store,
             def,
             p,
             windows,
             covers,
-            left,
+            subjects,
+            done: 0,
             size: size.max(1),
-            started: false,
         })
     }
 
     /// The rows of the next slice of subjects; `None` once every subject is answered.
     pub async fn next_rows(&mut self) -> Option<Result<Vec<query::Row>>> {
-        if self.left.is_empty() {
+        if self.done >= self.subjects.len() {
             return None;
         }
-        let keep = self.left.len().saturating_sub(self.size);
-        let mut slice = self.left.split_off(keep);
-        slice.reverse();
+        let end = self.done.saturating_add(self.size).min(self.subjects.len());
         // the whole set in one slice over few stored windows: scanning each window once
         // beats a get per subject, as in a query that is not streamed
         let chunks = stored_windows(&self.covers);
-        let whole = !self.started && keep == 0 && self.p.subjects.is_empty() && chunks.len() <= 64;
-        self.started = true;
+        let whole = self.done == 0 && end == self.subjects.len() && chunks.len() <= 64;
+        let names = self.subjects[self.done..end].to_vec();
+        self.done = end;
         let rows = async {
+            let slice = query_subjects(&self.store, &self.def, &names).await?;
             let plan = plan_reads(&self.def, &self.p, &self.covers, &slice)?;
             let fetched = if whole {
                 pick_scanned(plan, scan_windows(&self.store, &self.def, chunks).await?)?
@@ -312,7 +335,13 @@ fn cover_windows(
     windows
         .iter()
         .map(|(a, b)| {
-            query::cover(a.timestamp(), b.timestamp(), def.window_size).map_err(|t| {
+            let (a, b) = (a.timestamp(), b.timestamp());
+            let covered = if takes_away(def.aggregation) {
+                query::signed_cover(a, b, def.window_size)
+            } else {
+                query::cover(a, b, def.window_size)
+            };
+            covered.map_err(|t| {
                 let finest = match def.window_size {
                     WindowSize::Hour => "a quarter hour".to_string(),
                     other => format!(
@@ -371,20 +400,32 @@ fn plan_reads(
     subjects: &Subjects,
 ) -> Result<Vec<Planned>> {
     let chunks: usize = covers.iter().map(Vec::len).sum();
-    let groups: usize = subjects.iter().map(|(_, g)| g.len()).sum();
+    let groups: usize = subjects.iter().map(|s| s.groups.len()).sum();
     if chunks.saturating_mul(groups) > QUERY_KEY_LIMIT {
         return Err(too_many_windows());
     }
     let mut plan = Vec::new();
     for (wi, chunks) in covers.iter().enumerate() {
         let edges: Vec<&'static str> = chunks.iter().map(|c| edge_field(p, c)).collect();
-        for (subject, groups) in subjects {
+        let spans: Vec<(i64, i64)> = chunks.iter().map(|c| c.span(def.window_size)).collect();
+        for Subject {
+            name: subject,
+            groups,
+            days,
+        } in subjects
+        {
+            // the stored windows on days the subject has events (all, when unknown)
+            let held: Vec<bool> = spans
+                .iter()
+                .map(|&(a, b)| days.as_ref().is_none_or(|d| d.touches(a, b)))
+                .collect();
             for (token, values) in groups {
                 if !query::group_matches(values, &p.filters) {
                     continue;
                 }
                 let projected = query::project(values, &p.group_by);
-                for (chunk, &edge) in chunks.iter().zip(&edges) {
+                for ((chunk, &edge), _) in chunks.iter().zip(&edges).zip(&held).filter(|(_, &h)| h)
+                {
                     let key = ReadingKey::Window {
                         meter: def.id.as_str().into(),
                         subject: subject.as_str().into(),
@@ -463,17 +504,30 @@ async fn get_each(store: &Store, plan: Vec<Planned>) -> Result<Vec<Fetched>> {
         .collect()
 }
 
-/// Readings merged exactly per (output window, subject, projected group).
+/// Whether readings of this aggregation can be taken away again exactly: its value
+/// depends only on the count and the sum.
+fn takes_away(aggregation: crate::domain::meter::Aggregation) -> bool {
+    use crate::domain::meter::Aggregation::{Avg, Count, Sum};
+    matches!(aggregation, Count | Sum | Avg)
+}
+
+/// Readings merged exactly per (output window, subject, projected group): every
+/// reading added first, then those a signed cover takes away.
 fn merge(fetched: Vec<Fetched>) -> query::Merged {
     let mut merged: query::Merged = BTreeMap::new();
-    for (wi, subject, projected, acc) in fetched {
+    let (added, taken): (Vec<Fetched>, Vec<Fetched>) = fetched.into_iter().partition(|f| !f.4);
+    for (wi, subject, projected, acc, minus) in added.into_iter().chain(taken) {
         let Some(acc) = acc else { continue };
         let gkey = serde_json::to_string(&projected).unwrap_or_default();
-        merged
+        let entry = &mut merged
             .entry((wi, subject, gkey))
             .or_insert_with(|| (projected, crate::domain::fold::Acc::default()))
-            .1
-            .merge(&acc);
+            .1;
+        if minus {
+            entry.take_away(&acc);
+        } else {
+            entry.merge(&acc);
+        }
     }
     merged
 }

@@ -319,6 +319,9 @@ pub fn merge_kept(
         };
         let new_subject = !out.contains_key(&total_key);
         let total = out.entry(total_key).or_default();
+        // days of kept windows (each within one UTC day), as events would have noted them
+        let day = DateTime::<Utc>::from_timestamp(w.start, 0).unwrap_or_default();
+        total.note_day(day);
         merge_into(total, &w.reading);
         if !w.reading.group_by.is_empty() && w.group.as_ref() != "_" {
             total
@@ -529,6 +532,7 @@ mod tests {
         let kept = [
             ("a", 0, reading(1, 5)),
             ("a", 3600, reading(2, 7)),
+            ("a", 3 * 86_400, reading(1, 0)),
             ("b", 0, reading(1, 1)),
         ]
         .map(|(s, start, reading)| KeptWindow {
@@ -540,7 +544,7 @@ mod tests {
         let out = merge_kept(&m, kept);
         let get = |k: ReadingKey| out[&k].clone();
         let summary = get(ReadingKey::Summary { meter: "m".into() });
-        assert_eq!(summary.acc.count, 4);
+        assert_eq!(summary.acc.count, 5);
         assert_eq!(summary.subjects, 2);
         assert_eq!(summary.seq, 0, "replayed events must still apply");
         let total_a = get(ReadingKey::SubjectTotal {
@@ -549,6 +553,10 @@ mod tests {
         });
         assert_eq!(total_a.acc.value(d.aggregation).unwrap().to_string(), "19");
         assert_eq!(total_a.first_seq, 1);
+        // the total knows the days of its kept windows: 1 and 4 January 1970
+        let days = total_a.days.as_ref().unwrap();
+        assert!(days.touches(0, 86_400) && days.touches(3 * 86_400, 4 * 86_400));
+        assert!(!days.touches(86_400, 3 * 86_400));
         let day = get(ReadingKey::Window {
             meter: "m".into(),
             subject: "a".into(),

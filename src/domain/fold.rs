@@ -7,9 +7,11 @@
 //! stream (after a crash, or by a second leader) changes nothing.
 
 mod contribution;
+mod days;
 mod reading;
 
 pub use contribution::*;
+pub use days::DaySet;
 pub use reading::*;
 
 use std::collections::HashMap;
@@ -110,6 +112,9 @@ pub fn quarter_of(meter: &CompiledMeter, time: DateTime<Utc>) -> Option<(usize, 
 /// Position of the meter's own window among the readings an event touches.
 const OWN_WINDOW: usize = 2;
 
+/// Where an event's subject total is among the readings it touches.
+const SUBJECT_TOTAL: usize = 1;
+
 /// The group an event belongs to, as windows and subject totals record it.
 #[derive(Clone, Copy, Debug)]
 pub struct Group<'a> {
@@ -164,6 +169,9 @@ pub fn apply_valid(
         }
         if let (OWN_WINDOW, Some((q, aggregation))) = (i, quarter) {
             x.add_quarter(q, aggregation, value, time, seq);
+        }
+        if i == SUBJECT_TOTAL {
+            x.note_day(time);
         }
         x.acc.add(value, time, seq);
         x.note_event(seq, time);

@@ -362,6 +362,9 @@ pub struct Chunk {
     pub rollup: Option<Rollup>,
     pub start: i64,
     pub quarters: Option<(u8, u8)>,
+    /// Taken away from the other chunks of its cover rather than added
+    /// ([`signed_cover`]).
+    pub minus: bool,
 }
 
 impl Chunk {
@@ -370,8 +373,66 @@ impl Chunk {
             rollup,
             start,
             quarters: None,
+            minus: false,
         }
     }
+
+    /// The time it covers, [start, end) in epoch seconds, for a meter of `base` windows.
+    pub fn span(&self, base: WindowSize) -> (i64, i64) {
+        match (self.rollup, self.quarters) {
+            (Some(r), _) => (self.start, r.next(self.start)),
+            (None, None) => (self.start, self.start + base.seconds()),
+            (None, Some((lo, hi))) => (
+                self.start + QUARTER * i64::from(lo),
+                self.start + QUARTER * i64::from(hi),
+            ),
+        }
+    }
+}
+
+/// [`cover`] for aggregations whose readings can be taken away again (`count`, `sum`,
+/// `avg`), which lets a range whose ends lie off UTC midnight read UTC rollups: the
+/// range's ends are moved to the nearest UTC midnight, that range is covered, and what
+/// the move added is taken away again (`minus`) or what it left out added. A day in
+/// Europe/Berlin is then its UTC day, one hour taken away and one added (3 readings,
+/// where the plain cover reads 24), a month its UTC month and two hours. The plain cover
+/// is kept where it reads as few. Whatever is taken away lies inside what is added, so
+/// the sum of a cover's readings never goes below zero on the way.
+pub fn signed_cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<Chunk>, i64> {
+    const DAY: i64 = 86_400;
+    let plain = cover(a, b, base)?;
+    let nearest_midnight = |t: i64| {
+        let before = t.div_euclid(DAY) * DAY;
+        if t - before <= DAY / 2 {
+            before
+        } else {
+            before + DAY
+        }
+    };
+    let (a2, b2) = (nearest_midnight(a), nearest_midnight(b));
+    if a2 >= b2 || (a2 == a && b2 == b) {
+        return Ok(plain);
+    }
+    let mut signed = cover(a2, b2, base)?;
+    let mut edge = |lo: i64, hi: i64, minus: bool| -> Result<(), i64> {
+        if lo < hi {
+            signed.extend(
+                cover(lo, hi, base)?
+                    .into_iter()
+                    .map(|c| Chunk { minus, ..c }),
+            );
+        }
+        Ok(())
+    };
+    // at the start: added when the range begins before its midnight, else taken away
+    edge(a.min(a2), a.max(a2), a2 < a)?;
+    // at the end: taken away when the range ends before its midnight, else added
+    edge(b.min(b2), b.max(b2), b < b2)?;
+    Ok(if signed.len() < plain.len() {
+        signed
+    } else {
+        plain
+    })
 }
 
 /// Stored windows that together are exactly [a, b): coarsest UTC rollups first, then
@@ -403,6 +464,7 @@ pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<Chunk>, i64> {
                 rollup: None,
                 start,
                 quarters: Some((quarter(t), quarter(end))),
+                minus: false,
             });
             t = end;
             continue;

@@ -3,6 +3,9 @@
 //! and [`Reading`], never in keys or bytes. (The aggregator reads and writes readings
 //! itself, with revisions, on its hot path.)
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use async_nats::jetstream::kv::CreateErrorKind;
 use serde::Deserialize;
 
@@ -213,7 +216,117 @@ impl Store {
     }
 }
 
+/// Meters' subjects in order, so that a page of an all-subject query finds its subjects
+/// without reading every subject's total. Entries are keyed by the served readings and
+/// the definition's fingerprint, and reused while the meter's summary counts as many
+/// subjects as were listed (a meter only gains subjects while its readings are served)
+/// and for at most [`SUBJECT_INDEX_TTL`] — a meter deleted and defined again gains the
+/// same fingerprint and starts counting afresh.
+#[derive(Clone, Default)]
+pub struct SubjectIndex(Arc<Mutex<HashMap<(String, String), Listed>>>);
+
+struct Listed {
+    subjects: Arc<[String]>,
+    at: std::time::Instant,
+}
+
+/// How long a listing of subjects is reused at most.
+const SUBJECT_INDEX_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How many meters' listings are kept (the oldest goes first).
+const SUBJECT_INDEX_METERS: usize = 16;
+
 impl Store {
+    /// Every subject of a meter's served readings (`def.id`), in order: a listing of the
+    /// subject totals' keys (no values), reused as [`SubjectIndex`] says.
+    pub async fn ordered_subjects(&self, def: &MeterDef) -> Result<Arc<[String]>, StoreError> {
+        let counted = self
+            .reading(&ReadingKey::Summary {
+                meter: def.id.as_str().into(),
+            })
+            .await?
+            .map_or(0, |summary| summary.subjects);
+        let entry = (def.id.clone(), def.semantic_hash());
+        {
+            let cache = self
+                .subject_index
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(listed) = cache.get(&entry).filter(|l| {
+                l.subjects.len() as u64 == counted && l.at.elapsed() < SUBJECT_INDEX_TTL
+            }) {
+                return Ok(listed.subjects.clone());
+            }
+        }
+        let keys = self
+            .scan_keys(&self.readings, &keys::subject_totals_filter(&def.id, None))
+            .await
+            .map_err(unavailable)?;
+        let mut subjects: Vec<String> = keys
+            .iter()
+            .filter_map(|k| keys::subject_of_total(k))
+            .collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        let subjects: Arc<[String]> = subjects.into();
+        // kept only when the listing agrees with the summary: one taken while a new
+        // subject was being written is used once and listed again next time
+        if subjects.len() as u64 == counted {
+            let mut cache = self
+                .subject_index
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= SUBJECT_INDEX_METERS && !cache.contains_key(&entry) {
+                let oldest = cache
+                    .iter()
+                    .min_by_key(|(_, l)| l.at)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    cache.remove(&oldest);
+                }
+            }
+            cache.insert(
+                entry,
+                Listed {
+                    subjects: subjects.clone(),
+                    at: std::time::Instant::now(),
+                },
+            );
+        }
+        Ok(subjects)
+    }
+
+    /// The all-time readings of the given subjects of a meter (those counted so far),
+    /// in one batched read.
+    pub async fn totals_of(
+        &self,
+        meter: &str,
+        subjects: &[String],
+    ) -> Result<Vec<(String, Reading)>, StoreError> {
+        let key_of = |subject: &str| {
+            ReadingKey::SubjectTotal {
+                meter: meter.into(),
+                subject: subject.into(),
+            }
+            .kv_key()
+        };
+        let keys: Vec<String> = subjects.iter().map(|s| key_of(s)).collect();
+        let mut values = self
+            .get_many(&self.readings, keys)
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            let key = key_of(subject);
+            if let Some(raw) = values.remove(&key) {
+                out.push((subject.clone(), decode(&key, &raw)?));
+            }
+        }
+        Ok(out)
+    }
+
     /// One reading (`None`: nothing counted there yet).
     pub async fn reading(&self, key: &ReadingKey) -> Result<Option<Reading>, StoreError> {
         let key = key.kv_key();

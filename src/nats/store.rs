@@ -40,6 +40,8 @@ pub struct Store {
     /// Whose events each meter counts (TENANCY), given to definitions as they are read
     /// for aggregation and serving ([`Store::scoped`]).
     pub tenancy: crate::domain::tenancy::Tenancy,
+    /// Meters' subjects in order, listed once for pages ([`Store::ordered_subjects`]).
+    pub(crate) subject_index: super::meters::SubjectIndex,
 }
 
 /// One live entry of a KV bucket.
@@ -128,6 +130,7 @@ impl Store {
             notifications,
             fired,
             tenancy: cfg.tenancy(),
+            subject_index: Default::default(),
         })
     }
 
@@ -148,6 +151,22 @@ impl Store {
     /// Every live entry of `bucket` whose key matches `filter` (NATS wildcards allowed),
     /// read as a snapshot: it returns once it has seen what existed when it started.
     pub async fn scan(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<KvItem>> {
+        self.scan_with(bucket, filter, false).await
+    }
+
+    /// The live keys of `bucket` that match `filter`, as [`Self::scan`] reads them but
+    /// without their values (the server sends headers only).
+    pub async fn scan_keys(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<String>> {
+        let items = self.scan_with(bucket, filter, true).await?;
+        Ok(items.into_iter().map(|item| item.key).collect())
+    }
+
+    async fn scan_with(
+        &self,
+        bucket: &kv::Store,
+        filter: &str,
+        headers_only: bool,
+    ) -> Result<Vec<KvItem>> {
         let stream_name = format!("KV_{}", bucket.name);
         let prefix = format!("$KV.{}.", bucket.name);
         let stream = self.js.get_stream(&stream_name).await?;
@@ -158,6 +177,7 @@ impl Store {
                 .create_consumer(consumer::pull::OrderedConfig {
                     filter_subject: format!("{prefix}{filter}"),
                     deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                    headers_only,
                     ..Default::default()
                 })
                 .await?;

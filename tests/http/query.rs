@@ -424,9 +424,20 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
     let mut events = Vec::new();
     let mut memory: BTreeMap<(String, String, i64), rust_decimal::Decimal> = BTreeMap::new();
     let mut totals: BTreeMap<String, rust_decimal::Decimal> = BTreeMap::new();
+    // days in Europe/Berlin (UTC+01:00 all November) and Asia/Kolkata (UTC+05:30), by
+    // the UTC instant they start at
+    let mut zoned: [BTreeMap<(String, String, i64), rust_decimal::Decimal>; 2] = Default::default();
+    const OFFSETS: [i64; 2] = [3_600, 19_800];
     for i in 0..600usize {
         let subject = format!("s{}", rnd(7));
-        let t = chrono::DateTime::from_timestamp(base + rnd(20 * 86_400) as i64, 0).unwrap();
+        // s6 has events on two days a fortnight apart only: its other days' windows
+        // are not read, and must not be missed
+        let at = if subject == "s6" {
+            rnd(2) * 14 * 86_400 + rnd(86_400)
+        } else {
+            rnd(20 * 86_400)
+        };
+        let t = chrono::DateTime::from_timestamp(base + at as i64, 0).unwrap();
         let v = format!("{}.{}", rnd(100), rnd(10));
         let g = format!("g{}", rnd(3));
         let e = ev(i, &subject, &t.to_rfc3339(), json!({"v": v, "g": g}));
@@ -448,6 +459,10 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
             panic!("valid")
         };
         let day = t.timestamp().div_euclid(86_400) * 86_400;
+        for (zone, offset) in zoned.iter_mut().zip(OFFSETS) {
+            let start = (t.timestamp() + offset).div_euclid(86_400) * 86_400 - offset;
+            *zone.entry((subject.clone(), g.clone(), start)).or_default() += d;
+        }
         *memory.entry((subject.clone(), g, day)).or_default() += d;
         *totals.entry(subject).or_default() += d;
         events.push(e);
@@ -465,6 +480,33 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
         .map(|(k, v)| (k, v.normalize().to_string()))
         .collect();
     assert_eq!(got, want);
+    // days in zones whose midnight is not UTC's: read as UTC days with the hours (and
+    // quarters) between added and taken away
+    for ((zone, range), memory) in [
+        (
+            "Europe/Berlin",
+            "from=2026-10-31T23:00:00Z&to=2026-11-21T23:00:00Z",
+        ),
+        (
+            "Asia/Kolkata",
+            "from=2026-10-31T18:30:00Z&to=2026-11-21T18:30:00Z",
+        ),
+    ]
+    .into_iter()
+    .zip(zoned)
+    {
+        let b = query(
+            &km,
+            "r",
+            &format!("{range}&windowSize=DAY&windowTimeZone={zone}&groupBy=g"),
+        )
+        .await;
+        let want: BTreeMap<(String, String, i64), String> = memory
+            .into_iter()
+            .map(|(k, v)| (k, v.normalize().to_string()))
+            .collect();
+        assert_eq!(day_rows(&b), want, "{zone}");
+    }
     // the same rows through each filter operator (and an explicit groupBy=subject)
     for (filter, keep) in [
         ("filterGroupBy[g][in]=g0,g2", ["g0", "g2"].as_slice()),
@@ -1056,6 +1098,27 @@ async fn paging_through_100000_subjects_gives_each_once() {
         })
         .collect();
     assert_eq!(subjects, want);
+    // pages list subjects from an index kept between pages: a subject counted since
+    // shows on the next page that reaches it
+    store_events(
+        &js,
+        "pg.events.call",
+        [(
+            format!("{:032x}", N + 1),
+            json!({"id": "late", "eventType": "call", "subject": "a-late", "time": "2026-11-02T11:00:00Z", "data": {}}),
+        )],
+    )
+    .await;
+    caught_up(&js, "pg", Duration::from_secs(60)).await;
+    let (s, b) = get(&format!("{base}&limit=2")).await;
+    assert_eq!(s, 200, "{b}");
+    let first: Vec<&str> = b["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(first, ["a-late", "s000000"], "{b}");
     // bad paging parameters name themselves
     for (q, field) in [
         ("&limit=0", "limit"),

@@ -163,6 +163,15 @@ impl Acc {
     }
 
     /// Merge another accumulator of the same meter into this one (for queries).
+    /// Take away a reading that [`Self::merge`] added before (or one covering part of
+    /// what was added): exact for the count and the sum, and so for `count`, `sum`
+    /// and `avg`; what else the accumulator holds is left as it was, and is not read
+    /// for those aggregations.
+    pub fn take_away(&mut self, other: &Acc) {
+        self.count = self.count.saturating_sub(other.count);
+        self.sum = self.sum.checked_sub(other.sum).unwrap_or(self.sum);
+    }
+
     pub fn merge(&mut self, other: &Acc) {
         self.count += other.count;
         self.sum = self.sum.checked_add(other.sum).unwrap_or(self.sum);
@@ -263,6 +272,12 @@ pub struct Reading {
     /// keeps hundreds of thousands of readings in memory.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quarters: Vec<Option<Box<Acc>>>,
+    /// Subject totals only: the UTC days the subject has events on, so that queries read
+    /// only those days' windows. Kept from the total's first event on; `None` (a total
+    /// written before this was kept, or a subject active on more than
+    /// [`super::days::MAX_RUNS`] separate stretches of days) means every window is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<super::DaySet>,
 }
 
 /// Quarters an hour holds.
@@ -403,6 +418,26 @@ impl Reading {
                 (a, b) => a.or(b).map(Box::new),
             })
             .collect();
+    }
+
+    /// Note the day of an event a subject total is about to take (called before its
+    /// accumulator takes it, so that a total knows whether it is its first).
+    pub(crate) fn note_day(&mut self, time: DateTime<Utc>) {
+        let day = super::DaySet::day_of(time.timestamp());
+        let fits = match &mut self.days {
+            Some(days) => days.insert(day),
+            None if self.acc.count == 0 => {
+                let mut days = super::DaySet::default();
+                days.insert(day);
+                self.days = Some(days);
+                true
+            }
+            // written before days were kept: they stay unknown
+            None => true,
+        };
+        if !fits {
+            self.days = None;
+        }
     }
 
     pub(super) fn note_event(&mut self, seq: u64, time: DateTime<Utc>) {

@@ -389,6 +389,37 @@ fn quarters_give_way_when_distinct_sets_outgrow_the_budget() {
 }
 
 #[test]
+fn subject_totals_keep_the_days_of_their_events() {
+    let m = meter(json!({"id":"m","eventType":"t","aggregation":"count"}));
+    let events = [
+        ev("c", "2026-11-24T23:59:59Z", json!({})),
+        ev("c", "2026-11-26T00:00:00Z", json!({})),
+        ev("c", "2026-11-25T12:00:00Z", json!({})),
+        ev("d", "2026-11-01T00:00:00Z", json!({})),
+    ];
+    let (s, _) = fold_all(&m, &events);
+    let days = s[&total("m", "c")].days.clone().unwrap();
+    // 24 to 26 November, one run: windows of those days only are worth reading
+    assert_eq!(days.runs(), 1);
+    let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().timestamp();
+    assert!(days.touches(at("2026-11-24T23:00:00Z"), at("2026-11-25T00:00:00Z")));
+    assert!(!days.touches(at("2026-11-23T00:00:00Z"), at("2026-11-24T00:00:00Z")));
+    assert!(!days.touches(at("2026-11-27T00:00:00Z"), at("2026-12-01T00:00:00Z")));
+    assert!(s[&total("m", "d")]
+        .days
+        .as_ref()
+        .unwrap()
+        .touches(at("2026-11-01T00:00:00Z"), at("2026-11-01T00:00:01Z")));
+    // windows and summaries keep none
+    assert!(s[&summary("m")].days.is_none());
+    // a total written before days were kept never starts a partial set
+    let mut legacy = s[&total("m", "c")].clone();
+    legacy.days = None;
+    legacy.note_day(chrono::Utc::now());
+    assert!(legacy.days.is_none());
+}
+
+#[test]
 fn sums_are_exact_decimals() {
     let m = meter(json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v"}));
     let e = ev("c", "2026-11-24T10:00:00Z", json!({"v": 0.1}));

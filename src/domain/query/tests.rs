@@ -296,6 +296,7 @@ fn cover_uses_the_coarsest_stored_windows() {
         rollup: None,
         start: t(at).timestamp(),
         quarters: Some((lo, hi)),
+        minus: false,
     };
     // 18:30-19:00 is the second half of 18:00, then 19:00-24:00 and 00:00-18:00 in
     // hours (no day fits), then the first half of 18:00
@@ -342,20 +343,104 @@ proptest! {
         prop_assert!(parts <= 2, "{} parts", parts);
         let mut t = a;
         for c in chunks {
-            let (start, end) = match (c.rollup, c.quarters) {
-                (Some(r), None) => (c.start, r.next(c.start)),
-                (None, None) => (c.start, c.start + s),
-                (None, Some((lo, hi))) => {
-                    prop_assert!(lo < hi && hi <= 4);
-                    (c.start + 900 * i64::from(lo), c.start + 900 * i64::from(hi))
-                }
-                (Some(_), Some(_)) => { prop_assert!(false, "a rollup in quarters"); unreachable!() }
-            };
+            prop_assert!(!c.minus);
+            let (start, end) = span(&c, base);
             prop_assert_eq!(start, t);
             t = end;
         }
         prop_assert_eq!(t, b);
     }
+
+    /// A signed cover counts every instant of [a, b) once and nothing else: at each
+    /// instant at most one chunk adds and at most one takes away, so a running sum of
+    /// additions first, then removals, never goes below zero. It reads no more than
+    /// the plain cover.
+    #[test]
+    fn signed_cover_counts_each_instant_once(offset in 0i64..5_000_000, len in 1i64..3000, base in prop::sample::select(vec![WindowSize::Minute, WindowSize::Hour, WindowSize::Day])) {
+        let step = if base == WindowSize::Hour { 900 } else { base.seconds() };
+        let a = (1_750_000_000 + offset * 60).div_euclid(step) * step;
+        let b = a + len * step;
+        let signed = signed_cover(a, b, base).unwrap();
+        prop_assert!(signed.len() <= cover(a, b, base).unwrap().len());
+        let spans: Vec<(i64, i64, bool)> = signed.iter().map(|c| {
+            let (lo, hi) = span(c, base);
+            (lo, hi, c.minus)
+        }).collect();
+        let mut t = a - 86_400;
+        while t < b + 86_400 {
+            let adds = spans.iter().filter(|(lo, hi, m)| !m && *lo <= t && t < *hi).count();
+            let takes = spans.iter().filter(|(lo, hi, m)| *m && *lo <= t && t < *hi).count();
+            prop_assert!(adds <= 1 && takes <= adds, "at {}: {} added, {} taken", t, adds, takes);
+            prop_assert_eq!(adds - takes, usize::from(a <= t && t < b), "at {}", t);
+            t += step;
+        }
+    }
+}
+
+/// [start, end) of a chunk of a cover over `base` windows.
+fn span(c: &Chunk, base: WindowSize) -> (i64, i64) {
+    assert!(
+        c.rollup.is_none() || c.quarters.is_none(),
+        "a rollup in quarters"
+    );
+    if let Some((lo, hi)) = c.quarters {
+        assert!(lo < hi && hi <= 4);
+    }
+    c.span(base)
+}
+
+#[test]
+fn a_zones_day_reads_its_utc_day_and_the_hours_between() {
+    let (a, b) = (
+        t("2026-11-01T23:00:00Z").timestamp(),
+        t("2026-11-02T23:00:00Z").timestamp(),
+    );
+    let hour = |at: &str, minus| Chunk {
+        minus,
+        ..Chunk::whole(None, t(at).timestamp())
+    };
+    // Europe/Berlin's 2 November: the UTC day, its last hour taken away, the hour before it added
+    assert_eq!(
+        signed_cover(a, b, WindowSize::Hour).unwrap(),
+        [
+            Chunk::whole(Some(Rollup::Day), t("2026-11-02T00:00:00Z").timestamp()),
+            hour("2026-11-01T23:00:00Z", false),
+            hour("2026-11-02T23:00:00Z", true),
+        ]
+    );
+    // Berlin's November: the UTC month, an hour each side
+    let (a, b) = (
+        t("2026-10-31T23:00:00Z").timestamp(),
+        t("2026-11-30T23:00:00Z").timestamp(),
+    );
+    assert_eq!(
+        signed_cover(a, b, WindowSize::Hour).unwrap(),
+        [
+            Chunk::whole(Some(Rollup::Month), t("2026-11-01T00:00:00Z").timestamp()),
+            hour("2026-10-31T23:00:00Z", false),
+            hour("2026-11-30T23:00:00Z", true),
+        ]
+    );
+    // Asia/Kolkata (+05:30): the UTC day and five and a half hours at each end
+    let (a, b) = (
+        t("2026-11-01T18:30:00Z").timestamp(),
+        t("2026-11-02T18:30:00Z").timestamp(),
+    );
+    let c = signed_cover(a, b, WindowSize::Hour).unwrap();
+    assert_eq!(c.len(), 1 + 6 + 6);
+    assert_eq!(c.iter().filter(|c| c.minus).count(), 6);
+    // whole UTC days and short ranges: the plain cover
+    let day = t("2026-11-02T00:00:00Z").timestamp();
+    assert_eq!(
+        signed_cover(day, day + 86_400, WindowSize::Hour),
+        cover(day, day + 86_400, WindowSize::Hour)
+    );
+    assert_eq!(
+        signed_cover(a, a + 3_600, WindowSize::Hour),
+        cover(a, a + 3_600, WindowSize::Hour)
+    );
+    // boundaries the meter does not keep are refused as by the plain cover
+    assert_eq!(signed_cover(a + 60, b, WindowSize::Hour), Err(a + 60));
 }
 
 #[test]
