@@ -58,14 +58,14 @@ async fn run_query(
         .authorize(caller, Permission::meter(Verb::Get, &id))
         .await?;
     let store = state.store()?;
-    let def = store
-        .meter(&id)
+    let (def, readings_id) = store
+        .meter_and_readings(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
     // Readings are stored under the served generation's name; from here on the
     // definition stands for them.
     let def = MeterDef {
-        id: store.served(&def).await?.readings_id,
+        id: readings_id,
         ..def
     };
     let p = query::parse_query(&pairs, &def, Utc::now())?;

@@ -164,6 +164,18 @@ impl Store {
         Ok(())
     }
 
+    /// A meter's definition and the name its served readings are stored under, read
+    /// side by side (one round trip where [`Self::meter`] then [`Self::served`] take
+    /// two: what a query waits for before it reads any reading).
+    pub async fn meter_and_readings(
+        &self,
+        id: &str,
+    ) -> Result<Option<(MeterDef, String)>, StoreError> {
+        let (def, record) = futures::try_join!(self.meter(id), self.progress(id))?;
+        let generation = record.as_ref().and_then(Progress::served).unwrap_or(0);
+        Ok(def.map(|def| (def, keys::readings_id(id, generation))))
+    }
+
     /// Where readers find a meter's readings.
     pub async fn served(&self, def: &MeterDef) -> Result<Served, StoreError> {
         // built for the definition as TENANCY scopes it
@@ -237,8 +249,9 @@ const SUBJECT_INDEX_TTL: std::time::Duration = std::time::Duration::from_secs(60
 const SUBJECT_INDEX_METERS: usize = 16;
 
 impl Store {
-    /// Every subject of a meter's served readings (`def.id`), in order: a listing of the
-    /// subject totals' keys (no values), reused as [`SubjectIndex`] says.
+    /// Every subject of a meter's served readings (`def.id`), in order: the subject
+    /// totals' keys as the bucket's stream lists them ([`Store::list_keys`]), reused as
+    /// [`SubjectIndex`] says.
     pub async fn ordered_subjects(&self, def: &MeterDef) -> Result<Arc<[String]>, StoreError> {
         let counted = self
             .reading(&ReadingKey::Summary {
@@ -260,7 +273,7 @@ impl Store {
             }
         }
         let keys = self
-            .scan_keys(&self.readings, &keys::subject_totals_filter(&def.id, None))
+            .list_keys(&self.readings, &keys::subject_totals_filter(&def.id, None))
             .await
             .map_err(unavailable)?;
         let mut subjects: Vec<String> = keys

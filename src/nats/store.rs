@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, object_store, stream};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::config::NatsConfig;
 
@@ -148,25 +148,27 @@ impl Store {
         self.client.connection_state() == State::Connected && self.ingest.connected()
     }
 
+    /// The keys of `bucket` that match `filter`, from the stream's index of subjects:
+    /// no entry is read, so a listing of 100,000 keys costs one paged request instead of
+    /// 100,000 deliveries. A key whose last entry is a delete marker is listed too (the
+    /// readings bucket deletes nothing: it purges, which leaves no subject behind).
+    pub async fn list_keys(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<String>> {
+        let prefix = format!("$KV.{}.", bucket.name);
+        let stream = self.js.get_stream(format!("KV_{}", bucket.name)).await?;
+        let mut subjects = stream.info_with_subjects(format!("{prefix}{filter}")).await?;
+        let mut keys = Vec::new();
+        while let Some((subject, _)) = subjects.try_next().await? {
+            if let Some(key) = subject.strip_prefix(&prefix) {
+                keys.push(key.to_string());
+            }
+        }
+        Ok(keys)
+    }
+
     /// Every live entry of `bucket` whose key matches `filter` (NATS wildcards allowed),
     /// read as a snapshot: it returns once it has seen what existed when it started.
     pub async fn scan(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<KvItem>> {
-        self.scan_with(bucket, filter, false).await
-    }
 
-    /// The live keys of `bucket` that match `filter`, as [`Self::scan`] reads them but
-    /// without their values (the server sends headers only).
-    pub async fn scan_keys(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<String>> {
-        let items = self.scan_with(bucket, filter, true).await?;
-        Ok(items.into_iter().map(|item| item.key).collect())
-    }
-
-    async fn scan_with(
-        &self,
-        bucket: &kv::Store,
-        filter: &str,
-        headers_only: bool,
-    ) -> Result<Vec<KvItem>> {
         let stream_name = format!("KV_{}", bucket.name);
         let prefix = format!("$KV.{}.", bucket.name);
         let stream = self.js.get_stream(&stream_name).await?;
@@ -177,7 +179,6 @@ impl Store {
                 .create_consumer(consumer::pull::OrderedConfig {
                     filter_subject: format!("{prefix}{filter}"),
                     deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                    headers_only,
                     ..Default::default()
                 })
                 .await?;
