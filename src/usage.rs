@@ -75,16 +75,16 @@ pub(crate) struct Subject {
     pub days: Option<crate::domain::fold::DaySet>,
 }
 
-/// Subjects to answer for (every one when `wanted` is empty), each with its groups.
+/// Subjects to answer for (every one, or those named that were counted), each with
+/// its groups.
 pub(crate) async fn query_subjects(
     store: &Store,
     def: &MeterDef,
-    wanted: &[String],
+    wanted: Option<&[String]>,
 ) -> Result<Vec<Subject>> {
-    let totals = if wanted.is_empty() {
-        store.subject_totals(&def.id, None).await?
-    } else {
-        store.totals_of(&def.id, wanted).await?
+    let totals = match wanted {
+        None => store.subject_totals(&def.id, None).await?,
+        Some(names) => store.totals_of(&def.id, names).await?,
     };
     Ok(totals
         .into_iter()
@@ -196,29 +196,27 @@ pub(crate) async fn execute_page(
             Ok(Vec::new())
         }
     };
+    let named = (!p.subjects.is_empty()).then_some(p.subjects.as_slice());
     let subjects_read = async {
-        match &p.page {
-            Some(page) if p.subjects.is_empty() => {
+        match (&p.page, named) {
+            (None, _) => Ok((query_subjects(store, def, named).await?, None)),
+            // every subject, from the ordered index: only the page's totals are read
+            (Some(page), None) => {
                 let (slice, next) = page_of(&store.ordered_subjects(def).await?, page);
-                if slice.is_empty() {
-                    return Ok((Vec::new(), None));
-                }
-                Ok((query_subjects(store, def, &slice).await?, next))
+                Ok((query_subjects(store, def, Some(&slice)).await?, next))
             }
-            _ => Ok((query_subjects(store, def, &p.subjects).await?, None)),
+            // the subjects it names that were counted, paged
+            (Some(page), Some(_)) => {
+                let mut counted = query_subjects(store, def, named).await?;
+                sort_subjects(&mut counted);
+                let names: Vec<String> = counted.iter().map(|s| s.name.clone()).collect();
+                let (slice, next) = page_of(&names, page);
+                counted.retain(|s| slice.binary_search(&s.name).is_ok());
+                Ok((counted, next))
+            }
         }
     };
-    let ((mut subjects, mut next), scans) = futures::try_join!(subjects_read, scans)?;
-    if let Some(page) = &p.page {
-        if !p.subjects.is_empty() {
-            // the subjects it names, paged
-            sort_subjects(&mut subjects);
-            let names: Vec<String> = subjects.iter().map(|s| s.name.clone()).collect();
-            let (slice, after) = page_of(&names, page);
-            subjects.retain(|s| slice.binary_search(&s.name).is_ok());
-            next = after;
-        }
-    }
+    let ((subjects, next), scans) = futures::try_join!(subjects_read, scans)?;
     let plan = plan_reads(def, p, &covers, &subjects)?;
     let fetched = if scan_mode {
         pick_scanned(plan, scans)?
@@ -312,7 +310,7 @@ impl Pages {
         let names = self.subjects[self.done..end].to_vec();
         self.done = end;
         let rows = async {
-            let slice = query_subjects(&self.store, &self.def, &names).await?;
+            let slice = query_subjects(&self.store, &self.def, Some(&names)).await?;
             let plan = plan_reads(&self.def, &self.p, &self.covers, &slice)?;
             let fetched = if whole {
                 pick_scanned(plan, scan_windows(&self.store, &self.def, chunks).await?)?

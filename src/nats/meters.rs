@@ -318,23 +318,24 @@ impl Store {
         meter: &str,
         subjects: &[String],
     ) -> Result<Vec<(String, Reading)>, StoreError> {
-        let key_of = |subject: &str| {
-            ReadingKey::SubjectTotal {
-                meter: meter.into(),
-                subject: subject.into(),
-            }
-            .kv_key()
-        };
-        let keys: Vec<String> = subjects.iter().map(|s| key_of(s)).collect();
+        let keys: Vec<String> = subjects
+            .iter()
+            .map(|subject| {
+                ReadingKey::SubjectTotal {
+                    meter: meter.into(),
+                    subject: subject.as_str().into(),
+                }
+                .kv_key()
+            })
+            .collect();
         let mut values = self
-            .get_many(&self.readings, keys)
+            .get_many(&self.readings, keys.clone())
             .await
             .map_err(unavailable)?;
         let mut out = Vec::with_capacity(subjects.len());
-        for subject in subjects {
-            let key = key_of(subject);
-            if let Some(raw) = values.remove(&key) {
-                out.push((subject.clone(), decode(&key, &raw)?));
+        for (subject, key) in subjects.iter().zip(&keys) {
+            if let Some(raw) = values.remove(key) {
+                out.push((subject.clone(), decode(key, &raw)?));
             }
         }
         Ok(out)

@@ -155,7 +155,9 @@ impl Store {
     pub async fn list_keys(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<String>> {
         let prefix = format!("$KV.{}.", bucket.name);
         let stream = self.js.get_stream(format!("KV_{}", bucket.name)).await?;
-        let mut subjects = stream.info_with_subjects(format!("{prefix}{filter}")).await?;
+        let mut subjects = stream
+            .info_with_subjects(format!("{prefix}{filter}"))
+            .await?;
         let mut keys = Vec::new();
         while let Some((subject, _)) = subjects.try_next().await? {
             if let Some(key) = subject.strip_prefix(&prefix) {
@@ -168,7 +170,6 @@ impl Store {
     /// Every live entry of `bucket` whose key matches `filter` (NATS wildcards allowed),
     /// read as a snapshot: it returns once it has seen what existed when it started.
     pub async fn scan(&self, bucket: &kv::Store, filter: &str) -> Result<Vec<KvItem>> {
-
         let stream_name = format!("KV_{}", bucket.name);
         let prefix = format!("$KV.{}.", bucket.name);
         let stream = self.js.get_stream(&stream_name).await?;

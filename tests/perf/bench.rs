@@ -49,27 +49,26 @@ fn token(raw: &str) -> String {
         .collect()
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A field of `/proc/<pid>/status` in KiB (0 when unreadable).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
 
+/// Peak resident memory (VmHWM), KiB.
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
 /// Resident memory now (VmRSS), KiB.
 fn current_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    status_kib(pid, "VmRSS:")
 }
 
 fn median(v: &mut [f64]) -> f64 {
