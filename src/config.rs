@@ -98,6 +98,11 @@ pub struct NatsConfig {
     /// JetStream stream that holds ingested events; KV buckets are named after it.
     #[arg(long, env = "METER_NATS_STREAM", default_value = "meters", value_parser = parse_stream)]
     pub meter_nats_stream: String,
+    /// Partitions the events are spread over by subject (1-64), each aggregated by one
+    /// process at a time: replicas share them. Fixed when the installation's streams are
+    /// first created; a different value later is refused.
+    #[arg(long, env = "PARTITIONS", default_value_t = 1, value_parser = parse_partitions)]
+    pub partitions: u16,
     /// An event id seen again within this window is counted once.
     #[arg(long, env = "DEDUP_WINDOW", default_value = "24h", value_parser = parse_duration)]
     pub dedup_window: Duration,
@@ -138,6 +143,11 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
+    pub fn partitions(&self) -> crate::domain::partition::Partitions {
+        crate::domain::partition::Partitions::new(self.partitions)
+            .unwrap_or(crate::domain::partition::Partitions::ONE)
+    }
+
     /// The tenancy rule TENANCY and TENANCY_CROSS_NAMESPACE give.
     pub fn tenancy(&self) -> crate::domain::tenancy::Tenancy {
         use crate::domain::tenancy::Tenancy;
@@ -189,6 +199,20 @@ impl NatsConfig {
             })
             .collect()
     }
+}
+
+fn parse_partitions(raw: &str) -> Result<u16, String> {
+    raw.trim()
+        .parse::<u16>()
+        .ok()
+        .and_then(crate::domain::partition::Partitions::new)
+        .map(|p| p.count())
+        .ok_or_else(|| {
+            format!(
+                "{raw:?} must be a whole number from 1 to {}",
+                crate::domain::partition::MAX_PARTITIONS
+            )
+        })
 }
 
 fn parse_replicas(raw: &str) -> Result<usize, String> {

@@ -13,6 +13,7 @@
 //!   what history a rebuild keeps.
 //! - [`query`]: query parameters, output windows and the cover of stored windows.
 //! - [`tenancy`]: which namespaces' events a meter may count.
+//! - [`partition`]: which partition a subject's events go to, and each process's share.
 
 pub mod build;
 pub mod dedup;
@@ -20,6 +21,7 @@ pub mod event;
 pub mod filter;
 pub mod fold;
 pub mod meter;
+pub mod partition;
 pub mod query;
 pub mod tenancy;
 pub mod threshold;
