@@ -163,8 +163,26 @@ pub struct OperatorMetrics {
 /// The election.
 #[derive(Clone)]
 pub struct ElectionMetrics {
-    /// 1 while this process leads.
+    /// 1 while this process leads (holds partition 0, which carries the operator role).
     pub leader: Gauge,
+    /// Per partition: 1 while this process holds its lease.
+    pub partition_owned: Family<PartitionLabel, Gauge>,
+}
+
+/// The `partition` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: String,
+}
+
+impl ElectionMetrics {
+    pub fn owned(&self, partition: u16, owned: bool) {
+        self.partition_owned
+            .get_or_create(&PartitionLabel {
+                partition: partition.to_string(),
+            })
+            .set(i64::from(owned));
+    }
 }
 
 #[derive(Clone)]
@@ -396,12 +414,19 @@ impl Default for Metrics {
         );
         let election = ElectionMetrics {
             leader: Gauge::default(),
+            partition_owned: Family::default(),
         };
         add(
             &mut r,
             "leader",
-            "1 while this process is the aggregator leader",
+            "1 while this process is the leader (it holds partition 0 and reconciles Meters)",
             &election.leader,
+        );
+        add(
+            &mut r,
+            "partition_owned",
+            "1 for each partition this process aggregates (holds the lease of), 0 for the others",
+            &election.partition_owned,
         );
         Metrics {
             registry: Arc::new(r),

@@ -11,15 +11,15 @@ use tokio::sync::watch;
 
 use crate::aggregate;
 use crate::config::{Config, KubernetesMode};
-use crate::election::kube_lease::KubeLease;
-use crate::election::nats_lease::Election;
+use crate::election::partitions::{Balancer, Leases, Partitioned};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::nats::registry::Registry;
 use crate::nats::store::Store;
 use crate::operator::api_meters::KubeMeters;
 
-/// Name of the coordination.k8s.io Lease that elects the operator's leader.
+/// Name of the coordination.k8s.io Lease that elects the operator's leader (the holder
+/// of partition 0); the other partitions' Leases are `<name>-p<N>`.
 pub const LEASE_NAME: &str = "kloudmeter-leader";
 
 /// Decide whether to run as an operator (CONTRACT §2 `KUBERNETES`).
@@ -67,8 +67,24 @@ struct Shared {
 
 pub async fn run(cfg: Config) -> Result<()> {
     let client = kube_client(cfg.kubernetes).await?;
-    let index = Arc::new(crate::claims::LocalIndex::open(cfg.data_dir.as_deref())?);
+    // every partition's claim index, opened now so that a DATA_DIR in use stops start-up
+    let indexes = cfg
+        .nats
+        .partitions()
+        .all()
+        .map(|p| {
+            let dir = cfg.data_dir.as_ref().map(|d| match p {
+                0 => d.clone(),
+                p => d.join(format!("partition-{p}")),
+            });
+            crate::claims::LocalIndex::open(dir.as_deref()).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let metrics = Metrics::default();
+    // every partition shows (as not owned) from the start
+    for p in cfg.nats.partitions().all() {
+        metrics.election.owned(p, false);
+    }
     let registry = Registry::default();
     let (kube_synced_tx, kube_synced) = watch::channel(client.is_none());
     let kube_meters = client.as_ref().map(|c| KubeMeters {
@@ -107,8 +123,15 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = serve_http(&cfg, state.clone(), shutdown_rx.clone()).await?;
     // Start-up work that needs NATS runs beside the server, so probes answer meanwhile.
+    let (fatal_tx, fatal) = tokio::sync::oneshot::channel();
     let background = tokio::spawn(async move {
-        let store = connect_nats(&cfg).await;
+        let store = match connect_nats(&cfg).await {
+            Ok(store) => store,
+            Err(e) => {
+                let _ = fatal_tx.send(e);
+                return;
+            }
+        };
         state.set_store(store.clone());
         let shared = Shared {
             cfg,
@@ -116,9 +139,15 @@ pub async fn run(cfg: Config) -> Result<()> {
             registry,
             metrics,
         };
-        lead_when_elected(shared, index, kube_meters, kube_synced_tx, shutdown_rx).await;
+        lead_when_elected(shared, indexes, kube_meters, kube_synced_tx, shutdown_rx).await;
     });
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        Ok(e) = fatal => {
+            shutdown_tx.send_replace(true);
+            return Err(e);
+        }
+    }
     tracing::info!("shutting down");
     shutdown_tx.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(25), server).await;
@@ -147,14 +176,16 @@ async fn serve_http(
     }))
 }
 
-/// Connect to NATS and lay out the streams and buckets, retrying until it works.
-async fn connect_nats(cfg: &Config) -> Store {
+/// Connect to NATS and lay out the streams and buckets, retrying until it works (or
+/// until it cannot: PARTITIONS differs from the installation's).
+async fn connect_nats(cfg: &Config) -> Result<Store> {
     loop {
         match Store::connect(&cfg.nats).await {
             Ok(store) => {
-                tracing::info!(url = %cfg.nats.nats_url, stream = %cfg.nats.meter_nats_stream, "connected to NATS");
-                return store;
+                tracing::info!(url = %cfg.nats.nats_url, stream = %cfg.nats.meter_nats_stream, partitions = store.partitions.count(), "connected to NATS");
+                return Ok(store);
             }
+            Err(e) if e.is::<crate::nats::store::PartitionsMismatch>() => return Err(e),
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "NATS set-up failed; retrying");
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -207,11 +238,12 @@ fn follow_meters(store: Store, registry: Registry) -> tokio::task::JoinHandle<()
     })
 }
 
-/// Campaign until shutdown; while elected, aggregate and (operator mode) reconcile and
-/// write status. On shutdown the aggregator finishes its batch first.
+/// Take a fair share of the partitions until shutdown; aggregate the partitions held,
+/// and while holding partition 0 (operator mode) reconcile and write status. On shutdown
+/// every partition is handed over after its aggregator has finished its batch.
 async fn lead_when_elected(
     shared: Shared,
-    index: Arc<crate::claims::LocalIndex>,
+    indexes: Vec<Arc<crate::claims::LocalIndex>>,
     kube_meters: Option<KubeMeters>,
     kube_synced: watch::Sender<bool>,
     shutdown: watch::Receiver<bool>,
@@ -223,21 +255,55 @@ async fn lead_when_elected(
         metrics,
     } = shared.clone();
     let follower = follow_meters(store.clone(), registry.clone());
-    let claims = read_claims(index, &store, cfg.nats.dedup_window).await;
-    let (leading_tx, leading_rx) = watch::channel(false);
-    let standby = tokio::spawn(follow_claims(claims.clone(), leading_rx.clone()));
-    let snapshots = tokio::spawn(snapshot_claims(
-        claims.clone(),
-        cfg.claim_snapshot_interval,
-        leading_rx.clone(),
-        metrics.snapshots.clone(),
-    ));
-    let notifier = tokio::spawn(crate::notify::run(
+    // operator mode: meters whose readings an aggregator wrote, for the status write-back
+    // of whichever process holds partition 0 (announced over NATS: it may be another)
+    let changed = kube_meters
+        .as_ref()
+        .map(|_| announce_changed(store.clone()));
+    let mut partitioned = Partitioned {
+        leading: Vec::new(),
+        running: Vec::new(),
+    };
+    let mut background = vec![follower];
+    let mut aggregators = Vec::new();
+    for (p, index) in indexes.into_iter().enumerate() {
+        let part = partition_store(&store, p as u16).await;
+        let claims = read_claims(index, &part, cfg.nats.dedup_window).await;
+        let (leading_tx, leading_rx) = watch::channel(false);
+        let (running_tx, running_rx) = watch::channel(false);
+        background.push(tokio::spawn(follow_claims(
+            claims.clone(),
+            leading_rx.clone(),
+        )));
+        background.push(tokio::spawn(snapshot_claims(
+            claims.clone(),
+            cfg.claim_snapshot_interval,
+            leading_rx.clone(),
+            metrics.snapshots.clone(),
+        )));
+        let parts = aggregate::Parts {
+            store: part,
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            dedup_window: cfg.nats.dedup_window,
+            build_checkpoint: cfg.nats.build_checkpoint_interval,
+            claims,
+            changed: changed.clone(),
+        };
+        aggregators.push(tokio::spawn(aggregate::supervise(
+            parts, leading_rx, running_tx,
+        )));
+        partitioned.leading.push(leading_tx);
+        partitioned.running.push(running_rx);
+    }
+    // partition 0's holder: the notifier, and (operator mode) the controller
+    let role = partitioned.leading[0].subscribe();
+    background.push(tokio::spawn(crate::notify::run(
         store.clone(),
         registry.clone(),
         metrics.clone(),
-        leading_rx.clone(),
-    ));
+        role.clone(),
+    )));
     // every process delivers (they share one durable consumer), leader or not
     if let Some(url) = &cfg.webhook_url {
         let hook = crate::notify::webhook::Webhook {
@@ -253,61 +319,99 @@ async fn lead_when_elected(
         ));
     }
     let holder = format!("{}-{}", hostname(), std::process::id());
-    // operator mode: meters whose readings the aggregator wrote, for the status write-back
-    let (changed_tx, changed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let changed = kube_meters.as_ref().map(|_| changed_tx);
-    let parts = aggregate::Parts {
-        store: store.clone(),
-        registry,
-        metrics,
-        dedup_window: cfg.nats.dedup_window,
-        build_checkpoint: cfg.nats.build_checkpoint_interval,
-        claims,
-        changed,
-    };
-    let agg = tokio::spawn(aggregate::supervise(parts, leading_rx.clone()));
     let operator = kube_meters.as_ref().map(|k| {
         let (client, holder) = (k.client.clone(), holder.clone());
-        tokio::spawn(operate(
-            shared,
-            client,
-            holder,
-            changed_rx,
-            leading_rx,
-            kube_synced,
-        ))
+        tokio::spawn(operate(shared, client, holder, role, kube_synced))
     });
-    match &kube_meters {
-        Some(k) => {
-            KubeLease::new(
-                k.client.clone(),
-                &k.namespace,
-                LEASE_NAME,
-                holder,
-                cfg.nats.leader_ttl,
-            )
-            .run(leading_tx, shutdown)
-            .await
-        }
-        None => {
-            Election {
-                holder,
-                ttl: cfg.nats.leader_ttl,
-            }
-            .run(store.clone(), leading_tx, shutdown)
-            .await
-        }
+    let leases = match &kube_meters {
+        Some(k) => Leases::Kube {
+            client: k.client.clone(),
+            namespace: k.namespace.clone(),
+            name: LEASE_NAME.to_string(),
+        },
+        None => Leases::Nats,
+    };
+    Balancer {
+        store: store.clone(),
+        leases,
+        holder,
+        ttl: cfg.nats.leader_ttl,
+        metrics,
     }
-    // The election has ended (shutdown): the aggregator finishes its batch.
-    let _ = tokio::time::timeout(Duration::from_secs(20), agg).await;
+    .run(partitioned, shutdown)
+    .await;
+    // Every partition was handed over: its aggregator finished its batch.
+    for agg in aggregators {
+        agg.abort();
+    }
     if let Some(op) = operator {
         let _ = tokio::time::timeout(Duration::from_secs(5), op).await;
     }
-    follower.abort();
-    standby.abort();
-    snapshots.abort();
-    notifier.abort();
+    for task in background {
+        task.abort();
+    }
     let _ = store.client.flush().await;
+}
+
+/// A partition's handle on the store, retrying until NATS answers.
+async fn partition_store(store: &Store, p: u16) -> Store {
+    loop {
+        match store.partition(p).await {
+            Ok(part) => return part,
+            Err(e) => {
+                tracing::error!(
+                    partition = p,
+                    error = format!("{e:#}"),
+                    "opening the partition failed; retrying"
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Where aggregators send the ids of meters whose readings they wrote: each id is
+/// announced on the installation's `changed` subject, for the status write-back of the
+/// process that holds partition 0 ([`listen_changed`]). At most once: a lost
+/// announcement delays a status until the meter's next change (a new leader writes
+/// every status once).
+fn announce_changed(store: Store) -> crate::operator::status::ChangedSender {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let subject = store.names.changed_subject();
+    tokio::spawn(async move {
+        while let Some(id) = rx.recv().await {
+            if let Err(e) = store.client.publish(subject.clone(), id.into()).await {
+                tracing::debug!(error = %e, "announcing a changed meter failed");
+            }
+        }
+    });
+    tx
+}
+
+/// The announcements of [`announce_changed`], from every process.
+fn listen_changed(store: Store) -> crate::operator::status::ChangedReceiver {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        loop {
+            match store.client.subscribe(store.names.changed_subject()).await {
+                Ok(mut sub) => {
+                    while let Some(m) = sub.next().await {
+                        if let Ok(id) = std::str::from_utf8(&m.payload) {
+                            if tx.send(id.to_string()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "listening for changed meters failed; retrying")
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    rx
 }
 
 /// A standby keeps its claim index following the log, so that it can take over warm.
@@ -391,7 +495,6 @@ async fn operate(
     shared: Shared,
     client: kube::Client,
     holder: String,
-    mut changed: crate::operator::status::ChangedReceiver,
     mut leading: watch::Receiver<bool>,
     synced: watch::Sender<bool>,
 ) {
@@ -401,6 +504,7 @@ async fn operate(
         registry,
         metrics,
     } = shared;
+    let mut changed = listen_changed(store.clone());
     let ctx = Arc::new(crate::operator::controller::Ctx::new(
         client.clone(),
         store.clone(),

@@ -16,7 +16,7 @@ use crate::domain::query::Chunk;
 use crate::domain::window::{ReadingKey, Rollup};
 use crate::error::FieldError;
 use crate::nats::keys;
-use crate::nats::meters::StoreError;
+use crate::nats::meters::{Readings, StoreError};
 use crate::nats::store::{KvItem, Store};
 
 /// Why a query could not be answered.
@@ -62,6 +62,10 @@ impl From<StoreError> for UsageError {
 /// stored —, and whether it is taken away rather than added: [`query::signed_cover`]).
 type Fetched = (usize, String, BTreeMap<String, Value>, Option<Acc>, bool);
 
+/// Most window scans (one per stored window and partition) an all-subject query makes
+/// instead of a get per subject and window.
+const MOST_SCANS: usize = 64;
+
 /// Most stored windows one query may read.
 const QUERY_KEY_LIMIT: usize = 500_000;
 
@@ -79,12 +83,12 @@ pub(crate) struct Subject {
 /// its groups.
 pub(crate) async fn query_subjects(
     store: &Store,
-    def: &MeterDef,
+    at: &Readings,
     wanted: Option<&[String]>,
 ) -> Result<Vec<Subject>> {
     let totals = match wanted {
-        None => store.subject_totals(&def.id, None).await?,
-        Some(names) => store.totals_of(&def.id, names).await?,
+        None => store.subject_totals(at, None).await?,
+        Some(names) => store.totals_of(at, names).await?,
     };
     Ok(totals
         .into_iter()
@@ -165,14 +169,15 @@ fn too_many_windows() -> UsageError {
     ))
 }
 
-/// The rows of a parsed query. `def.id` names the meter's served readings
+/// The rows of a parsed query over the meter's served readings, `at`
 /// ([`Store::served`]). Also what threshold evaluation reads period values with.
 pub(crate) async fn execute(
     store: &Store,
     def: &MeterDef,
+    at: &Readings,
     p: &query::QueryParams,
 ) -> Result<Vec<query::Row>> {
-    Ok(execute_page(store, def, p).await?.0)
+    Ok(execute_page(store, def, at, p).await?.0)
 }
 
 /// [`execute`] for one page when the query asks for one (`p.page`): the rows of up to
@@ -181,6 +186,7 @@ pub(crate) async fn execute(
 pub(crate) async fn execute_page(
     store: &Store,
     def: &MeterDef,
+    at: &Readings,
     p: &query::QueryParams,
 ) -> Result<(Vec<query::Row>, Option<String>)> {
     let (windows, covers) = plan_windows(def, p)?;
@@ -188,10 +194,12 @@ pub(crate) async fn execute_page(
     // Every subject over few stored windows: one snapshot read per stored window (all
     // subjects and groups at once) is far cheaper than a get per subject, and runs
     // beside the read of the subject list. A page reads only its own subjects.
-    let scan_mode = p.subjects.is_empty() && p.page.is_none() && chunk_list.len() <= 64;
+    let scan_mode = p.subjects.is_empty()
+        && p.page.is_none()
+        && chunk_list.len() * at.all().len() <= MOST_SCANS;
     let scans = async {
         if scan_mode {
-            scan_windows(store, def, chunk_list).await
+            scan_windows(store, at, chunk_list).await
         } else {
             Ok(Vec::new())
         }
@@ -199,15 +207,15 @@ pub(crate) async fn execute_page(
     let named = (!p.subjects.is_empty()).then_some(p.subjects.as_slice());
     let subjects_read = async {
         match (&p.page, named) {
-            (None, _) => Ok((query_subjects(store, def, named).await?, None)),
+            (None, _) => Ok((query_subjects(store, at, named).await?, None)),
             // every subject, from the ordered index: only the page's totals are read
             (Some(page), None) => {
-                let (slice, next) = page_of(&store.ordered_subjects(def).await?, page);
-                Ok((query_subjects(store, def, Some(&slice)).await?, next))
+                let (slice, next) = page_of(&store.ordered_subjects(def, at).await?, page);
+                Ok((query_subjects(store, at, Some(&slice)).await?, next))
             }
             // the subjects it names that were counted, paged
             (Some(page), Some(_)) => {
-                let mut counted = query_subjects(store, def, named).await?;
+                let mut counted = query_subjects(store, at, named).await?;
                 sort_subjects(&mut counted);
                 let names: Vec<String> = counted.iter().map(|s| s.name.clone()).collect();
                 let (slice, next) = page_of(&names, page);
@@ -217,7 +225,7 @@ pub(crate) async fn execute_page(
         }
     };
     let ((subjects, next), scans) = futures::try_join!(subjects_read, scans)?;
-    let plan = plan_reads(def, p, &covers, &subjects)?;
+    let plan = plan_reads(def, at, p, &covers, &subjects)?;
     let fetched = if scan_mode {
         pick_scanned(plan, scans)?
     } else {
@@ -266,6 +274,7 @@ fn sort_subjects(subjects: &mut Subjects) {
 pub(crate) struct Pages {
     store: Store,
     def: MeterDef,
+    at: Readings,
     p: query::QueryParams,
     windows: Windows,
     covers: Covers,
@@ -280,14 +289,16 @@ impl Pages {
     pub async fn start(
         store: Store,
         def: MeterDef,
+        at: Readings,
         p: query::QueryParams,
         size: usize,
     ) -> Result<Pages> {
         let (windows, covers) = plan_windows(&def, &p)?;
-        let subjects = store.ordered_subjects(&def).await?;
+        let subjects = store.ordered_subjects(&def, &at).await?;
         Ok(Pages {
             store,
             def,
+            at,
             p,
             windows,
             covers,
@@ -306,14 +317,16 @@ impl Pages {
         // the whole set in one slice over few stored windows: scanning each window once
         // beats a get per subject, as in a query that is not streamed
         let chunks = stored_windows(&self.covers);
-        let whole = self.done == 0 && end == self.subjects.len() && chunks.len() <= 64;
+        let whole = self.done == 0
+            && end == self.subjects.len()
+            && chunks.len() * self.at.all().len() <= MOST_SCANS;
         let names = self.subjects[self.done..end].to_vec();
         self.done = end;
         let rows = async {
-            let slice = query_subjects(&self.store, &self.def, Some(&names)).await?;
-            let plan = plan_reads(&self.def, &self.p, &self.covers, &slice)?;
+            let slice = query_subjects(&self.store, &self.at, Some(&names)).await?;
+            let plan = plan_reads(&self.def, &self.at, &self.p, &self.covers, &slice)?;
             let fetched = if whole {
-                pick_scanned(plan, scan_windows(&self.store, &self.def, chunks).await?)?
+                pick_scanned(plan, scan_windows(&self.store, &self.at, chunks).await?)?
             } else {
                 get_each(&self.store, plan).await?
             };
@@ -368,21 +381,27 @@ fn stored_windows(covers: &Covers) -> Vec<(Option<Rollup>, i64)> {
     windows
 }
 
-/// Every subject's and group's reading of each stored window, one scan per window.
+/// Every subject's and group's reading of each stored window, one scan per window
+/// (and partition).
 async fn scan_windows(
     store: &Store,
-    def: &MeterDef,
+    at: &Readings,
     chunks: Vec<(Option<Rollup>, i64)>,
 ) -> Result<Vec<Vec<KvItem>>> {
-    futures::stream::iter(chunks)
-        .map(|(rollup, start)| {
-            let filter = keys::window_filter(&def.id, rollup, start);
-            async move {
-                store
-                    .scan(&store.readings, &filter)
-                    .await
-                    .map_err(UsageError::storage)
-            }
+    let filters: Vec<String> = chunks
+        .iter()
+        .flat_map(|&(rollup, start)| {
+            at.all()
+                .iter()
+                .map(move |id| keys::window_filter(id, rollup, start))
+        })
+        .collect();
+    futures::stream::iter(filters)
+        .map(|filter| async move {
+            store
+                .scan(&store.readings, &filter)
+                .await
+                .map_err(UsageError::storage)
         })
         .buffer_unordered(8)
         .try_collect()
@@ -393,6 +412,7 @@ async fn scan_windows(
 /// Refused before anything large is built when it would read too many.
 fn plan_reads(
     def: &MeterDef,
+    at: &Readings,
     p: &query::QueryParams,
     covers: &Covers,
     subjects: &Subjects,
@@ -425,7 +445,7 @@ fn plan_reads(
                 for ((chunk, &edge), _) in chunks.iter().zip(&edges).zip(&held).filter(|(_, &h)| h)
                 {
                     let key = ReadingKey::Window {
-                        meter: def.id.as_str().into(),
+                        meter: at.of(subject).into(),
                         subject: subject.as_str().into(),
                         group: token.as_str().into(),
                         rollup: chunk.rollup,

@@ -289,7 +289,7 @@ impl Aggregator {
         progress: &mut Progress,
     ) -> Result<()> {
         let id = &meter.def.id;
-        let old = keys::readings_id(id, previous.generation);
+        let old = keys::readings_id(&self.store.names.part_id(id), previous.generation);
         let subject = self.store.names.event_subject(&meter.def.event_type);
         let oldest = match self
             .store

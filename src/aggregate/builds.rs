@@ -111,7 +111,7 @@ impl Aggregator {
 
     /// Follow `generation` of a meter live.
     fn follow(&mut self, id: &str, meter: &Arc<CompiledMeter>, generation: u64) {
-        let meter = stored_as(meter, generation);
+        let meter = stored_as(meter, generation, self.store.names.partition);
         self.active
             .insert(id.to_string(), Active { meter, generation });
     }
@@ -135,7 +135,7 @@ impl Aggregator {
         tracing::info!(meter = %id, generation = p.generation, from = p.through, "building beside the live pass");
         let running = builder::spawn(
             self.parts(),
-            stored_as(meter, p.generation),
+            stored_as(meter, p.generation, self.store.names.partition),
             p,
             builder::Live {
                 committed: self.committed.subscribe(),
@@ -308,10 +308,10 @@ impl Aggregator {
 }
 
 /// The meter as the fold sees it: keyed by the name `generation`'s readings are stored
-/// under.
-fn stored_as(meter: &Arc<CompiledMeter>, generation: u64) -> Arc<CompiledMeter> {
+/// under in `partition`.
+fn stored_as(meter: &Arc<CompiledMeter>, generation: u64, partition: u16) -> Arc<CompiledMeter> {
     let mut m = CompiledMeter::clone(meter);
-    m.id = keys::readings_id(&meter.def.id, generation).into();
+    m.id = keys::readings_id(&keys::part_id(&meter.def.id, partition), generation).into();
     Arc::new(m)
 }
 

@@ -5,11 +5,15 @@ use anyhow::{anyhow, bail, Result};
 use async_nats::jetstream::kv;
 
 use super::*;
-use crate::nats::keys::CURSOR_KEY;
 
 impl Aggregator {
     pub(super) async fn load_cursor(&mut self) -> Result<()> {
-        match self.store.state.entry(CURSOR_KEY).await? {
+        match self
+            .store
+            .state
+            .entry(self.store.names.cursor_key())
+            .await?
+        {
             Some(e) if e.operation == kv::Operation::Put => {
                 self.cursor = std::str::from_utf8(&e.value)?.parse()?;
                 self.cursor_rev = Some(e.revision);
@@ -36,13 +40,13 @@ impl Aggregator {
                 Some(rev) => self
                     .store
                     .state
-                    .update(CURSOR_KEY, value, rev)
+                    .update(self.store.names.cursor_key(), value, rev)
                     .await
                     .map_err(|e| anyhow!(e)),
                 None => self
                     .store
                     .state
-                    .create(CURSOR_KEY, value)
+                    .create(self.store.names.cursor_key(), value)
                     .await
                     .map_err(|e| anyhow!(e)),
             };

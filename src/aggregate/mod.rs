@@ -313,17 +313,27 @@ impl Aggregator {
     }
 }
 
-/// Run the aggregator whenever this process leads, restarting it after errors.
-pub(crate) async fn supervise(parts: Parts, mut leading: watch::Receiver<bool>) {
+/// Run the aggregator whenever this process leads its partition, restarting it after
+/// errors; `running` says whether it is at work (its lease is released only once not).
+pub(crate) async fn supervise(
+    parts: Parts,
+    mut leading: watch::Receiver<bool>,
+    running: watch::Sender<bool>,
+) {
     loop {
         if leading.wait_for(|l| *l).await.is_err() {
             return;
         }
-        parts.metrics.election.leader.set(1);
-        if let Err(e) = Aggregator::new(parts.clone()).run(leading.clone()).await {
-            tracing::error!(error = format!("{e:#}"), "aggregator stopped; restarting");
+        running.send_replace(true);
+        let outcome = Aggregator::new(parts.clone()).run(leading.clone()).await;
+        running.send_replace(false);
+        if let Err(e) = outcome {
+            tracing::error!(
+                partition = parts.store.names.partition,
+                error = format!("{e:#}"),
+                "aggregator stopped; restarting"
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        parts.metrics.election.leader.set(0);
     }
 }

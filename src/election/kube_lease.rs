@@ -91,7 +91,7 @@ impl KubeLease {
         }
     }
 
-    pub async fn run(self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(&self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
         let mut held = false;
         loop {
             let now_held = match self.round().await {

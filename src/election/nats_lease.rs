@@ -1,15 +1,15 @@
-//! Aggregator leadership: a lease in a NATS KV bucket whose entries expire after
-//! LEADER_TTL. The holder renews it well inside the TTL; when it dies, the entry expires
+//! A lease in a NATS KV bucket whose entries expire after LEADER_TTL (one per
+//! partition: `key`). The holder renews it well inside the TTL; when it dies, the entry expires
 //! and a standby's `create` succeeds. A leader that cannot renew steps down at once.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::nats::keys::LEADER_KEY;
 use crate::nats::store::Store;
 
 pub struct Election {
+    pub key: String,
     pub holder: String,
     pub ttl: Duration,
 }
@@ -18,7 +18,7 @@ impl Election {
     /// Campaign until `shutdown` fires, publishing whether we lead on `leading`.
     /// On shutdown a leader releases the lease so a standby takes over immediately.
     pub async fn run(
-        self,
+        &self,
         store: Store,
         leading: watch::Sender<bool>,
         mut shutdown: watch::Receiver<bool>,
@@ -30,21 +30,21 @@ impl Election {
             let outcome = match revision {
                 None => store
                     .leader
-                    .create(LEADER_KEY, self.holder.clone().into())
+                    .create(&self.key, self.holder.clone().into())
                     .await
                     .ok(),
                 Some(rev) => store
                     .leader
-                    .update(LEADER_KEY, self.holder.clone().into(), rev)
+                    .update(&self.key, self.holder.clone().into(), rev)
                     .await
                     .ok(),
             };
             match (revision, outcome) {
                 (None, Some(_)) => {
-                    tracing::info!(holder = %self.holder, "became aggregator leader")
+                    tracing::info!(holder = %self.holder, lease = %self.key, "lease acquired")
                 }
                 (Some(_), None) => {
-                    tracing::warn!(holder = %self.holder, "lost aggregator leadership")
+                    tracing::warn!(holder = %self.holder, lease = %self.key, "lease lost")
                 }
                 _ => {}
             }
@@ -69,9 +69,9 @@ impl Election {
             // Releasing is an optimisation: if it fails the lease simply expires.
             let _ = store
                 .leader
-                .delete_expect_revision(LEADER_KEY, Some(rev))
+                .delete_expect_revision(&self.key, Some(rev))
                 .await;
-            tracing::info!(holder = %self.holder, "released aggregator leadership");
+            tracing::info!(holder = %self.holder, lease = %self.key, "lease released");
         }
     }
 }

@@ -58,21 +58,16 @@ async fn run_query(
         .authorize(caller, Permission::meter(Verb::Get, &id))
         .await?;
     let store = state.store()?;
-    let (def, readings_id) = store
+    // (readings are stored under the served generation's name in each partition)
+    let (def, at) = store
         .meter_and_readings(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("id: no meter {id:?}")))?;
-    // Readings are stored under the served generation's name; from here on the
-    // definition stands for them.
-    let def = MeterDef {
-        id: readings_id,
-        ..def
-    };
     let p = query::parse_query(&pairs, &def, Utc::now())?;
     if wants_csv(headers) && p.page.is_none() && p.subjects.is_empty() {
-        return stream_csv(store.clone(), def, p).await;
+        return stream_csv(store.clone(), def, at, p).await;
     }
-    let (rows, next) = crate::usage::execute_page(store, &def, &p).await?;
+    let (rows, next) = crate::usage::execute_page(store, &def, &at, &p).await?;
     Ok(answer(rows, next, &p, headers))
 }
 
@@ -90,9 +85,14 @@ fn wants_csv(headers: &HeaderMap) -> bool {
 /// the whole set never sits in memory. The subject list and first page are read before
 /// answering (an invalid query is still a 4xx); a failure later cuts the body short
 /// (and is logged).
-async fn stream_csv(store: Store, def: MeterDef, p: query::QueryParams) -> ApiResult<Response> {
+async fn stream_csv(
+    store: Store,
+    def: MeterDef,
+    at: crate::nats::meters::Readings,
+    p: query::QueryParams,
+) -> ApiResult<Response> {
     let dims = p.group_by.clone();
-    let mut pages = crate::usage::Pages::start(store, def, p, CSV_PAGE).await?;
+    let mut pages = crate::usage::Pages::start(store, def, at, p, CSV_PAGE).await?;
     let mut first = query::csv_header(&dims);
     if let Some(rows) = pages.next_rows().await {
         first.push_str(&query::csv_rows(&rows?, &dims));

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use super::meters::{required_key, KeyQuery};
 use crate::access::{Caller, Permission, Verb};
 use crate::domain::meter::MeterDef;
-use crate::domain::window::ReadingKey;
+use crate::nats::meters::Readings;
 use crate::nats::store::Store;
 
 #[derive(Serialize, schemars::JsonSchema)]
@@ -114,14 +114,9 @@ async fn meter_reading(
     with_subjects: bool,
 ) -> ApiResult<MeterReading> {
     let served = store.served(def).await?;
-    let summary = store
-        .reading(&ReadingKey::Summary {
-            meter: served.readings_id.as_str().into(),
-        })
-        .await?
-        .unwrap_or_default();
+    let summary = store.summary(&served.readings).await?.unwrap_or_default();
     let by_subject = if with_subjects {
-        Some(subject_readings(store, def, &served.readings_id, None).await?)
+        Some(subject_readings(store, def, &served.readings, None).await?)
     } else {
         None
     };
@@ -141,14 +136,14 @@ async fn meter_reading(
     })
 }
 
-/// `readings_id`: where the meter's served readings are stored ([`Store::served`]).
+/// `at`: where the meter's served readings are stored ([`Store::served`]).
 async fn subject_readings(
     store: &Store,
     def: &MeterDef,
-    readings_id: &str,
+    at: &Readings,
     subject: Option<&str>,
 ) -> ApiResult<Vec<SubjectReading>> {
-    let totals = store.subject_totals(readings_id, subject).await?;
+    let totals = store.subject_totals(at, subject).await?;
     let out: Vec<SubjectReading> = totals
         .into_iter()
         .map(|(subject, r)| SubjectReading {
@@ -199,11 +194,11 @@ async fn meter_entries(store: &Store, def: &MeterDef) -> ApiResult<Vec<(Position
     let mut groups = if def.group_by.is_empty() {
         Vec::new()
     } else {
-        store.group_totals(&served.readings_id).await?
+        store.group_totals(&served.readings).await?
     }
     .into_iter()
     .peekable();
-    for (subject, r) in store.subject_totals(&served.readings_id, None).await? {
+    for (subject, r) in store.subject_totals(&served.readings, None).await? {
         out.push((
             (def.id.clone(), Some(subject.clone()), None),
             ReadingEntry::Subject(seed_reading(def, subject.clone(), &r)),
@@ -378,7 +373,7 @@ pub(super) async fn get_seed(
         .await?;
     let served = store.served(def).await?;
     let found = store
-        .subject_totals(&served.readings_id, Some(subject))
+        .subject_totals(&served.readings, Some(subject))
         .await?
         .into_iter()
         .next();
@@ -398,16 +393,11 @@ pub(super) async fn refresh_usage(
     let mut out = Vec::new();
     for def in store.all_meters().await? {
         let served = store.served(&def).await?;
-        let summary = store
-            .reading(&ReadingKey::Summary {
-                meter: served.readings_id.as_str().into(),
-            })
-            .await?
-            .unwrap_or_default();
+        let summary = store.summary(&served.readings).await?.unwrap_or_default();
         let mut top_subjects = Vec::new();
         if let Some(export) = &def.export {
             let mut totals: Vec<(String, rust_decimal::Decimal)> = store
-                .subject_totals(&served.readings_id, None)
+                .subject_totals(&served.readings, None)
                 .await?
                 .into_iter()
                 .filter_map(|(s, r)| r.acc.value(def.aggregation).map(|v| (s, v)))
@@ -459,7 +449,7 @@ pub(super) async fn readings_v1(
     for def in &defs {
         let served = store.served(def).await?;
         let subject = q.subject.as_deref().filter(|s| !s.is_empty());
-        data.extend(subject_readings(store, def, &served.readings_id, subject).await?);
+        data.extend(subject_readings(store, def, &served.readings, subject).await?);
     }
     Ok(Json(json!({"data": data})))
 }

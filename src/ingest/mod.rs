@@ -22,17 +22,20 @@ pub async fn publish(store: &Store, events: &[Incoming<'_>]) -> Result<(), Strin
     }
     let work = async {
         let mut batch = store.ingest.batch(events.len());
-        // batches are usually of one event type: escape it into a subject once
-        let mut subject: Option<(&str, async_nats::Subject)> = None;
+        // batches are usually of one event type: escape it into a subject once (per
+        // partition: an event goes to the partition of its subject)
+        let mut subject: Option<(&str, u16, async_nats::Subject)> = None;
         for e in events {
             let mut headers = HeaderMap::new();
             // (a static name and an owned value: no copies per event)
             headers.insert(HeaderName::from_static(DEDUP_HEADER), e.dedup_hash());
+            let partition = store.partitions.of(&e.subject);
             let to = match &subject {
-                Some((t, s)) if *t == e.event_type => s.clone(),
+                Some((t, p, s)) if *t == e.event_type && *p == partition => s.clone(),
                 _ => {
-                    let s = async_nats::Subject::from(store.names.event_subject(&e.event_type));
-                    subject = Some((&e.event_type, s.clone()));
+                    let names = store.names.partition(partition);
+                    let s = async_nats::Subject::from(names.event_subject(&e.event_type));
+                    subject = Some((&e.event_type, partition, s.clone()));
                     s
                 }
             };

@@ -42,16 +42,37 @@ pub fn untoken(tok: &str) -> Option<String> {
 }
 
 /// Names derived from the configured stream, so that two installations sharing one
-/// NATS server never touch each other's data.
+/// NATS server never touch each other's data. A partition's own streams (its events,
+/// claim log and claim snapshots) are named after `stream`: the configured name for
+/// partition 0, exactly as before partitions existed, and `<stream>-p<N>` for the others.
+/// Everything else is shared by the partitions and named after `base`.
 #[derive(Clone, Debug)]
 pub struct Names {
+    /// The configured stream name.
+    pub base: String,
+    /// The events stream of this partition.
     pub stream: String,
+    pub partition: u16,
 }
 
 impl Names {
     pub fn new(stream: &str) -> Self {
         Names {
+            base: stream.to_string(),
             stream: stream.to_string(),
+            partition: 0,
+        }
+    }
+    /// The names of partition `p` of the same installation.
+    pub fn partition(&self, p: u16) -> Names {
+        Names {
+            base: self.base.clone(),
+            stream: if p == 0 {
+                self.base.clone()
+            } else {
+                format!("{}-p{p}", self.base)
+            },
+            partition: p,
         }
     }
     /// Subject an event of `event_type` is published on.
@@ -62,20 +83,50 @@ impl Names {
     pub fn events_wildcard(&self) -> String {
         format!("{}.events.>", self.stream)
     }
+    /// A meter id as this partition stores what is its own of it (its readings and
+    /// build progress): the id itself in partition 0, `<id>#<N>` in the others (meter
+    /// ids never contain `#`).
+    pub fn part_id(&self, meter: &str) -> String {
+        part_id(meter, self.partition)
+    }
+    /// The cursor of this partition's events in the state bucket.
+    pub fn cursor_key(&self) -> String {
+        match self.partition {
+            0 => CURSOR_KEY.to_string(),
+            p => format!("{CURSOR_KEY}-p{p}"),
+        }
+    }
+    /// This partition's lease in the leader bucket (partition 0's is the one leader's
+    /// lease of before, and carries the operator's role).
+    pub fn lease_key(&self) -> String {
+        match self.partition {
+            0 => LEADER_KEY.to_string(),
+            p => format!("{LEADER_KEY}-p{p}"),
+        }
+    }
+    /// A live process's membership entry in the leader bucket (it expires like a lease).
+    pub fn member_key(holder: &str) -> String {
+        format!("member.{}", token(holder))
+    }
+    /// Subject on which aggregators announce meters whose readings they wrote (the
+    /// status write-back of the process holding partition 0 listens).
+    pub fn changed_subject(&self) -> String {
+        format!("{}.changed", self.base)
+    }
     pub fn deadletter_stream(&self) -> String {
-        format!("{}-deadletter", self.stream)
+        format!("{}-deadletter", self.base)
     }
     pub fn deadletter_subject(&self, meter_id: &str) -> String {
-        format!("{}.deadletter.{}", self.stream, token(meter_id))
+        format!("{}.deadletter.{}", self.base, token(meter_id))
     }
     pub fn deadletter_wildcard(&self) -> String {
-        format!("{}.deadletter.>", self.stream)
+        format!("{}.deadletter.>", self.base)
     }
     pub fn meters_bucket(&self) -> String {
-        format!("{}-meters", self.stream)
+        format!("{}-meters", self.base)
     }
     pub fn readings_bucket(&self) -> String {
-        format!("{}-readings", self.stream)
+        format!("{}-readings", self.base)
     }
     /// The claim log: which stream sequence first claimed each event id (see `claims`).
     pub fn claims_stream(&self) -> String {
@@ -83,17 +134,17 @@ impl Names {
     }
     /// Threshold notifications (CloudEvents), one subject per meter.
     pub fn notifications_stream(&self) -> String {
-        format!("{}-notifications", self.stream)
+        format!("{}-notifications", self.base)
     }
     pub fn notifications_subject(&self, meter_id: &str) -> String {
-        format!("{}.notifications.{}", self.stream, token(meter_id))
+        format!("{}.notifications.{}", self.base, token(meter_id))
     }
     pub fn notifications_wildcard(&self) -> String {
-        format!("{}.notifications.>", self.stream)
+        format!("{}.notifications.>", self.base)
     }
     /// Crossings already notified: a key per crossing id.
     pub fn fired_bucket(&self) -> String {
-        format!("{}-fired", self.stream)
+        format!("{}-fired", self.base)
     }
     /// The object store bucket of the claim index snapshot (`claims::snapshot`).
     pub fn claim_snapshots_bucket(&self) -> String {
@@ -103,10 +154,10 @@ impl Names {
         format!("{}.claims", self.stream)
     }
     pub fn state_bucket(&self) -> String {
-        format!("{}-state", self.stream)
+        format!("{}-state", self.base)
     }
     pub fn leader_bucket(&self) -> String {
-        format!("{}-leader", self.stream)
+        format!("{}-leader", self.base)
     }
 }
 
@@ -167,9 +218,30 @@ pub fn readings_id(meter: &str, generation: u64) -> String {
     }
 }
 
-/// The meter id of a name from [`readings_id`].
+/// The meter id of a name from [`readings_id`] (of any partition's readings).
 pub fn meter_of_readings_id(name: &str) -> &str {
-    name.split_once('@').map_or(name, |(id, _)| id)
+    let part = name.split_once('@').map_or(name, |(id, _)| id);
+    part.split_once('#').map_or(part, |(id, _)| id)
+}
+
+/// A meter id as partition `p` stores its own part of it (see [`Names::part_id`]).
+pub fn part_id(meter: &str, p: u16) -> String {
+    if p == 0 {
+        meter.to_string()
+    } else {
+        format!("{meter}#{p}")
+    }
+}
+
+/// The meter id and partition of a name from [`part_id`].
+pub fn split_part_id(name: &str) -> (&str, u16) {
+    match name.rsplit_once('#') {
+        Some((id, p)) => match p.parse() {
+            Ok(p) => (id, p),
+            Err(_) => (name, 0),
+        },
+        None => (name, 0),
+    }
 }
 
 /// Key filter for everything stored for one meter in the readings bucket.

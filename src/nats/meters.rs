@@ -41,14 +41,51 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, raw: &[u8]) -> Result<T, Stor
 
 pub use crate::domain::build::Progress;
 
+/// Where a meter's served readings are stored, partition by partition: each partition
+/// keeps its subjects' readings (and its part of the meter's summary) under a name of
+/// its own ([`keys::part_id`], [`keys::readings_id`]), so that partitions build and
+/// switch generations independently.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readings {
+    ids: Vec<String>,
+    partitions: crate::domain::partition::Partitions,
+}
+
+impl Readings {
+    /// The names of `meter`'s readings at the generation each partition serves.
+    pub fn new(meter: &str, generations: &[u64]) -> Readings {
+        let partitions = crate::domain::partition::Partitions::new(generations.len() as u16)
+            .unwrap_or(crate::domain::partition::Partitions::ONE);
+        Readings {
+            ids: partitions
+                .all()
+                .map(|p| {
+                    let generation = generations.get(usize::from(p)).copied().unwrap_or(0);
+                    keys::readings_id(&keys::part_id(meter, p), generation)
+                })
+                .collect(),
+            partitions,
+        }
+    }
+
+    /// Where one subject's readings are.
+    pub fn of(&self, subject: &str) -> &str {
+        &self.ids[usize::from(self.partitions.of(subject))]
+    }
+
+    /// Every partition's name, partition 0's first.
+    pub fn all(&self) -> &[String] {
+        &self.ids
+    }
+}
+
 /// Where a meter's readings are read from, and how far they are.
 #[derive(Clone, Debug)]
 pub struct Served {
-    /// The name its served readings are stored under (see [`keys::readings_id`]).
-    pub readings_id: String,
-    /// Complete for the current definition and followed live.
+    pub readings: Readings,
+    /// Complete for the current definition and followed live (in every partition).
     pub ready: bool,
-    /// Building: percent done.
+    /// Building: percent done (of the partition furthest behind).
     pub progress: Option<u8>,
     /// Windows starting before this kept the previous definition's readings.
     pub rebuilt_from: Option<chrono::DateTime<chrono::Utc>>,
@@ -119,15 +156,21 @@ impl Store {
             .map_err(unavailable)
     }
 
+    /// A meter's build progress in this handle's partition.
     pub async fn progress(&self, id: &str) -> Result<Option<Progress>, StoreError> {
-        let key = keys::progress_key(id);
+        self.progress_in(id, self.names.partition).await
+    }
+
+    /// A meter's build progress in partition `p`.
+    pub async fn progress_in(&self, id: &str, p: u16) -> Result<Option<Progress>, StoreError> {
+        let key = keys::progress_key(&keys::part_id(id, p));
         match self.state.get(&key).await.map_err(unavailable)? {
             Some(raw) => decode(&key, &raw).map(Some),
             None => Ok(None),
         }
     }
 
-    /// Every meter's progress record, by meter id.
+    /// Every meter's progress record in this handle's partition, by meter id.
     pub async fn all_progress(
         &self,
     ) -> Result<std::collections::HashMap<String, Progress>, StoreError> {
@@ -139,10 +182,14 @@ impl Store {
         // afresh rather than every meter's metering stopping on it.
         let mut out = std::collections::HashMap::new();
         for item in items {
-            if let Some(id) = keys::progress_meter_of(&item.key) {
+            if let Some(name) = keys::progress_meter_of(&item.key) {
+                let (id, partition) = keys::split_part_id(&name);
+                if partition != self.names.partition {
+                    continue;
+                }
                 match decode(&item.key, &item.value) {
                     Ok(p) => {
-                        out.insert(id, p);
+                        out.insert(id.to_string(), p);
                     }
                     Err(e) => tracing::error!(error = %e, "unreadable build progress"),
                 }
@@ -152,7 +199,7 @@ impl Store {
     }
 
     pub async fn put_progress(&self, id: &str, p: &Progress) -> Result<(), StoreError> {
-        let key = keys::progress_key(id);
+        let key = keys::progress_key(&self.names.part_id(id));
         let body = serde_json::to_vec(p).map_err(|source| StoreError::Corrupt {
             key: key.clone(),
             source,
@@ -170,22 +217,42 @@ impl Store {
     pub async fn meter_and_readings(
         &self,
         id: &str,
-    ) -> Result<Option<(MeterDef, String)>, StoreError> {
-        let (def, record) = futures::try_join!(self.meter(id), self.progress(id))?;
-        let generation = record.as_ref().and_then(Progress::served).unwrap_or(0);
-        Ok(def.map(|def| (def, keys::readings_id(id, generation))))
+    ) -> Result<Option<(MeterDef, Readings)>, StoreError> {
+        let (def, records) = futures::try_join!(self.meter(id), self.every_progress(id))?;
+        let generations: Vec<u64> = records
+            .iter()
+            .map(|r| r.as_ref().and_then(Progress::served).unwrap_or(0))
+            .collect();
+        Ok(def.map(|def| (def, Readings::new(id, &generations))))
+    }
+
+    /// A meter's build progress in every partition, partition 0's first.
+    async fn every_progress(&self, id: &str) -> Result<Vec<Option<Progress>>, StoreError> {
+        futures::future::try_join_all(self.partitions.all().map(|p| self.progress_in(id, p))).await
     }
 
     /// Where readers find a meter's readings.
     pub async fn served(&self, def: &MeterDef) -> Result<Served, StoreError> {
         // built for the definition as TENANCY scopes it
         let def = &self.scoped(def.clone());
-        let record = self.progress(&def.id).await?;
+        let mut records = self.every_progress(&def.id).await?;
+        let generations: Vec<u64> = records
+            .iter()
+            .map(|r| r.as_ref().and_then(Progress::served).unwrap_or(0))
+            .collect();
+        let ready = records
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|p| p.built(def)));
+        let progress = records
+            .iter()
+            .filter_map(|r| r.as_ref().and_then(|p| p.percent(def)))
+            .min();
+        let record = records.swap_remove(0);
         let p = record.as_ref();
         Ok(Served {
-            readings_id: keys::readings_id(&def.id, p.and_then(Progress::served).unwrap_or(0)),
-            ready: p.is_some_and(|p| p.built(def)),
-            progress: p.and_then(|p| p.percent(def)),
+            readings: Readings::new(&def.id, &generations),
+            ready,
+            progress,
             rebuilt_from: p
                 .and_then(|p| p.rebuilt_from)
                 .and_then(|s| chrono::DateTime::from_timestamp(s, 0)),
@@ -194,17 +261,19 @@ impl Store {
         })
     }
 
-    /// Remove one generation of a meter's readings.
+    /// Remove one generation of this partition's part of a meter's readings.
     pub async fn purge_generation(&self, id: &str, generation: u64) -> Result<(), StoreError> {
-        let filter = keys::meter_readings_filter(&keys::readings_id(id, generation));
+        let filter =
+            keys::meter_readings_filter(&keys::readings_id(&self.names.part_id(id), generation));
         self.purge_keys(&self.readings, &filter)
             .await
             .map_err(unavailable)
     }
 
-    /// Remove everything stored for a deleted meter: every generation of its readings,
-    /// its dead letters, its progress record (last, so that a failure part-way leaves
-    /// the record that names the generations left). The one place meters are removed.
+    /// Remove everything this partition stored for a deleted meter: every generation of
+    /// its readings, its dead letters, its progress record (last, so that a failure
+    /// part-way leaves the record that names the generations left). The one place meters
+    /// are removed (each partition's owner removes its part).
     pub async fn purge_meter(&self, id: &str) -> Result<(), StoreError> {
         let generations = match self.progress(id).await {
             Ok(Some(p)) => p.generations(),
@@ -221,7 +290,7 @@ impl Store {
             tracing::warn!(meter = %id, error = %e, "could not purge dead letters");
         }
         self.state
-            .purge(keys::progress_key(id))
+            .purge(keys::progress_key(&self.names.part_id(id)))
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -252,14 +321,16 @@ impl Store {
     /// Every subject of a meter's served readings (`def.id`), in order: the subject
     /// totals' keys as the bucket's stream lists them ([`Store::list_keys`]), reused as
     /// [`SubjectIndex`] says.
-    pub async fn ordered_subjects(&self, def: &MeterDef) -> Result<Arc<[String]>, StoreError> {
+    pub async fn ordered_subjects(
+        &self,
+        def: &MeterDef,
+        at: &Readings,
+    ) -> Result<Arc<[String]>, StoreError> {
         let counted = self
-            .reading(&ReadingKey::Summary {
-                meter: def.id.as_str().into(),
-            })
+            .summary(at)
             .await?
             .map_or(0, |summary| summary.subjects);
-        let entry = (def.id.clone(), def.semantic_hash());
+        let entry = (at.all().join(","), def.semantic_hash());
         {
             let cache = self
                 .subject_index
@@ -272,12 +343,19 @@ impl Store {
                 return Ok(listed.subjects.clone());
             }
         }
-        let keys = self
-            .list_keys(&self.readings, &keys::subject_totals_filter(&def.id, None))
-            .await
-            .map_err(unavailable)?;
-        let mut subjects: Vec<String> = keys
+        let filters: Vec<String> = at
+            .all()
             .iter()
+            .map(|id| keys::subject_totals_filter(id, None))
+            .collect();
+        let listings = futures::future::try_join_all(
+            filters.iter().map(|f| self.list_keys(&self.readings, f)),
+        )
+        .await
+        .map_err(unavailable)?;
+        let mut subjects: Vec<String> = listings
+            .iter()
+            .flatten()
             .filter_map(|k| keys::subject_of_total(k))
             .collect();
         subjects.sort_unstable();
@@ -315,14 +393,14 @@ impl Store {
     /// in one batched read.
     pub async fn totals_of(
         &self,
-        meter: &str,
+        at: &Readings,
         subjects: &[String],
     ) -> Result<Vec<(String, Reading)>, StoreError> {
         let keys: Vec<String> = subjects
             .iter()
             .map(|subject| {
                 ReadingKey::SubjectTotal {
-                    meter: meter.into(),
+                    meter: at.of(subject).into(),
                     subject: subject.as_str().into(),
                 }
                 .kv_key()
@@ -350,16 +428,56 @@ impl Store {
         }
     }
 
+    /// A meter's summary: every partition's part merged (counts and sums add, distinct
+    /// sets unite, subjects add up as each subject lives in one partition).
+    pub async fn summary(&self, at: &Readings) -> Result<Option<Reading>, StoreError> {
+        let keys: Vec<ReadingKey> = at
+            .all()
+            .iter()
+            .map(|id| ReadingKey::Summary {
+                meter: id.as_str().into(),
+            })
+            .collect();
+        let parts = futures::future::try_join_all(keys.iter().map(|k| self.reading(k))).await?;
+        Ok(parts.into_iter().flatten().reduce(|mut whole, part| {
+            whole.merge_summary(&part);
+            whole
+        }))
+    }
+
+    /// Every key matching a filter made for each partition's readings, read together.
+    async fn scan_partitions(
+        &self,
+        at: &Readings,
+        filter: impl Fn(&str) -> String,
+    ) -> Result<Vec<super::store::KvItem>, StoreError> {
+        let filters: Vec<String> = at.all().iter().map(|id| filter(id)).collect();
+        let scans =
+            futures::future::try_join_all(filters.iter().map(|f| self.scan(&self.readings, f)))
+                .await
+                .map_err(unavailable)?;
+        Ok(scans.into_iter().flatten().collect())
+    }
+
     /// The all-time reading of every subject of a meter (or of one subject), by subject.
     pub async fn subject_totals(
         &self,
-        meter: &str,
+        at: &Readings,
         subject: Option<&str>,
     ) -> Result<Vec<(String, Reading)>, StoreError> {
-        let items = self
-            .scan(&self.readings, &keys::subject_totals_filter(meter, subject))
-            .await
-            .map_err(unavailable)?;
+        let items = match subject {
+            Some(s) => self
+                .scan(
+                    &self.readings,
+                    &keys::subject_totals_filter(at.of(s), subject),
+                )
+                .await
+                .map_err(unavailable)?,
+            None => {
+                self.scan_partitions(at, |id| keys::subject_totals_filter(id, None))
+                    .await?
+            }
+        };
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             if let Some(subject) = keys::subject_of_total(&item.key) {
@@ -374,12 +492,9 @@ impl Store {
     /// then group token.
     pub async fn group_totals(
         &self,
-        meter: &str,
+        at: &Readings,
     ) -> Result<Vec<(String, String, Reading)>, StoreError> {
-        let items = self
-            .scan(&self.readings, &keys::group_totals_filter(meter))
-            .await
-            .map_err(unavailable)?;
+        let items = self.scan_partitions(at, keys::group_totals_filter).await?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             if let Some((subject, group)) = keys::group_total_of(&item.key) {

@@ -4,7 +4,7 @@
 //! writes them (and their build progress) as typed values.
 //! Everything else asks these for typed values.
 
-pub(crate) mod keys;
+pub mod keys;
 pub(crate) mod meters;
 pub(crate) mod registry;
 pub mod store;

@@ -16,6 +16,7 @@ type Pending = Result<jetstream::context::PublishAckFuture>;
 async fn settle(pending: Pending) -> Result<u64> {
     Ok(pending?.await?.sequence)
 }
+use crate::domain::partition::Partitions;
 use crate::nats::keys::Names;
 
 /// Handles to everything KloudMeter keeps in NATS.
@@ -25,7 +26,12 @@ pub struct Store {
     pub js: jetstream::Context,
     /// Ingestion, on a connection of its own (see `open`).
     pub ingest: crate::ingest::publisher::Publisher,
+    /// Names of the installation, as seen from this handle's partition.
     pub names: Names,
+    /// How many partitions the events are spread over (recorded on partition 0's stream).
+    pub partitions: Partitions,
+    /// This handle's partition's events, claim log and claim snapshots (partition 0's for
+    /// the handle [`Store::connect`] gives; [`Store::partition`] gives the others).
     pub events: stream::Stream,
     pub meters: kv::Store,
     pub readings: kv::Store,
@@ -90,19 +96,23 @@ impl Store {
             .context("subscribing to JetStream acknowledgements")?;
         let js = jetstream::new(client.clone());
         let names = Names::new(&cfg.meter_nats_stream);
-        for config in stream_configs(&names, cfg) {
+        let partitions = recorded_partitions(&js, &names, cfg).await?;
+        let mut configs = shared_stream_configs(&names, cfg).to_vec();
+        for p in partitions.all() {
+            configs.extend(partition_stream_configs(
+                &names.partition(p),
+                partitions,
+                cfg,
+            ));
+        }
+        for config in configs {
             let name = config.name.clone();
             js.create_or_update_stream(config)
                 .await
                 .with_context(|| format!("creating or updating stream {name}"))?;
         }
-        let events = js.get_stream(&names.stream).await?;
-        let claims = js.get_stream(names.claims_stream()).await?;
+        let (events, claims, claim_snapshots) = partition_handles(&js, &names).await?;
         let notifications = js.get_stream(names.notifications_stream()).await?;
-        let claim_snapshots = js
-            .get_object_store(names.claim_snapshots_bucket())
-            .await
-            .context("opening the claim snapshot bucket")?;
         let mut buckets = Vec::with_capacity(5);
         for config in bucket_configs(&names, cfg) {
             let name = config.bucket.clone();
@@ -120,6 +130,7 @@ impl Store {
             js,
             ingest,
             names,
+            partitions,
             events,
             meters,
             readings,
@@ -131,6 +142,20 @@ impl Store {
             fired,
             tenancy: cfg.tenancy(),
             subject_index: Default::default(),
+        })
+    }
+
+    /// The same installation seen from partition `p`: its events, claim log and claim
+    /// snapshots, and the names of what it keeps of its own (cursor, progress, readings).
+    pub async fn partition(&self, p: u16) -> Result<Store> {
+        let names = self.names.partition(p);
+        let (events, claims, claim_snapshots) = partition_handles(&self.js, &names).await?;
+        Ok(Store {
+            names,
+            events,
+            claims,
+            claim_snapshots,
+            ..self.clone()
         })
     }
 
@@ -453,14 +478,88 @@ impl Store {
     }
 }
 
-/// The streams KloudMeter keeps: its events, the events invalid for a meter (with the
-/// reason), the claim log, the object store of claim index snapshots, and threshold
-/// notifications.
-fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 5] {
-    // Claims are read back for DEDUP_WINDOW after they are made; the extra retention
-    // covers an aggregator that lags behind the clock (disk only, no server memory).
-    let claims_age = (cfg.dedup_window * 2).max(cfg.dedup_window + Duration::from_secs(3600));
-    let file = |name: String, what: &str, subject: String, max_age: Duration| stream::Config {
+/// Where the number of partitions is recorded: the metadata of partition 0's events
+/// stream (the stream of before partitions existed, which therefore counts one).
+const PARTITIONS_METADATA: &str = "kloudmeter.partitions";
+
+/// The partitions this installation was created with: PARTITIONS when its events stream
+/// is new, what partition 0's stream records otherwise (one for a stream made before
+/// partitions were recorded). A different PARTITIONS is refused: every subject would
+/// move to another partition, and with it its readings and the claims of its ids.
+async fn recorded_partitions(
+    js: &jetstream::Context,
+    names: &Names,
+    cfg: &NatsConfig,
+) -> Result<Partitions> {
+    let wanted = cfg.partitions();
+    let recorded = match js.get_stream(&names.stream).await {
+        Ok(mut stream) => {
+            let info = stream.info().await.context("reading the events stream")?;
+            match info.config.metadata.get(PARTITIONS_METADATA) {
+                None => 1,
+                Some(n) => n.parse::<u16>().map_err(|_| {
+                    anyhow::anyhow!(
+                        "stream {}: unreadable {PARTITIONS_METADATA} {n:?}",
+                        names.stream
+                    )
+                })?,
+            }
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            wanted.count()
+        }
+        Err(e) => return Err(e).context("looking for the events stream"),
+    };
+    if recorded != wanted.count() {
+        return Err(PartitionsMismatch {
+            recorded,
+            stream: names.stream.clone(),
+        }
+        .into());
+    }
+    Ok(wanted)
+}
+
+/// PARTITIONS differs from what the installation recorded: start-up stops (retrying
+/// cannot help).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "PARTITIONS: this installation's events are spread over {recorded} partition(s) \
+     (recorded on stream {stream} when it was created); start with PARTITIONS={recorded}"
+)]
+pub struct PartitionsMismatch {
+    pub recorded: u16,
+    pub stream: String,
+}
+
+/// A partition's events stream, claim log and claim snapshot bucket.
+async fn partition_handles(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<(stream::Stream, stream::Stream, object_store::ObjectStore)> {
+    let events = js
+        .get_stream(&names.stream)
+        .await
+        .with_context(|| format!("opening stream {}", names.stream))?;
+    let claims = js.get_stream(names.claims_stream()).await?;
+    let snapshots = js
+        .get_object_store(names.claim_snapshots_bucket())
+        .await
+        .context("opening the claim snapshot bucket")?;
+    Ok((events, claims, snapshots))
+}
+
+fn file_stream(
+    cfg: &NatsConfig,
+    name: String,
+    what: &str,
+    subject: String,
+    max_age: Duration,
+) -> stream::Config {
+    stream::Config {
         name,
         description: Some(what.into()),
         subjects: vec![subject],
@@ -468,27 +567,71 @@ fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 5] {
         max_age,
         num_replicas: cfg.nats_replicas,
         ..Default::default()
+    }
+}
+
+/// The streams every partition shares: the events invalid for a meter (with the
+/// reason), and threshold notifications.
+fn shared_stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 2] {
+    [
+        file_stream(
+            cfg,
+            names.deadletter_stream(),
+            "KloudMeter events that were invalid for a meter, with the reason",
+            names.deadletter_wildcard(),
+            cfg.event_retention,
+        ),
+        // a notification published again after a crash (before its crossing was
+        // recorded) is dropped by its id within this window
+        stream::Config {
+            duplicate_window: Duration::from_secs(3600).min(cfg.event_retention),
+            ..file_stream(
+                cfg,
+                names.notifications_stream(),
+                "KloudMeter threshold notifications (CloudEvents)",
+                names.notifications_wildcard(),
+                cfg.event_retention,
+            )
+        },
+    ]
+}
+
+/// The streams of one partition: its events, its claim log, and the object store of its
+/// claim index snapshots.
+fn partition_stream_configs(
+    names: &Names,
+    partitions: Partitions,
+    cfg: &NatsConfig,
+) -> [stream::Config; 3] {
+    // Claims are read back for DEDUP_WINDOW after they are made; the extra retention
+    // covers an aggregator that lags behind the clock (disk only, no server memory).
+    let claims_age = (cfg.dedup_window * 2).max(cfg.dedup_window + Duration::from_secs(3600));
+    let metadata = if names.partition == 0 {
+        [(
+            PARTITIONS_METADATA.to_string(),
+            partitions.count().to_string(),
+        )]
+        .into()
+    } else {
+        Default::default()
     };
     [
         stream::Config {
             duplicate_window: cfg.jetstream_duplicate_window.min(cfg.event_retention),
             allow_direct: true,
-            ..file(
+            metadata,
+            ..file_stream(
+                cfg,
                 names.stream.clone(),
                 "KloudMeter usage events",
                 names.events_wildcard(),
                 cfg.event_retention,
             )
         },
-        file(
-            names.deadletter_stream(),
-            "KloudMeter events that were invalid for a meter, with the reason",
-            names.deadletter_wildcard(),
-            cfg.event_retention,
-        ),
         stream::Config {
             duplicate_window: Duration::from_secs(60),
-            ..file(
+            ..file_stream(
+                cfg,
                 names.claims_stream(),
                 "KloudMeter claim log: the stream sequence that first claimed each event id",
                 names.claims_subject(),
@@ -505,22 +648,12 @@ fn stream_configs(names: &Names, cfg: &NatsConfig) -> [stream::Config; 5] {
             discard: stream::DiscardPolicy::New,
             allow_rollup: true,
             allow_direct: true,
-            ..file(
+            ..file_stream(
+                cfg,
                 format!("OBJ_{}", names.claim_snapshots_bucket()),
                 "KloudMeter claim index snapshots (cold starts)",
                 String::new(),
                 Duration::ZERO,
-            )
-        },
-        // a notification published again after a crash (before its crossing was
-        // recorded) is dropped by its id within this window
-        stream::Config {
-            duplicate_window: Duration::from_secs(3600).min(cfg.event_retention),
-            ..file(
-                names.notifications_stream(),
-                "KloudMeter threshold notifications (CloudEvents)",
-                names.notifications_wildcard(),
-                cfg.event_retention,
             )
         },
     ]

@@ -207,7 +207,7 @@ async fn evaluate(
 async fn fire_period(
     store: &Store,
     meter: &CompiledMeter,
-    readings: &MeterDef,
+    readings: &Served,
     ti: usize,
     start: Option<DateTime<Utc>>,
     end: Option<DateTime<Utc>>,
@@ -275,13 +275,20 @@ pub async fn standing(store: &Store, meter: &CompiledMeter, limit: usize) -> Res
     Ok(standing)
 }
 
-/// The meter's definition naming its served readings ([`Store::served`]), what queries
-/// read period values with, and whether they are complete (not being built).
-async fn served_readings(store: &Store, meter: &CompiledMeter) -> Result<(MeterDef, bool)> {
+/// A meter's definition and where its served readings are: what queries read period
+/// values with.
+struct Served {
+    def: MeterDef,
+    at: crate::nats::meters::Readings,
+}
+
+/// The meter's served readings ([`Store::served`]), and whether they are complete (not
+/// being built).
+async fn served_readings(store: &Store, meter: &CompiledMeter) -> Result<(Served, bool)> {
     let served = store.served(&meter.def).await?;
-    let readings = MeterDef {
-        id: served.readings_id,
-        ..meter.def.clone()
+    let readings = Served {
+        def: meter.def.clone(),
+        at: served.readings,
     };
     Ok((readings, served.ready))
 }
@@ -290,7 +297,7 @@ async fn served_readings(store: &Store, meter: &CompiledMeter) -> Result<(MeterD
 /// period's bounds in its zone.
 async fn period_values(
     store: &Store,
-    readings: &MeterDef,
+    readings: &Served,
     period: Period,
     start: Option<DateTime<Utc>>,
     end: Option<DateTime<Utc>>,
@@ -298,10 +305,10 @@ async fn period_values(
 ) -> Result<Vec<(String, Decimal)>> {
     let (Some(start), Some(end), false) = (start, end, period == Period::All) else {
         return Ok(store
-            .subject_totals(&readings.id, None)
+            .subject_totals(&readings.at, None)
             .await?
             .into_iter()
-            .filter_map(|(s, r)| r.acc.value(readings.aggregation).map(|v| (s, v)))
+            .filter_map(|(s, r)| r.acc.value(readings.def.aggregation).map(|v| (s, v)))
             .collect());
     };
     let pairs = vec![
@@ -309,9 +316,9 @@ async fn period_values(
         ("to".to_string(), crate::domain::query::rfc3339(end)),
         ("windowTimeZone".to_string(), tz.name().to_string()),
     ];
-    let params = crate::domain::query::parse_query(&pairs, readings, Utc::now())
+    let params = crate::domain::query::parse_query(&pairs, &readings.def, Utc::now())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rows = crate::usage::execute(store, readings, &params).await?;
+    let rows = crate::usage::execute(store, &readings.def, &readings.at, &params).await?;
     Ok(rows
         .into_iter()
         .filter_map(|r| {

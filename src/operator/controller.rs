@@ -296,20 +296,29 @@ async fn store_definition(store: &Store, id: &str, def: &MeterDef) -> Result<Ser
     store.served(def).await.map_err(nats)
 }
 
-/// Remove everything NATS holds for a meter (its definition first, so that the
-/// aggregator stops following it); succeed only once nothing is left.
+/// Remove everything NATS holds for a meter, in every partition (its definition first,
+/// so that the aggregators stop following it); succeed only once nothing is left.
 pub async fn cleanup(store: &Store, id: &str) -> Result<(), Error> {
     store.delete_meter(id).await.map_err(nats)?;
-    store.purge_meter(id).await.map_err(nats)?;
-    let left = store
-        .scan(&store.readings, &keys::meter_readings_filter(id))
-        .await
-        .map_err(nats)?;
-    if !left.is_empty() {
-        return Err(Error::Nats(format!(
-            "{} readings still present",
-            left.len()
-        )));
+    for p in store.partitions.all() {
+        let part = store
+            .partition(p)
+            .await
+            .map_err(|e| Error::Nats(format!("{e:#}")))?;
+        part.purge_meter(id).await.map_err(nats)?;
+        let left = store
+            .scan(
+                &store.readings,
+                &keys::meter_readings_filter(&keys::part_id(id, p)),
+            )
+            .await
+            .map_err(nats)?;
+        if !left.is_empty() {
+            return Err(Error::Nats(format!(
+                "{} readings still present",
+                left.len()
+            )));
+        }
     }
     Ok(())
 }

@@ -12,7 +12,6 @@ use kube::Client;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::domain::window::ReadingKey;
 use crate::nats::registry::Registry;
 use crate::nats::store::Store;
 use crate::operator::crd::{Meter, ThresholdStatus, ThresholdSubject, TopSubject};
@@ -87,14 +86,9 @@ async fn write(
     };
     let agg = meter.def.aggregation;
     let served = store.served(&meter.def).await?;
-    let summary = store
-        .reading(&ReadingKey::Summary {
-            meter: served.readings_id.as_str().into(),
-        })
-        .await?
-        .unwrap_or_default();
+    let summary = store.summary(&served.readings).await?.unwrap_or_default();
     let mut subjects: Vec<(rust_decimal::Decimal, String)> = store
-        .subject_totals(&served.readings_id, None)
+        .subject_totals(&served.readings, None)
         .await?
         .into_iter()
         .filter_map(|(subject, r)| r.acc.value(agg).map(|v| (v, subject)))

@@ -405,15 +405,30 @@ pub async fn store_events(
 /// Wait until the aggregator has folded everything in the stream: its cursor (in the
 /// state bucket) has reached the stream's last sequence. Readings are then final.
 pub async fn caught_up(js: &jetstream::Context, stream: &str, timeout: Duration) {
-    if let Err(e) = wait_caught_up(js, stream, timeout).await {
+    if let Err(e) = wait_caught_up(js, stream, 0, timeout).await {
         panic!("{e}");
+    }
+}
+
+/// [`caught_up`] in every one of `partitions` partitions of the installation `stream`.
+#[allow(dead_code)]
+pub async fn caught_up_partitions(
+    js: &jetstream::Context,
+    stream: &str,
+    partitions: u16,
+    timeout: Duration,
+) {
+    for p in 0..partitions {
+        if let Err(e) = wait_caught_up(js, stream, p, timeout).await {
+            panic!("partition {p}: {e}");
+        }
     }
 }
 
 /// [`caught_up`], showing the end of `km`'s log when it does not happen (a stuck
 /// aggregator is otherwise a mystery once the test's folders are gone).
 pub async fn caught_up_or_log(js: &jetstream::Context, stream: &str, timeout: Duration, km: &Km) {
-    if let Err(e) = wait_caught_up(js, stream, timeout).await {
+    if let Err(e) = wait_caught_up(js, stream, 0, timeout).await {
         let log = km.logs();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(80)..].join("\n");
@@ -424,11 +439,14 @@ pub async fn caught_up_or_log(js: &jetstream::Context, stream: &str, timeout: Du
 async fn wait_caught_up(
     js: &jetstream::Context,
     stream: &str,
+    partition: u16,
     timeout: Duration,
 ) -> Result<(), String> {
+    let names = kloudmeter::nats::keys::Names::new(stream).partition(partition);
+    let (stream, cursor_key) = (names.stream.as_str(), names.cursor_key());
     let deadline = Instant::now() + timeout;
     let state = loop {
-        if let Ok(kv) = js.get_key_value(format!("{stream}-state")).await {
+        if let Ok(kv) = js.get_key_value(names.state_bucket()).await {
             break kv;
         }
         if Instant::now() >= deadline {
@@ -447,7 +465,7 @@ async fn wait_caught_up(
             .state
             .last_sequence;
         // (a failed read is retried: right after a nats-server restart it can be)
-        let (cursor, error) = match state.get("cursor").await {
+        let (cursor, error) = match state.get(&cursor_key).await {
             Ok(Some(v)) => (std::str::from_utf8(&v).unwrap().parse().unwrap(), None),
             Ok(None) => (0, None),
             Err(e) => (0, Some(e.to_string())),

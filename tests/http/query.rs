@@ -9,8 +9,17 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(30);
 
 async fn setup(stream: &str, meters: &[Value], events: &[Value]) -> (Nats, Km) {
+    setup_with(stream, &[], meters, events).await
+}
+
+async fn setup_with(
+    stream: &str,
+    env: &[(&str, &str)],
+    meters: &[Value],
+    events: &[Value],
+) -> (Nats, Km) {
     let nats = Nats::start();
-    let km = Km::start(&nats, stream, &[]).await;
+    let km = Km::start(&nats, stream, env).await;
     for m in meters {
         let (s, b) = post(&km.url("/api/v1/meters"), m).await;
         assert_eq!(s, 201, "{b}");
@@ -406,6 +415,16 @@ fn day_rows(answer: &Value) -> BTreeMap<(String, String, i64), String> {
 
 #[tokio::test]
 async fn queries_and_readings_agree_with_an_in_memory_fold() {
+    agree_with_an_in_memory_fold("qr", "1").await;
+}
+
+/// The same with the subjects spread over partitions: every answer is merged from them.
+#[tokio::test]
+async fn queries_over_partitions_agree_with_an_in_memory_fold() {
+    agree_with_an_in_memory_fold("qp", "4").await;
+}
+
+async fn agree_with_an_in_memory_fold(stream: &str, partitions: &str) {
     use kloudmeter::domain::event::Event;
     use kloudmeter::domain::fold;
     use kloudmeter::domain::meter::{parse_meter_json, CompiledMeter};
@@ -467,7 +486,20 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
         *totals.entry(subject).or_default() += d;
         events.push(e);
     }
-    let (_nats, km) = setup("qr", &[def], &events).await;
+    let (nats, km) = setup_with(stream, &[("PARTITIONS", partitions)], &[def], &events).await;
+    let js = nats.client().await;
+    caught_up_partitions(&js, stream, partitions.parse().unwrap(), T).await;
+    // every partition got some of the subjects (so every answer below is merged)
+    for p in 0..partitions.parse::<u16>().unwrap() {
+        let name = kloudmeter::nats::keys::Names::new(stream)
+            .partition(p)
+            .stream;
+        let mut events = js.get_stream(&name).await.unwrap();
+        assert!(
+            events.info().await.unwrap().state.messages > 0,
+            "{name} is empty"
+        );
+    }
     let b = query(
         &km,
         "r",
@@ -546,6 +578,29 @@ async fn queries_and_readings_agree_with_an_in_memory_fold() {
     let from_query: BTreeMap<String, String> =
         row_pairs(&all, "subject", "value").into_iter().collect();
     assert_eq!(from_query, want);
+    // pages of two subjects: each subject once, in order
+    let mut paged = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let b = query(
+            &km,
+            "r",
+            &format!("from=2026-11-01T00:00:00Z&to=2026-11-21T00:00:00Z&limit=2{cursor}"),
+        )
+        .await;
+        paged.extend(row_pairs(&b, "subject", "value"));
+        match b["nextCursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, want.clone().into_iter().collect::<Vec<_>>());
+    // the meter's value: every partition's part of its summary
+    let total: rust_decimal::Decimal = totals.values().sum();
+    assert_eq!(
+        meter_reading(&km, "r").await["value"],
+        json!(total.normalize().to_string())
+    );
 }
 
 #[tokio::test]

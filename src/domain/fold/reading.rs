@@ -284,6 +284,23 @@ pub struct Reading {
 const QUARTERS: usize = 4;
 
 impl Reading {
+    /// Add another partition's part of a meter's summary: the accumulators merge
+    /// exactly, and subjects and invalid events add up (a subject lives in one
+    /// partition). Sequences are per partition's stream: only the highest is kept, as
+    /// a marker that something was applied.
+    pub fn merge_summary(&mut self, other: &Reading) {
+        self.acc.merge(&other.acc);
+        self.subjects += other.subjects;
+        self.invalid_events += other.invalid_events;
+        self.last_event_time = self.last_event_time.max(other.last_event_time);
+        self.seq = self.seq.max(other.seq);
+        self.first_seq = match (self.first_seq, other.first_seq) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
+    }
+
     /// Note in quarter `q` a value the window is about to take (called before the
     /// window's own accumulator takes it), keeping only what `aggregation` reads.
     /// Quarters start with the window's first event: a window that holds events without
