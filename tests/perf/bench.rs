@@ -725,6 +725,168 @@ async fn aggregation(
     row
 }
 
+/// `n` events as ingestion stores them, each in the stream of its subject's partition.
+async fn preload_partitioned(js: &jetstream::Context, n: usize, partitions: u16) {
+    let parts = kloudmeter::domain::partition::Partitions::new(partitions).unwrap();
+    let names = kloudmeter::nats::keys::Names::new("meters");
+    let subjects: Vec<String> = parts
+        .all()
+        .map(|p| names.partition(p).event_subject("api.request"))
+        .collect();
+    let mut inflight = FuturesUnordered::new();
+    for i in 0..n {
+        let e = event_json(i, "api.request");
+        let p = parts.of(e["subject"].as_str().unwrap());
+        let mut h = HeaderMap::new();
+        h.insert("Km-Dedup", format!("{i:032x}").as_str());
+        let ack = js
+            .publish_with_headers(subjects[usize::from(p)].clone(), h, e.to_string().into())
+            .await
+            .unwrap();
+        inflight.push(ack.into_future());
+        while inflight.len() >= 1000 {
+            inflight.next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(a) = inflight.next().await {
+        a.unwrap();
+    }
+}
+
+/// Every partition's stream read at once by a plain consumer each (acks awaited): the
+/// baseline of the scaling scenario.
+async fn raw_consume_partitions(nats: &Nats, partitions: u16) -> f64 {
+    let js = js_for(nats).await;
+    let names = kloudmeter::nats::keys::Names::new("meters");
+    let mut total = 0;
+    let mut readers = Vec::new();
+    for p in 0..partitions {
+        let stream = js.get_stream(&names.partition(p).stream).await.unwrap();
+        let n = stream.cached_info().state.messages as usize;
+        total += n;
+        readers.push(async move {
+            let c = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some("raw".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let mut msgs = c.messages().await.unwrap();
+            let mut seen = 0;
+            while seen < n {
+                msgs.next().await.unwrap().unwrap().ack().await.unwrap();
+                seen += 1;
+            }
+        });
+    }
+    let start = Instant::now();
+    futures::future::join_all(readers).await;
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Aggregation of one meter over `n` preloaded events spread over `partitions`
+/// partitions, with as many kloudmeter processes: from the first aggregator's consumer
+/// to every partition's cursor covering its stream.
+async fn scaling(reps: usize, n: usize, partitions: u16, failures: &mut Vec<String>) -> Row {
+    let mut row = Row {
+        scenario: format!("aggregation, 1 meter, {partitions} partition(s) and process(es)"),
+        baseline: format!("{partitions} durable pull consumer(s), ack each"),
+        base: vec![],
+        km: vec![],
+        km_rss: 0,
+        nats_rss: 0,
+    };
+    let names = kloudmeter::nats::keys::Names::new("meters");
+    let count = partitions.to_string();
+    for _ in 0..reps {
+        let nats = Nats::start();
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_kloudmeter"))
+            .arg("setup")
+            .env("NATS_URL", nats.url())
+            .env("PARTITIONS", &count)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let js = js_for(&nats).await;
+        preload_partitioned(&js, n, partitions).await;
+        row.base
+            .push(raw_consume_partitions(&nats, partitions).await);
+        let kv = js.get_key_value("meters-meters").await.unwrap();
+        let def = json!({"id": "m0", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
+        kv.put("m.m0", def.to_string().into()).await.unwrap();
+        let state = js.get_key_value("meters-state").await.unwrap();
+        let progress = json!({"hash": hash_of(&js, 0).await, "complete": true});
+        let mut last = Vec::new();
+        for p in 0..partitions {
+            let key =
+                kloudmeter::nats::keys::progress_key(&kloudmeter::nats::keys::part_id("m0", p));
+            state.put(key, progress.to_string().into()).await.unwrap();
+            let mut stream = js.get_stream(&names.partition(p).stream).await.unwrap();
+            last.push(stream.info().await.unwrap().state.last_sequence);
+        }
+        // the processes start together, as a rollout would start them
+        let env = [("PARTITIONS", count.as_str())];
+        let kms =
+            futures::future::join_all((0..partitions).map(|_| Km::start(&nats, "meters", &env)))
+                .await;
+        let mut t_first: Option<i128> = None;
+        let t_end;
+        loop {
+            for p in 0..partitions {
+                let events = js.get_stream(&names.partition(p).stream).await.unwrap();
+                let mut infos = events.consumers();
+                while let Some(info) = infos.next().await {
+                    let info = info.unwrap();
+                    if info.name != "raw" {
+                        let at = info.created.unix_timestamp_nanos();
+                        t_first = Some(t_first.map_or(at, |t| t.min(at)));
+                    }
+                }
+            }
+            let mut done = true;
+            for p in 0..partitions {
+                let c: u64 = state
+                    .get(names.partition(p).cursor_key())
+                    .await
+                    .unwrap()
+                    .map(|v| std::str::from_utf8(&v).unwrap().parse().unwrap())
+                    .unwrap_or(0);
+                done &= c >= last[usize::from(p)];
+            }
+            if done {
+                t_end = unix_nanos();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t_first = t_first.expect("no aggregator consumer was seen");
+        row.km
+            .push(n as f64 / ((t_end - t_first) as f64 / 1e9).max(1e-6));
+        for km in &kms {
+            row.km_rss = row.km_rss.max(rss_kib(km.pid().unwrap()));
+        }
+        row.nats_rss = row.nats_rss.max(rss_kib(nats_pid(&nats)));
+        let r = meter_reading(&kms[0], "m0").await;
+        let want = (expected_sum(n).to_string(), n as u64);
+        let got = (
+            r["value"].as_str().unwrap_or("").to_string(),
+            r["events"].as_u64().unwrap_or(0),
+        );
+        if got != want {
+            failures.push(format!(
+                "scaling, {partitions} partitions: got {got:?}, want {want:?}"
+            ));
+        }
+    }
+    row
+}
+
 /// The semantic hash kloudmeter computes for meter `m`, read back through its own API
 /// would need a running process; recompute it the same way instead.
 async fn hash_of(_js: &jetstream::Context, m: usize) -> String {
@@ -1506,6 +1668,15 @@ async fn main() {
         cluster_ingest(reps, n, env_usize("BENCH_CLIENTS", 8), &mut failures)
             .await
             .print();
+    }
+    // not part of the default run (it wants as many cores as processes):
+    // BENCH_ONLY=scaling, BENCH_SCALING_PARTITIONS=1,2,4,8
+    if only.split(',').any(|o| o == "scaling") {
+        let counts = std::env::var("BENCH_SCALING_PARTITIONS").unwrap_or_else(|_| "1,2,4,8".into());
+        let agg_n = env_usize("BENCH_AGG_EVENTS", 300_000);
+        for p in counts.split(',').filter_map(|c| c.parse().ok()) {
+            scaling(reps, agg_n, p, &mut failures).await.print();
+        }
     }
     // not part of the default run: BENCH_ONLY=soak (task soak)
     if only.split(',').any(|o| o == "soak") {
