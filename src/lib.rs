@@ -14,7 +14,7 @@
 //! | [`http`] | the route table, handlers, OpenAPI, the server | aggregation |
 //! | [`access`] | who may call the API: the shared token, or Kubernetes TokenReviews and SubjectAccessReviews, cached | HTTP, storage |
 //! | [`operator`] | the Meter CRD, its controller, status write-back | the event stream |
-//! | [`election`] | the NATS and Kubernetes leases that decide the one leader | everything else |
+//! | [`election`] | the NATS and Kubernetes leases of the partitions, and each process's fair share of them | everything else |
 //!
 //! [`config`] is the command line and environment, [`metrics`] the Prometheus registry,
 //! [`run`] wires the parts together, [`error`] holds the error a field names.
@@ -28,8 +28,17 @@
 //! pipelined, acknowledgements awaited together). Nothing is deduplicated at ingest: a claim
 //! made before the write could swallow a retry whose first attempt failed.
 //!
-//! Exactly one process aggregates at a time: it holds a lease, a key in the KV bucket
-//! `<stream>-leader` whose entries expire after `LEADER_TTL`, renewed every third of it.
+//! Events are spread by subject over `PARTITIONS` partitions ([`domain::partition`]): each
+//! is a stream of its own (`<stream>` for partition 0, `<stream>-p<N>` for the others)
+//! with its own claim log, cursor, build progress and readings names (`<meter>#<N>` for
+//! partition N > 0), so everything below happens per partition, and readers merge a
+//! meter's partitions ([`nats::meters::Readings`]). Exactly one process aggregates a
+//! partition at a time: it holds the partition's lease, a key in the KV bucket
+//! `<stream>-leader` whose entries expire after `LEADER_TTL`, renewed every third of it
+//! (or a coordination.k8s.io Lease as an operator). Processes announce themselves in the
+//! same bucket and each takes its fair share of the partitions
+//! ([`election::partitions`]); partition 0's holder also reconciles Meters and writes
+//! their status.
 //! The leader reads the stream in order from its cursor (`cursor` in `<stream>-state`) in
 //! batches of up to 5,000, through an ephemeral pull consumer without acks that keeps the
 //! next batch coming while one is folded (a gap in its delivery sequence restarts the

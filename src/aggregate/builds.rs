@@ -80,7 +80,10 @@ impl Aggregator {
                     if p.through == 0 && !p.kept_merged {
                         // a fresh start: nothing of an earlier attempt may stay
                         self.store.purge_generation(id, p.generation).await?;
-                        self.metrics.aggregate.rebuilds.inc();
+                        // once per meter: every partition rebuilds its part
+                        if self.store.names.partition == 0 {
+                            self.metrics.aggregate.rebuilds.inc();
+                        }
                     }
                     self.store.put_progress(id, &p).await?;
                     self.start_build(id, &live[id], p, Duration::ZERO);

@@ -66,6 +66,9 @@ async fn operator_against_a_real_api_server() {
         ("POD_NAMESPACE", "kloudmeter"),
         ("METER_INTERVAL", "1"),
         ("LEADER_TTL", "3s"),
+        // two partitions: statuses are merged from both, and a second operator takes
+        // partition 1 (its own Lease) while the first keeps partition 0 and the role
+        ("PARTITIONS", "2"),
     ];
     let mut a = Km::start(&nats, "op", &env).await;
     wait_kubectl(
@@ -505,6 +508,21 @@ async fn operator_against_a_real_api_server() {
         ),
         (1.0, 0.0)
     );
+    // the newcomer takes its share: partition 1, through its own Lease
+    wait_kubectl(
+        &cp,
+        "partition 1 handed over",
+        "kloudmeter",
+        "lease/kloudmeter-leader-p1",
+        "{.spec.holderIdentity}",
+        &holder_of(b.pid().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        b.metric(r#"kloudmeter_partition_owned{partition="1"}"#)
+            .await,
+        1.0
+    );
     let mut expected = 0i64;
     let client = reqwest::Client::new();
     for i in 0..60i64 {
@@ -567,8 +585,9 @@ async fn operator_against_a_real_api_server() {
             n
         }
     };
-    // (every generation: `m` was rebuilt, its readings are under `team-c/m@1`)
-    assert!(count_keys("r.team-c=2Fm=401.").await > 0);
+    // (every generation: `m` was rebuilt, its readings are under `team-c/m@1` in
+    // partition 0 and `team-c/m#1@1` in partition 1)
+    assert!(count_keys("r.team-c=2Fm=401.").await + count_keys("r.team-c=2Fm=231=401.").await > 0);
     cp.kubectl(&["delete", "meter", "m", "-n", "team-c", "--timeout=60s"]);
     assert_eq!(count_keys("r.team-c=2Fm").await, 0);
     nats.stop();
