@@ -894,13 +894,21 @@ async fn hash_of(_js: &jetstream::Context, m: usize) -> String {
     def.semantic_hash()
 }
 
+/// Probes posted one at a time while a background load of `rate` events/s flows, each
+/// timed from its 2xx to its reading in KV; with `partitions` partitions and as many
+/// processes (the load goes to each in turn, the probes to the first).
 async fn end_to_end(
     rate: f64,
     secs: u64,
+    partitions: u16,
     failures: &mut Vec<String>,
 ) -> (f64, f64, usize, u64, u64) {
     let nats = Nats::start();
-    let km = Km::start(&nats, "meters", &[]).await;
+    let count = partitions.to_string();
+    let env = [("PARTITIONS", count.as_str())];
+    let kms =
+        futures::future::join_all((0..partitions).map(|_| Km::start(&nats, "meters", &env))).await;
+    let km = &kms[0];
     let (s, _) = post(
         &km.url("/api/create-meter"),
         &json!({"id": "probe", "eventType": "probe", "aggregation": "count"}),
@@ -910,16 +918,17 @@ async fn end_to_end(
     let (s, _) = post(&km.url("/api/create-meter"), &json!({"id": "load", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}})).await;
     assert_eq!(s, 202);
     wait_for("probe meter ready", Duration::from_secs(20), || async {
-        meter_reading(&km, "probe").await["ready"] == json!(true)
+        meter_reading(km, "probe").await["ready"] == json!(true)
     })
     .await;
     // background load at `rate` events/s in batches of 100
-    let url = km.url("/api/v1/events");
+    let urls: Vec<String> = kms.iter().map(|k| k.url("/api/v1/events")).collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
     for w in 0..4u64 {
-        let (url, stop, sent) = (url.clone(), stop.clone(), sent.clone());
+        let url = urls[w as usize % urls.len()].clone();
+        let (stop, sent) = (stop.clone(), sent.clone());
         load.push(tokio::spawn(async move {
             let client = reqwest::Client::new();
             let per_worker = rate / 4.0 / 100.0;
@@ -946,7 +955,16 @@ async fn end_to_end(
     }
     let js = js_for(&nats).await;
     let kv = js.get_key_value("meters-readings").await.unwrap();
-    let mut watch = kv.watch("r.probe.p.total").await.unwrap();
+    let probe_key = {
+        let part = kloudmeter::domain::partition::Partitions::new(partitions)
+            .unwrap()
+            .of("p");
+        format!(
+            "r.{}.p.total",
+            token(&kloudmeter::nats::keys::part_id("probe", part))
+        )
+    };
+    let mut watch = kv.watch(probe_key).await.unwrap();
     let client = reqwest::Client::new();
     let mut lat = Vec::new();
     let end = Instant::now() + Duration::from_secs(secs);
@@ -979,8 +997,8 @@ async fn end_to_end(
     for l in load {
         l.await.unwrap();
     }
-    caught_up(&js, "meters", Duration::from_secs(60)).await;
-    let r = meter_reading(&km, "load").await;
+    caught_up_partitions(&js, "meters", partitions, Duration::from_secs(60)).await;
+    let r = meter_reading(km, "load").await;
     if r["events"].as_u64() != Some(sent.load(Ordering::Relaxed)) {
         failures.push(format!(
             "end-to-end: load meter has {} events, {} acknowledged",
@@ -994,7 +1012,10 @@ async fn end_to_end(
         p(0.5),
         p(0.99),
         lat.len(),
-        rss_kib(km.pid().unwrap()),
+        kms.iter()
+            .map(|k| rss_kib(k.pid().unwrap()))
+            .max()
+            .unwrap_or(0),
         rss_kib(nats_pid(&nats)),
     )
 }
@@ -1674,8 +1695,24 @@ async fn main() {
     if only.split(',').any(|o| o == "scaling") {
         let counts = std::env::var("BENCH_SCALING_PARTITIONS").unwrap_or_else(|_| "1,2,4,8".into());
         let agg_n = env_usize("BENCH_AGG_EVENTS", 300_000);
+        let mut sustained = Vec::new();
         for p in counts.split(',').filter_map(|c| c.parse().ok()) {
-            scaling(reps, agg_n, p, &mut failures).await.print();
+            let mut row = scaling(reps, agg_n, p, &mut failures).await;
+            row.print();
+            sustained.push((p, median(&mut row.km.clone())));
+        }
+        // end to end at half of what each count aggregated (BENCH_E2E_SECS each)
+        let secs = env_usize("BENCH_E2E_SECS", 10) as u64;
+        println!();
+        for (p, rate) in sustained {
+            let (p50, p99, samples, krss, nrss) =
+                end_to_end(rate / 2.0, secs, p, &mut failures).await;
+            println!(
+                "end to end, {p} partition(s) and process(es), at {:.0} events/s (half its aggregation rate): 2xx -> KV reading p50 {p50:.1} ms, p99 {p99:.1} ms over {samples} probes; peak RSS kloudmeter {:.1} MiB (largest process), nats-server {:.1} MiB",
+                rate / 2.0,
+                krss as f64 / 1024.0,
+                nrss as f64 / 1024.0
+            );
         }
     }
     // not part of the default run: BENCH_ONLY=soak (task soak)
@@ -1698,7 +1735,7 @@ async fn main() {
             half = 20_000.0;
         }
         let secs = env_usize("BENCH_E2E_SECS", 10) as u64;
-        let (p50, p99, samples, krss, nrss) = end_to_end(half, secs, &mut failures).await;
+        let (p50, p99, samples, krss, nrss) = end_to_end(half, secs, 1, &mut failures).await;
         println!();
         println!(
             "end to end at {half:.0} events/s (half the batch ingest maximum): 2xx -> KV reading p50 {p50:.1} ms, p99 {p99:.1} ms over {samples} probes; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB",
