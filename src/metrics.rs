@@ -28,8 +28,9 @@ pub struct AggregateMetrics {
     pub duplicate: Counter,
     pub aggregated: Counter,
     pub invalid: Counter,
-    pub consumer_lag: Gauge<i64, AtomicI64>,
-    pub cursor: Gauge<u64, AtomicU64>,
+    /// Per partition (each is its own stream, with sequences of its own).
+    pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
+    pub cursor: Family<PartitionLabel, Gauge<u64, AtomicU64>>,
     pub meter_syncs: Counter,
     pub rebuilds: Counter,
     /// Settling duplicates and folding one batch.
@@ -175,6 +176,14 @@ pub struct PartitionLabel {
     pub partition: String,
 }
 
+impl PartitionLabel {
+    pub fn of(partition: u16) -> PartitionLabel {
+        PartitionLabel {
+            partition: partition.to_string(),
+        }
+    }
+}
+
 impl ElectionMetrics {
     pub fn owned(&self, partition: u16, owned: bool) {
         self.partition_owned
@@ -237,8 +246,8 @@ impl AggregateMetrics {
             duplicate: Counter::default(),
             aggregated: Counter::default(),
             invalid: Counter::default(),
-            consumer_lag: Gauge::default(),
-            cursor: Gauge::default(),
+            consumer_lag: Family::default(),
+            cursor: Family::default(),
             meter_syncs: Counter::default(),
             rebuilds: Counter::default(),
             batch_seconds: seconds(),
@@ -268,13 +277,13 @@ impl AggregateMetrics {
         add(
             r,
             "consumer_lag",
-            "Events in the stream not yet aggregated",
+            "Events in a partition's stream not yet aggregated",
             &m.consumer_lag,
         );
         add(
             r,
             "aggregated_sequence",
-            "Stream sequence aggregated through",
+            "Sequence of a partition's stream aggregated through",
             &m.cursor,
         );
         add(

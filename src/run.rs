@@ -393,10 +393,16 @@ fn listen_changed(store: Store) -> crate::operator::status::ChangedReceiver {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         use futures::StreamExt;
-        loop {
+        while !tx.is_closed() {
             match store.client.subscribe(store.names.changed_subject()).await {
                 Ok(mut sub) => {
-                    while let Some(m) = sub.next().await {
+                    // the subscription goes when the write-back drops the receiver
+                    loop {
+                        let m = tokio::select! {
+                            m = sub.next() => m,
+                            _ = tx.closed() => return,
+                        };
+                        let Some(m) = m else { break };
                         if let Ok(id) = std::str::from_utf8(&m.payload) {
                             if tx.send(id.to_string()).is_err() {
                                 return;
@@ -504,7 +510,6 @@ async fn operate(
         registry,
         metrics,
     } = shared;
-    let mut changed = listen_changed(store.clone());
     let ctx = Arc::new(crate::operator::controller::Ctx::new(
         client.clone(),
         store.clone(),
@@ -524,11 +529,13 @@ async fn operate(
             holder.clone(),
             leading.clone(),
         ));
+        // announcements are listened to only while leading (a standby would only pile
+        // them up); a new leader writes every status once anyway
         let writer = tokio::spawn(crate::operator::status::run(
             client.clone(),
             store.clone(),
             registry.clone(),
-            changed,
+            listen_changed(store.clone()),
             cfg.meter_interval,
             leading.clone(),
         ));
@@ -539,13 +546,11 @@ async fn operate(
             synced.clone(),
         )
         .await;
-        changed = match writer.await {
-            Ok(receiver) => receiver,
-            Err(e) => {
-                tracing::error!(error = %e, "status write-back ended abnormally");
-                return;
-            }
-        };
+        // (the receiver it hands back is dropped: its listener stops)
+        if let Err(e) = writer.await {
+            tracing::error!(error = %e, "status write-back ended abnormally");
+            return;
+        }
         tracing::info!("controller stopped");
     }
 }

@@ -106,6 +106,9 @@ impl Aggregator {
         self.metrics
             .aggregate
             .consumer_lag
+            .get_or_create(&crate::metrics::PartitionLabel::of(
+                self.store.names.partition,
+            ))
             .set(i64::try_from(lag).unwrap_or(i64::MAX));
         Ok(())
     }
@@ -378,7 +381,16 @@ impl Aggregator {
             headers.insert("Km-Meter", meter.as_str());
             headers.insert("Km-Reason", why.as_str());
             headers.insert("Km-Seq", seq.to_string().as_str());
-            headers.insert("Nats-Msg-Id", format!("{meter}:{hash}:{seq}").as_str());
+            // sequences are per partition's stream: partition N > 0 says which (and its
+            // dead letters get ids of their own)
+            let id = match self.store.names.partition {
+                0 => format!("{meter}:{hash}:{seq}"),
+                p => {
+                    headers.insert("Km-Partition", p.to_string().as_str());
+                    format!("{meter}:{hash}:p{p}:{seq}")
+                }
+            };
+            headers.insert("Nats-Msg-Id", id.as_str());
             let subject = self.store.names.deadletter_subject(&meter);
             match self
                 .store

@@ -5,6 +5,7 @@ use anyhow::{anyhow, bail, Result};
 use async_nats::jetstream::kv;
 
 use super::*;
+use crate::metrics::PartitionLabel;
 
 impl Aggregator {
     pub(super) async fn load_cursor(&mut self) -> Result<()> {
@@ -23,7 +24,11 @@ impl Aggregator {
                 self.cursor_rev = None;
             }
         }
-        self.metrics.aggregate.cursor.set(self.cursor);
+        self.metrics
+            .aggregate
+            .cursor
+            .get_or_create(&PartitionLabel::of(self.store.names.partition))
+            .set(self.cursor);
         self.committed.send_replace(self.cursor);
         Ok(())
     }
@@ -54,7 +59,11 @@ impl Aggregator {
                 Ok(rev) => {
                     self.cursor = seq;
                     self.cursor_rev = Some(rev);
-                    self.metrics.aggregate.cursor.set(seq);
+                    self.metrics
+                        .aggregate
+                        .cursor
+                        .get_or_create(&PartitionLabel::of(self.store.names.partition))
+                        .set(seq);
                     self.committed.send_replace(seq);
                     return Ok(());
                 }

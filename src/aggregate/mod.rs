@@ -313,6 +313,11 @@ impl Aggregator {
     }
 }
 
+/// How long an aggregator may take to finish its batch once its partition is no longer
+/// led, before it is stopped where it is (what it wrote is fenced by compare-and-swap,
+/// and the partition's lease is released only after it stopped).
+const HAND_OVER: Duration = Duration::from_secs(15);
+
 /// Run the aggregator whenever this process leads its partition, restarting it after
 /// errors; `running` says whether it is at work (its lease is released only once not).
 pub(crate) async fn supervise(
@@ -325,7 +330,21 @@ pub(crate) async fn supervise(
             return;
         }
         running.send_replace(true);
-        let outcome = Aggregator::new(parts.clone()).run(leading.clone()).await;
+        // (said running before looking again: a hand-over that began meanwhile either
+        // sees this one running and waits, or is seen here)
+        if !*leading.borrow() {
+            running.send_replace(false);
+            continue;
+        }
+        let mut gone = leading.clone();
+        let stopped = async move {
+            let _ = gone.wait_for(|l| !*l).await;
+            tokio::time::sleep(HAND_OVER).await;
+        };
+        let outcome = tokio::select! {
+            outcome = Aggregator::new(parts.clone()).run(leading.clone()) => outcome,
+            _ = stopped => Err(anyhow::anyhow!("did not finish its batch within {HAND_OVER:?} of the hand-over; stopped")),
+        };
         running.send_replace(false);
         if let Err(e) = outcome {
             tracing::error!(

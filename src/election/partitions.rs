@@ -8,7 +8,7 @@
 //! written) before the lease is released, so the next owner starts from a settled
 //! cursor. A process that dies simply stops renewing; its leases expire after LEADER_TTL.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -75,8 +75,10 @@ impl Balancer {
         let every = (self.ttl / 4).max(Duration::from_millis(250));
         // Announced, then a moment's wait before the first look: processes started
         // together (a rollout) see each other, instead of the first taking everything
-        // and handing most of it over a moment later.
-        let mut announced = false;
+        // and handing most of it over a moment later. (One partition has nothing to
+        // spread: it is campaigned for at once, as before partitions.)
+        let mut announced = partitions.count() == 1;
+        let mut free_for = vec![0usize; usize::from(partitions.count())];
         loop {
             if let Err(e) = self
                 .store
@@ -93,7 +95,7 @@ impl Balancer {
                 }
             }
             match self.look(partitions, &campaigns).await {
-                Ok((members, mut holding)) => {
+                Ok(mut holding) => {
                     holding.owned = campaigns
                         .iter()
                         .filter(|c| c.holds())
@@ -104,9 +106,20 @@ impl Balancer {
                         .filter(|c| c.wants() && !c.holds())
                         .map(|c| c.p)
                         .collect();
-                    let moves = rebalance(partitions, members, first, &holding);
+                    // free at this look and the two before it
+                    for p in partitions.all() {
+                        let free =
+                            !holding.owned.contains(&p) && !holding.held_elsewhere.contains_key(&p);
+                        let looks = &mut free_for[usize::from(p)];
+                        *looks = if free { *looks + 1 } else { 0 };
+                    }
+                    holding.long_free = partitions
+                        .all()
+                        .filter(|&p| free_for[usize::from(p)] >= 3)
+                        .collect();
+                    let moves = rebalance(partitions, &self.holder, first, &holding);
                     if !moves.release.is_empty() || !moves.start.is_empty() {
-                        tracing::info!(members, release = ?moves.release, campaign = ?moves.start, "rebalancing partitions");
+                        tracing::info!(others = holding.others.len(), release = ?moves.release, campaign = ?moves.start, "rebalancing partitions");
                     }
                     for p in moves.release.into_iter().chain(moves.stop) {
                         campaigns[usize::from(p)].want(false);
@@ -125,58 +138,61 @@ impl Balancer {
                 _ = shutdown.wait_for(|s| *s) => break,
             }
         }
+        // leave first, so that the others count one process fewer and take over each
+        // partition as soon as it is released
+        let _ = self.store.leader.delete(&member).await;
         for c in &campaigns {
             c.want(false);
         }
-        for c in campaigns {
-            c.finished().await;
-        }
-        let _ = self.store.leader.delete(&member).await;
+        futures::future::join_all(campaigns.into_iter().map(Campaign::finished)).await;
     }
 
-    /// How many processes are alive, and which partitions' leases others hold.
+    /// Which other processes are alive, and which partitions' leases they hold.
     async fn look(
         &self,
         partitions: Partitions,
         campaigns: &[Campaign],
-    ) -> anyhow::Result<(usize, Holding)> {
+    ) -> anyhow::Result<Holding> {
         use futures::TryStreamExt;
-        let members = self
+        let others = self
             .store
             .leader
             .keys()
             .await?
-            .try_filter(|k| futures::future::ready(k.starts_with("member.")))
-            .try_fold(0usize, |n, _| futures::future::ready(Ok(n + 1)))
-            .await?
-            .max(1);
-        let mut held_elsewhere = BTreeSet::new();
+            .try_filter_map(|k| {
+                futures::future::ready(Ok(k
+                    .strip_prefix("member.")
+                    .and_then(crate::nats::keys::untoken)))
+            })
+            .try_filter(|m| futures::future::ready(*m != self.holder))
+            .try_collect()
+            .await?;
+        let mut held_elsewhere = BTreeMap::new();
         for p in partitions.all() {
             if campaigns[usize::from(p)].holds() {
                 continue;
             }
-            if self.held_elsewhere(p).await? {
-                held_elsewhere.insert(p);
+            if let Some(holder) = self.holder_elsewhere(p).await? {
+                held_elsewhere.insert(p, holder);
             }
         }
-        Ok((
-            members,
-            Holding {
-                held_elsewhere,
-                ..Default::default()
-            },
-        ))
+        Ok(Holding {
+            held_elsewhere,
+            others,
+            ..Default::default()
+        })
     }
 
-    /// Whether someone else holds partition `p`'s lease (unexpired).
-    async fn held_elsewhere(&self, p: u16) -> anyhow::Result<bool> {
-        match &self.leases {
+    /// Who else holds partition `p`'s lease (unexpired), if anyone.
+    async fn holder_elsewhere(&self, p: u16) -> anyhow::Result<Option<String>> {
+        let holder = match &self.leases {
             Leases::Nats => {
                 let key = self.store.names.partition(p).lease_key();
-                Ok(match self.store.leader.get(&key).await? {
-                    Some(holder) => holder.as_ref() != self.holder.as_bytes(),
-                    None => false,
-                })
+                self.store
+                    .leader
+                    .get(&key)
+                    .await?
+                    .map(|h| String::from_utf8_lossy(&h).into_owned())
             }
             Leases::Kube {
                 client,
@@ -185,19 +201,19 @@ impl Balancer {
             } => {
                 let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
                 let Some(lease) = api.get_opt(&lease_name(name, p)).await? else {
-                    return Ok(false);
+                    return Ok(None);
                 };
                 let spec = lease.spec.unwrap_or_default();
-                let holder = spec.holder_identity.unwrap_or_default();
                 let live = match (&spec.renew_time, spec.lease_duration_seconds) {
                     (Some(MicroTime(t)), Some(d)) => {
                         *t + SignedDuration::from_secs(i64::from(d)) >= Timestamp::now()
                     }
                     _ => false,
                 };
-                Ok(live && !holder.is_empty() && holder != self.holder)
+                spec.holder_identity.filter(|_| live)
             }
-        }
+        };
+        Ok(holder.filter(|h| !h.is_empty() && *h != self.holder))
     }
 
     fn lease(&self, p: u16) -> LeaseOf {
@@ -304,8 +320,10 @@ impl Campaign {
                 if p == 0 {
                     metrics.election.leader.set(0);
                 }
+                // (the supervisor stops an aggregator that takes longer than its hand-over
+                // time; this bound only guards against a supervisor that is gone)
                 let _ =
-                    tokio::time::timeout(Duration::from_secs(20), running.wait_for(|r| !*r)).await;
+                    tokio::time::timeout(Duration::from_secs(30), running.wait_for(|r| !*r)).await;
                 stop_tx.send_replace(true);
                 match runner.await {
                     Ok(l) => lease = Some(l),
@@ -338,7 +356,7 @@ impl Campaign {
     /// Wait until the partition is handed over (after `want(false)`).
     async fn finished(self) {
         let mut held = self.held.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(25), held.wait_for(|h| !*h)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(35), held.wait_for(|h| !*h)).await;
         drop(self.want);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
     }

@@ -173,11 +173,15 @@ async fn evaluate_late(
                 }
             }
         }
-        store
+        // only the mark as read: one that another partition's aggregator wrote again
+        // meanwhile stays for the next round
+        if let Err(e) = store
             .state
-            .delete(&item.key)
+            .delete_expect_revision(&item.key, Some(item.revision))
             .await
-            .context("clearing a late event's mark")?;
+        {
+            tracing::debug!(key = %item.key, error = %e, "a late event's mark changed; kept");
+        }
     }
     Ok(())
 }

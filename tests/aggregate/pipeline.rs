@@ -85,6 +85,11 @@ async fn seed_readme_curl_flow() {
     let meter = curl(&[&format!("{base}/api/meter/?key=unique_meter_id")]);
     assert_eq!(meter, meters[0]);
     caught_up(&nats.client().await, "meters", T).await;
+    // (a meter defined before the aggregator started is built beside it)
+    wait_for("the meter built", T, || async {
+        meter_reading(&km, "unique_meter_id").await["ready"] == json!(true)
+    })
+    .await;
     let readings = curl(&[&format!("{base}/api/readings")]);
     assert_eq!(
         readings,
