@@ -517,52 +517,6 @@ async fn ingest_single(reps: usize, n: usize, clients: usize) -> Vec<Row> {
     vec![pub_row, parse_row]
 }
 
-/// Preload `n` events as ingestion would store them (with the dedup header).
-async fn preload(js: &jetstream::Context, n: usize) {
-    let subject = format!("meters.events.{}", token("api.request"));
-    let mut inflight = FuturesUnordered::new();
-    for i in 0..n {
-        let e = event_json(i, "api.request");
-        let mut h = HeaderMap::new();
-        h.insert("Km-Dedup", format!("{i:032x}").as_str());
-        let ack = js
-            .publish_with_headers(subject.clone(), h, e.to_string().into())
-            .await
-            .unwrap();
-        inflight.push(ack.into_future());
-        while inflight.len() >= 1000 {
-            inflight.next().await.unwrap().unwrap();
-        }
-    }
-    while let Some(a) = inflight.next().await {
-        a.unwrap();
-    }
-}
-
-async fn raw_consume(nats: &Nats, n: usize) -> f64 {
-    let js = js_for(nats).await;
-    let s = js.get_stream("meters").await.unwrap();
-    let c = s
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let start = Instant::now();
-    let mut msgs = c.messages().await.unwrap();
-    let mut seen = 0;
-    while let Some(m) = msgs.next().await {
-        m.unwrap().ack().await.unwrap();
-        seen += 1;
-        if seen == n {
-            break;
-        }
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
-
 fn unix_nanos() -> i128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -620,8 +574,8 @@ async fn aggregation(
             String::from_utf8_lossy(&st.stderr)
         );
         let js = js_for(&nats).await;
-        preload(&js, n).await;
-        row.base.push(raw_consume(&nats, n).await);
+        preload(&js, n, 1).await;
+        row.base.push(raw_consume(&nats, 1).await);
         let kv = js.get_key_value("meters-meters").await.unwrap();
         for m in 0..meters {
             let mut def = json!({"id": format!("m{m}"), "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
@@ -725,8 +679,9 @@ async fn aggregation(
     row
 }
 
-/// `n` events as ingestion stores them, each in the stream of its subject's partition.
-async fn preload_partitioned(js: &jetstream::Context, n: usize, partitions: u16) {
+/// Preload `n` events as ingestion stores them (with the dedup header), each in the
+/// stream of its subject's partition.
+async fn preload(js: &jetstream::Context, n: usize, partitions: u16) {
     let parts = kloudmeter::domain::partition::Partitions::new(partitions).unwrap();
     let names = kloudmeter::nats::keys::Names::new("meters");
     let subjects: Vec<String> = parts
@@ -754,8 +709,8 @@ async fn preload_partitioned(js: &jetstream::Context, n: usize, partitions: u16)
 }
 
 /// Every partition's stream read at once by a plain consumer each (acks awaited): the
-/// baseline of the scaling scenario.
-async fn raw_consume_partitions(nats: &Nats, partitions: u16) -> f64 {
+/// baseline of the aggregation scenarios.
+async fn raw_consume(nats: &Nats, partitions: u16) -> f64 {
     let js = js_for(nats).await;
     let names = kloudmeter::nats::keys::Names::new("meters");
     let mut total = 0;
@@ -814,9 +769,8 @@ async fn scaling(reps: usize, n: usize, partitions: u16, failures: &mut Vec<Stri
             String::from_utf8_lossy(&st.stderr)
         );
         let js = js_for(&nats).await;
-        preload_partitioned(&js, n, partitions).await;
-        row.base
-            .push(raw_consume_partitions(&nats, partitions).await);
+        preload(&js, n, partitions).await;
+        row.base.push(raw_consume(&nats, partitions).await);
         let kv = js.get_key_value("meters-meters").await.unwrap();
         let def = json!({"id": "m0", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
         kv.put("m.m0", def.to_string().into()).await.unwrap();
@@ -1050,7 +1004,7 @@ async fn backfill(n: usize, rate: f64, failures: &mut Vec<String>) -> Backfill {
     })
     .await;
     let js = js_for(&nats).await;
-    preload(&js, n).await;
+    preload(&js, n, 1).await;
     caught_up(&js, "meters", Duration::from_secs(900)).await;
 
     // the live load: one event per request at `rate`, acknowledgement times kept
