@@ -496,6 +496,10 @@ pub(crate) fn compile_path(field: &str, path: &str) -> Result<Path, FieldError> 
     }
 }
 
+/// Dimensions a meter may group by (each multiplies the readings kept; the CRD's
+/// `maxProperties` too).
+pub const MAX_GROUP_BY: usize = 32;
+
 impl CompiledMeter {
     /// Validate a definition completely (the same rules for API meters and CRs).
     pub fn compile(def: &MeterDef) -> Result<Self, FieldError> {
@@ -524,6 +528,12 @@ impl CompiledMeter {
             }
             (Some(p), _) => Some(compile_path("valueProperty", p)?),
         };
+        if def.group_by.len() > MAX_GROUP_BY {
+            return Err(FieldError::new(
+                "groupBy",
+                format!("at most {MAX_GROUP_BY} group names"),
+            ));
+        }
         let mut group_paths = Vec::with_capacity(def.group_by.len());
         for (name, path) in &def.group_by {
             let field = format!("groupBy.{name}");

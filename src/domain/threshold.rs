@@ -36,6 +36,12 @@ pub enum Period {
 /// One threshold as users write it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// The CRD's CEL rule for what the schema can say of a threshold (see `operator::crd`).
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(self.period == 'ALL' && has(self.timeZone))",
+    "message": "timeZone has no meaning for period ALL",
+    "fieldPath": ".timeZone"
+}]))]
 pub struct Threshold {
     /// The level, an exact decimal (`"100"`, `"2.5"`).
     pub value: String,

@@ -32,6 +32,15 @@ use crate::error::FieldError;
     doc = "A Meter declares usage to measure: which events to aggregate, how, and at what granularity. KloudMeter writes the readings into its status."
 )]
 #[serde(rename_all = "camelCase")]
+// CEL rules: what the controller checks that a schema can say, so that an API server
+// from 1.25 on refuses such a Meter at `kubectl apply`. 1.20 drops them; the controller's
+// own checks (`to_def`) stay the second line, with the same words.
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": VALUE_PROPERTY_RULE,
+    "message": "valueProperty is required for every aggregation except count",
+    "fieldPath": ".valueProperty",
+    "reason": "FieldValueRequired"
+}]))]
 pub struct MeterSpec {
     /// What the meter measures, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,11 +57,12 @@ pub struct MeterSpec {
     /// `$.tokens`. Required for every aggregation except count. The value must be a JSON
     /// number or a numeric string; other events are counted as invalid for this meter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^\$"))]
+    #[schemars(regex(pattern = r"^\$"), length(max = 1024))]
     pub value_property: Option<String>,
     /// Dimensions that partition the readings: name to JSONPath into `data`, e.g.
     /// `model: $.model`. An event without the value is grouped under null.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "group_by_schema")]
     pub group_by: BTreeMap<String, String>,
     /// The finest time window kept, in UTC: MINUTE, HOUR (default) or DAY. Queries can
     /// ask for this window size or coarser ones.
@@ -145,6 +155,25 @@ fn filter_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
                 "exists": {"type": "boolean"}
             }
         }
+    })
+}
+
+/// The rule that `valueProperty` is given unless the aggregation is count (a null is
+/// not given).
+const VALUE_PROPERTY_RULE: &str =
+    "self.aggregation in ['count', 'COUNT'] || has(self.valueProperty)";
+
+/// Group names as the controller takes them; a JSONPath each. The bounds keep the rule's
+/// cost estimate inside what the API server allows.
+fn group_by_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": crate::domain::meter::MAX_GROUP_BY,
+        "additionalProperties": {"type": "string", "pattern": "^\\$", "maxLength": 1024},
+        "x-kubernetes-validations": [{
+            "rule": "self.all(name, name.matches('^[A-Za-z0-9_-]{1,63}$'))",
+            "message": "group names must be 1-63 characters of [A-Za-z0-9_-]"
+        }]
     })
 }
 

@@ -27,6 +27,9 @@ pub struct ControlPlane {
     pub port: u16,
     pub kubeconfig: PathBuf,
     pub token: String,
+    /// The etcd the API server stores in (other servers may share it under their own
+    /// prefix).
+    pub etcd_url: String,
     etcd: Option<Child>,
     apiserver: Option<Child>,
     controller_manager: Option<Child>,
@@ -50,7 +53,12 @@ impl ControlPlane {
     /// [`Self::start`], with the project's CRDs installed and established.
     pub fn with_crds() -> ControlPlane {
         let cp = Self::start();
-        cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
+        cp.kubectl(&[
+            "apply",
+            "--validate=false",
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/crds/"),
+        ]);
         cp.wait_established(&["crd/meters.kloudmeter.io"]);
         cp
     }
@@ -230,6 +238,7 @@ impl ControlPlane {
             port,
             kubeconfig,
             token,
+            etcd_url: format!("http://127.0.0.1:{etcd_port}"),
             etcd: Some(etcd),
             apiserver: Some(apiserver),
             controller_manager: None,

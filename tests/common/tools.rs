@@ -35,7 +35,7 @@ pub fn tool(name: &str, var: &str, in_cache: &str) -> PathBuf {
     }
     on_path(name).unwrap_or_else(|| {
         panic!(
-            "{name} not found in {} nor on PATH (CI={}): run `bash .ci/tools.sh` (task test does), or set {var}",
+            "{name} not found in {} nor on PATH (CI={}): `task test` installs every tool first (.ci/tools.sh, .ci/cel-assets.sh), or set {var}",
             cached.display(),
             std::env::var("CI").unwrap_or_default()
         )
@@ -85,4 +85,10 @@ pub fn kube_assets() -> PathBuf {
         );
     }
     dir
+}
+
+/// apiextensions-apiserver v1.36, the CRD server that enforces CEL rules
+/// (`.ci/cel-assets.sh` builds it into the cache; CEL_APISERVER_BIN names another).
+pub fn cel_apiserver() -> PathBuf {
+    tool("apiextensions-apiserver", "CEL_APISERVER_BIN", "cel")
 }

@@ -4,6 +4,7 @@
 mod common;
 
 mod access;
+mod cel;
 mod helm;
 mod operator;
 mod thresholds;

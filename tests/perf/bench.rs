@@ -326,7 +326,12 @@ async fn ingest_auth(reps: usize, n: usize, clients: usize) -> Row {
         nats_rss: 0,
     };
     let cp = ControlPlane::start();
-    cp.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/")]);
+    cp.kubectl(&[
+        "apply",
+        "--validate=false",
+        "-f",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/crds/"),
+    ]);
     cp.kubectl(&["create", "namespace", "kloudmeter"]);
     cp.kubectl(&["create", "namespace", "team-a"]);
     cp.kubectl(&["-n", "team-a", "create", "serviceaccount", "app"]);
