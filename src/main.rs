@@ -22,6 +22,25 @@ enum Command {
     Setup(NatsConfig),
     /// Print the Meter CustomResourceDefinition (YAML).
     Crd,
+    /// Before the operator is uninstalled: delete every Meter and wait for the operator to
+    /// clean each up (or, with --meters keep, leave them), then make sure none is left
+    /// on the operator's finalizer. What the chart's pre-delete hook runs.
+    Uninstall(Uninstall),
+}
+
+#[derive(clap::Args)]
+struct Uninstall {
+    /// delete: Meters and their readings go; keep: Meters and readings stay, without the
+    /// finalizer (a later install takes them up again).
+    #[arg(long, value_enum, default_value = "delete", env = "UNINSTALL_METERS")]
+    meters: kloudmeter::operator::uninstall::Meters,
+    /// Only the Meters of this namespace (the operator's WATCH_NAMESPACE); every
+    /// namespace when unset.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// How long to wait for the operator's clean-up before removing finalizers (seconds).
+    #[arg(long, default_value_t = 120, env = "UNINSTALL_WAIT")]
+    wait: u64,
 }
 
 /// One line naming the variable, instead of clap's multi-line report.
@@ -100,6 +119,25 @@ fn main() {
         }
         Some(Command::Crd) => {
             print!("{}", kloudmeter::operator::crd::crd_yaml());
+            return;
+        }
+        Some(Command::Uninstall(u)) => {
+            init_logs("info");
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let done = runtime.block_on(async {
+                let client = kube::Client::try_default().await?;
+                kloudmeter::operator::uninstall::run(
+                    client,
+                    u.watch_namespace.as_deref().filter(|n| !n.is_empty()),
+                    u.meters,
+                    std::time::Duration::from_secs(u.wait),
+                )
+                .await
+            });
+            if let Err(e) = done {
+                eprintln!("kloudmeter: uninstall: {e:#}");
+                std::process::exit(1);
+            }
             return;
         }
         None => cli.run,
