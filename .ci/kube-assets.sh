@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Provides a real control plane for the operator tests: etcd and kube-apiserver (and
 # kube-controller-manager) in one folder, as envtest's KUBEBUILDER_ASSETS expects.
+#   kube-assets.sh        the control plane (operator tests)
+#   kube-assets.sh node   the node binaries too: kube-scheduler, kubelet, kube-proxy (the
+#                         real-node harness, .ci/node.sh; about 4 more minutes, once)
 # - KUBEBUILDER_ASSETS set: used as it is (bring your own binaries).
 # - otherwise: built once from Debian bookworm's kubernetes source package (v1.20.2, Go
 #   dependencies vendored) with Debian's Go, and cached in $KLOUDMETER_CACHE/kube.
@@ -12,14 +15,24 @@ set -euo pipefail
 . "$(dirname "$0")/env.sh"
 CACHE="$KLOUDMETER_CACHE"
 OUT="$CACHE/kube"
+want="${1:-control-plane}"
+bins="etcd kube-apiserver kube-controller-manager"
+[ "$want" = node ] && bins="$bins kube-scheduler kubelet kube-proxy"
+# only what the cache lacks (a control plane built before keeps its binaries)
+make_what=""
+for b in $bins; do
+  [ "$b" = etcd ] || [ -x "$OUT/$b" ] || make_what="$make_what cmd/$b"
+done
 log() { echo "kube-assets: $*" >&2; }
+have_all() { for b in $bins; do [ -x "$1/$b" ] || return 1; done; }
 if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then
-  for b in etcd kube-apiserver; do
+  [ "$want" = node ] || bins="etcd kube-apiserver"
+  for b in $bins; do
     [ -x "$KUBEBUILDER_ASSETS/$b" ] || { log "$KUBEBUILDER_ASSETS/$b is missing"; exit 1; }
   done
   echo "$KUBEBUILDER_ASSETS"; exit 0
 fi
-if [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/kube-controller-manager" ] && [ -x "$OUT/etcd" ]; then
+if have_all "$OUT"; then
   echo "$OUT"; exit 0
 fi
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -67,11 +80,12 @@ cd "$SRC/$dir"
 # The vendored reflect2 v1.0.1 crashes under Go 1.19; Debian's packaged one works.
 rm -rf vendor/github.com/modern-go/reflect2
 cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
-log "building kube-apiserver and kube-controller-manager (about 6 minutes, once; log in $SRC/build.log)"
+log "building $make_what (about 6 minutes for the control plane, 4 more for the node; once; log in $SRC/build.log)"
 start=$(date +%s)
-GO111MODULE=off KUBE_GIT_VERSION=v1.20.2 KUBE_GIT_TREE_STATE=clean \
-  make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$SRC/build.log" 2>&1 || { tail -30 "$SRC/build.log" >&2; exit 1; }
-cp _output/bin/kube-apiserver _output/bin/kube-controller-manager "$OUT/"
+# make skips what is already built; stripped (-s -w): the node binaries are ~430 MB otherwise
+GO111MODULE=off CGO_ENABLED=0 KUBE_GIT_VERSION=v1.20.2 KUBE_GIT_TREE_STATE=clean GOLDFLAGS="-s -w" \
+  make WHAT="$make_what" >"$SRC/build.log" 2>&1 || { tail -30 "$SRC/build.log" >&2; exit 1; }
+for c in $make_what; do cp "_output/bin/${c#cmd/}" "$OUT/"; done
 cp "$(command -v etcd || echo /usr/bin/etcd)" "$OUT/etcd"
 log "assets ready in $OUT (built in $(( $(date +%s) - start )) s)"
 echo "$OUT"

@@ -57,7 +57,7 @@ pub struct MeterSpec {
     /// `$.tokens`. Required for every aggregation except count. The value must be a JSON
     /// number or a numeric string; other events are counted as invalid for this meter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^\$"), length(max = 1024))]
+    #[schemars(schema_with = "value_property_schema")]
     pub value_property: Option<String>,
     /// Dimensions that partition the readings: name to JSONPath into `data`, e.g.
     /// `model: $.model`. An event without the value is grouped under null.
@@ -162,6 +162,12 @@ fn filter_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 /// not given).
 const VALUE_PROPERTY_RULE: &str =
     "self.aggregation in ['count', 'COUNT'] || has(self.valueProperty)";
+
+/// Not nullable: the API server drops a `null` before the rules run, so `valueProperty:
+/// null` counts as not given (a nullable field's null would pass `has()`).
+fn value_property_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "pattern": "^\\$", "maxLength": 1024})
+}
 
 /// Group names as the controller takes them; a JSONPath each. The bounds keep the rule's
 /// cost estimate inside what the API server allows.
