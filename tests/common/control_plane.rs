@@ -411,43 +411,12 @@ impl ControlPlane {
     }
 
     pub fn kubectl_status(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(super::tools::kubectl())
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .expect("running kubectl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into(),
-            String::from_utf8_lossy(&out.stderr).into(),
-        )
+        super::tools::kubectl_with(&self.kubeconfig, args, "")
     }
 
     /// kubectl with a manifest on stdin.
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
-        use std::io::Write;
-        let mut child = Command::new(super::tools::kubectl())
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into(),
-            String::from_utf8_lossy(&out.stderr).into(),
-        )
+        super::tools::kubectl_with(&self.kubeconfig, args, input)
     }
 }
 

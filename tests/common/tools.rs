@@ -59,6 +59,33 @@ pub fn promtool() -> PathBuf {
     tool("promtool", "PROMTOOL_BIN", "bin")
 }
 
+/// kubectl against `kubeconfig` with `input` on stdin: (success, stdout, stderr).
+pub fn kubectl_with(kubeconfig: &Path, args: &[&str], input: &str) -> (bool, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(kubectl())
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 /// schemathesis' command line.
 pub fn schemathesis() -> PathBuf {
     tool("st", "SCHEMATHESIS_BIN", "venv/bin")

@@ -74,28 +74,7 @@ impl Node {
     }
 
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
-        use std::io::Write;
-        let mut child = Command::new(tools::kubectl())
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running kubectl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into(),
-            String::from_utf8_lossy(&out.stderr).into(),
-        )
+        tools::kubectl_with(&self.kubeconfig, args, input)
     }
 
     /// `kubectl apply -f -`; panics on failure.

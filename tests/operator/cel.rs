@@ -101,28 +101,7 @@ fn start(cp: &ControlPlane) -> CrdServer {
 }
 
 fn kubectl(server: &CrdServer, args: &[&str], input: &str) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = Command::new(tools::kubectl())
-        .arg("--kubeconfig")
-        .arg(&server.kubeconfig)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    tools::kubectl_with(&server.kubeconfig, args, input)
 }
 
 fn meter(name: &str, spec: &str) -> String {
