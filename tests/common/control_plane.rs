@@ -43,10 +43,6 @@ pub struct Options {
     /// Run kube-controller-manager too (garbage collection, ServiceAccount tokens,
     /// ReplicaSets); no kubelet runs, so Pods stay Pending.
     pub controller_manager: bool,
-    /// Serve no CRDs itself (its apiextensions API off) and trust a front proxy
-    /// certificate, so that an aggregated CRD server can take over `apiextensions.k8s.io`
-    /// and the CRDs' groups (APIServices), behind this one endpoint.
-    pub external_crd_server: bool,
 }
 
 impl ControlPlane {
@@ -188,64 +184,6 @@ impl ControlPlane {
         )
         .unwrap();
         let mut apiserver = Command::new(assets.join("kube-apiserver"));
-        if opts.external_crd_server {
-            // the aggregator's client certificate, which the CRD server trusts through the
-            // request-header CA this API server publishes in kube-system
-            ossl(&[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "front-ca.key",
-                "-out",
-                "front-ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=kloudmeter-front-proxy-ca",
-            ]);
-            ossl(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "proxy.key",
-                "-out",
-                "proxy.csr",
-                "-subj",
-                "/CN=front-proxy-client",
-            ]);
-            ossl(&[
-                "x509",
-                "-req",
-                "-in",
-                "proxy.csr",
-                "-CA",
-                "front-ca.crt",
-                "-CAkey",
-                "front-ca.key",
-                "-CAcreateserial",
-                "-out",
-                "proxy.crt",
-                "-days",
-                "2",
-            ]);
-            apiserver
-                .args(["--requestheader-client-ca-file", &path("front-ca.crt")])
-                .args(["--requestheader-allowed-names", "front-proxy-client"])
-                .args(["--requestheader-username-headers", "X-Remote-User"])
-                .args(["--requestheader-group-headers", "X-Remote-Group"])
-                .args(["--requestheader-extra-headers-prefix", "X-Remote-Extra-"])
-                .args(["--proxy-client-cert-file", &path("proxy.crt")])
-                .args(["--proxy-client-key-file", &path("proxy.key")])
-                .args([
-                    "--runtime-config",
-                    "apiextensions.k8s.io/v1=false,apiextensions.k8s.io/v1beta1=false",
-                ]);
-        }
         if opts.audit {
             apiserver.args([
                 "--audit-policy-file",
@@ -305,14 +243,7 @@ impl ControlPlane {
             apiserver: Some(apiserver),
             controller_manager: None,
         };
-        // with its CRD API off, the CRD informers of this API server never sync: its
-        // readiness is everything else
-        let ready = if opts.external_crd_server {
-            "/readyz?exclude=poststarthook/start-apiextensions-controllers&exclude=poststarthook/crd-informer-synced"
-        } else {
-            "/readyz"
-        };
-        cp.wait_ready(ready, Duration::from_secs(60));
+        cp.wait_ready(Duration::from_secs(60));
         if opts.controller_manager {
             let bin = assets.join("kube-controller-manager");
             assert!(
@@ -343,7 +274,7 @@ impl ControlPlane {
         cp
     }
 
-    fn wait_ready(&self, path: &str, timeout: Duration) {
+    fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let out = Command::new("curl")
@@ -353,7 +284,7 @@ impl ControlPlane {
                     &self.dir.path().join("ca.crt").display().to_string(),
                 ])
                 .args(["-H", &format!("Authorization: Bearer {}", self.token)])
-                .arg(format!("https://127.0.0.1:{}{path}", self.port))
+                .arg(format!("https://127.0.0.1:{}/readyz", self.port))
                 .output()
                 .unwrap();
             if out.stdout == b"ok" {

@@ -144,7 +144,6 @@ async fn install_upgrade_uninstall_and_least_privilege() {
     let cp = ControlPlane::start_with(Options {
         audit: true,
         controller_manager: true,
-        ..Options::default()
     });
     let kc = cp.kubeconfig.display().to_string();
     // every documented variant passes server-side validation
