@@ -1539,11 +1539,15 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
         .state
         .clone();
     let client = reqwest::Client::new();
+    let pids = (km.pid().unwrap(), nats_pid(&nats));
+    // each run also says the CPU a query cost each server (clock ticks of 10 ms over 100
+    // queries): where a query's time goes
     let run = |url: String| {
         let client = client.clone();
         async move {
             let mut lat = Vec::new();
             let mut last = Value::Null;
+            let cpu_before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
             for _ in 0..100 {
                 let t = Instant::now();
                 let r = client.get(&url).send().await.unwrap();
@@ -1552,19 +1556,24 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
                 assert_eq!(status, 200, "{url}: {last}");
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
             }
+            let cpu = format!(
+                "CPU a query: kloudmeter {:.1} ms, nats-server {:.1} ms",
+                (cpu_ticks(pids.0) - cpu_before.0) as f64 / 10.0,
+                (cpu_ticks(pids.1) - cpu_before.1) as f64 / 10.0
+            );
             lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            (lat[49], lat[98], last)
+            (lat[49], lat[98], last, cpu)
         }
     };
     let one = km.url("/api/v1/meters/tokens/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=DAY&subject=customer-0042");
     // as earlier runs measured it (right after the aggregator caught up), then settled
-    let (p50r, p99r, _) = run(one.clone()).await;
+    let (p50r, p99r, _, _) = run(one.clone()).await;
     let settling = settled(
         &[km.pid().unwrap(), nats_pid(&nats)],
         Duration::from_secs(180),
     )
     .await;
-    let (p50a, p99a, body_a) = run(one).await;
+    let (p50a, p99a, body_a, cpu_a) = run(one).await;
     // the same in zones whose days are not UTC days
     let mut zoned = Vec::new();
     for ((zone, from), expected) in zones.iter().zip(expected_zoned) {
@@ -1585,7 +1594,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             ));
             continue;
         }
-        let (p50z, p99z, body_z) = run(url).await;
+        let (p50z, p99z, body_z, cpu_z) = run(url).await;
         let zoned_total = rows_total(&body_z);
         if zoned_total != rust_decimal::Decimal::from(expected) {
             failures.push(format!(
@@ -1593,12 +1602,12 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             ));
         }
         zoned.push(format!(
-            "  the same in {zone}: p50 {p50z:.1} ms, p99 {p99z:.1} ms"
+            "  the same in {zone}: p50 {p50z:.1} ms, p99 {p99z:.1} ms ({cpu_z})"
         ));
     }
     let all =
         km.url("/api/v1/meters/tokens/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z");
-    let (p50b, p99b, body_b) = run(all).await;
+    let (p50b, p99b, body_b, cpu_b) = run(all).await;
     let rows_a = body_a["data"].as_array().map_or(0, Vec::len);
     let total = rows_total(&body_b);
     if total != rust_decimal::Decimal::from(expected)
@@ -1626,7 +1635,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
         settling.as_secs_f64()
     );
     println!(
-        "  one subject, 30 days at DAY windows ({rows_a} rows): p50 {p50a:.1} ms, p99 {p99a:.1} ms"
+        "  one subject, 30 days at DAY windows ({rows_a} rows): p50 {p50a:.1} ms, p99 {p99a:.1} ms ({cpu_a})"
     );
     for line in zoned {
         println!("{line}");
@@ -1637,7 +1646,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
         readings.bytes as f64 / 1e6,
         readings.bytes as f64 / readings.messages.max(1) as f64
     );
-    println!("  all 1,000 subjects' totals over the month: p50 {p50b:.1} ms, p99 {p99b:.1} ms; peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB",
+    println!("  all 1,000 subjects' totals over the month: p50 {p50b:.1} ms, p99 {p99b:.1} ms ({cpu_b}); peak RSS kloudmeter {:.1} MiB, nats-server {:.1} MiB",
         rss_kib(km.pid().unwrap()) as f64 / 1024.0, rss_kib(nats_pid(&nats)) as f64 / 1024.0);
 }
 
