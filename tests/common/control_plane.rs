@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::free_port;
+use super::tools::Kubectl;
 
 pub fn assets_dir() -> PathBuf {
     super::tools::kube_assets()
@@ -315,13 +316,6 @@ impl ControlPlane {
         kube::Client::try_from(cfg).unwrap()
     }
 
-    /// Run kubectl against this API server; returns stdout, panics with stderr on failure.
-    pub fn kubectl(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.kubectl_status(args);
-        assert!(ok, "kubectl {args:?}: {err}");
-        out
-    }
-
     /// One field of one object: `kubectl -n <namespace> get <object> -o jsonpath=<path>`.
     pub fn jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
         self.kubectl(&[
@@ -333,21 +327,11 @@ impl ControlPlane {
             &format!("jsonpath={path}"),
         ])
     }
+}
 
-    /// [`Self::jsonpath`], empty while the object does not exist (for polling).
-    pub fn try_jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
-        let path = format!("jsonpath={path}");
-        self.kubectl_status(&["-n", namespace, "get", object, "-o", &path])
-            .1
-    }
-
-    pub fn kubectl_status(&self, args: &[&str]) -> (bool, String, String) {
-        super::tools::kubectl_with(&self.kubeconfig, args, "")
-    }
-
-    /// kubectl with a manifest on stdin.
-    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
-        super::tools::kubectl_with(&self.kubeconfig, args, input)
+impl Kubectl for ControlPlane {
+    fn kubeconfig(&self) -> &std::path::Path {
+        &self.kubeconfig
     }
 }
 

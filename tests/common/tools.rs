@@ -86,6 +86,36 @@ pub fn kubectl_with(kubeconfig: &Path, args: &[&str], input: &str) -> (bool, Str
     )
 }
 
+/// kubectl against one API server, named by its kubeconfig: the test control plane and
+/// the real node are driven the same way.
+pub trait Kubectl {
+    fn kubeconfig(&self) -> &Path;
+
+    /// kubectl with `input` on stdin: (success, stdout, stderr).
+    fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
+        kubectl_with(self.kubeconfig(), args, input)
+    }
+
+    /// kubectl: (success, stdout, stderr).
+    fn kubectl_status(&self, args: &[&str]) -> (bool, String, String) {
+        self.kubectl_stdin(args, "")
+    }
+
+    /// kubectl; returns stdout, panics with stderr on failure.
+    fn kubectl(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.kubectl_status(args);
+        assert!(ok, "kubectl {args:?}: {err}");
+        out
+    }
+
+    /// One field of one object, empty while it does not exist (for polling).
+    fn try_jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
+        let path = format!("jsonpath={path}");
+        self.kubectl_status(&["-n", namespace, "get", object, "-o", &path])
+            .1
+    }
+}
+
 /// schemathesis' command line.
 pub fn schemathesis() -> PathBuf {
     tool("st", "SCHEMATHESIS_BIN", "venv/bin")

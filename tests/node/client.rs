@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::common::tools::Kubectl;
 use crate::node::{wait_for, Node};
 
 /// The workloads' namespace and ServiceAccount.
@@ -148,7 +149,8 @@ impl Client {
     /// Until the client has posted everything; its refusals as (id, status).
     pub fn finish(&self, node: &Node, timeout: Duration) -> Vec<(String, String)> {
         wait_for(&format!("{} finishing", self.name), timeout, || {
-            let phase = node.jsonpath(NAMESPACE, &format!("pod/{}", self.name), "{.status.phase}");
+            let phase =
+                node.try_jsonpath(NAMESPACE, &format!("pod/{}", self.name), "{.status.phase}");
             match phase.as_str() {
                 "Succeeded" => Ok(()),
                 "Failed" => panic!("{} failed: {}", self.name, self.log(node)),

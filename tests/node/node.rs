@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::tools;
+use crate::common::tools::{self, Kubectl};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -61,33 +61,10 @@ impl Node {
         }
     }
 
-    /// kubectl against the node: (success, stdout, stderr).
-    pub fn kubectl_status(&self, args: &[&str]) -> (bool, String, String) {
-        self.kubectl_stdin(args, "")
-    }
-
-    /// kubectl; panics with stderr on failure.
-    pub fn kubectl(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.kubectl_status(args);
-        assert!(ok, "kubectl {args:?}: {err}");
-        out
-    }
-
-    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
-        tools::kubectl_with(&self.kubeconfig, args, input)
-    }
-
     /// `kubectl apply -f -`; panics on failure.
     pub fn apply(&self, manifest: &str) {
         let (ok, _, err) = self.kubectl_stdin(&["apply", "-f", "-"], manifest);
         assert!(ok, "kubectl apply: {err}\n{manifest}");
-    }
-
-    /// One field of one object, empty while it does not exist (for polling).
-    pub fn jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
-        let path = format!("jsonpath={path}");
-        self.kubectl_status(&["-n", namespace, "get", object, "-o", &path])
-            .1
     }
 
     pub fn helm(&self, args: &[&str]) -> (bool, String, String) {
@@ -112,6 +89,12 @@ impl Node {
         let (ok, out, err) = self.helm(args);
         assert!(ok, "helm {args:?}: {out}{err}");
         out
+    }
+}
+
+impl Kubectl for Node {
+    fn kubeconfig(&self) -> &std::path::Path {
+        &self.kubeconfig
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{self, Client, NAMESPACE};
 use crate::common::chart::{granted, requests_of};
+use crate::common::tools::Kubectl;
 use crate::node::{wait_for, Node};
 
 const RELEASE: &str = "kloudmeter";
@@ -136,7 +137,7 @@ impl<'a> State<'a> {
     }
 
     fn leader(&self) -> String {
-        let holder = self.node.jsonpath(
+        let holder = self.node.try_jsonpath(
             RELEASE_NS,
             "lease/kloudmeter-leader",
             "{.spec.holderIdentity}",
@@ -146,6 +147,24 @@ impl<'a> State<'a> {
             .rsplit_once('-')
             .map(|(pod, _)| pod.to_string())
             .unwrap_or_default()
+    }
+
+    /// `helm upgrade` to `replicas` operator pods, and wait until that many run.
+    fn scale_operator(&self, replicas: usize) {
+        self.upgrade(&[&format!("replicaCount={replicas}")]);
+        wait_for("the operator pods", Duration::from_secs(60), || {
+            let pods = self.operator_pods();
+            (pods.len() == replicas)
+                .then_some(())
+                .ok_or(format!("{pods:?}"))
+        });
+    }
+
+    /// A client pod posting events `from..=to` to the Meter; kept for the totals.
+    fn start_client(&mut self, name: &str, from: u64, to: u64) -> Client {
+        let c = client::start(self.node, name, URL, from, to);
+        self.clients.push(c.clone());
+        c
     }
 
     fn upgrade(&self, set: &[&str]) {
@@ -242,15 +261,14 @@ fn install_serves_a_client_in_another_namespace(s: &mut State) {
         client::EVENT_TYPE
     ));
     wait_for("Meter calls Ready", Duration::from_secs(60), || {
-        let ready = node.jsonpath(
+        let ready = node.try_jsonpath(
             NAMESPACE,
             "meter/calls",
             "{.status.conditions[?(@.type==\"Ready\")].status}",
         );
         (ready == "True").then_some(()).ok_or(ready)
     });
-    s.clients.push(client::start(node, "first", URL, 1, 200));
-    let c = s.clients.last().unwrap().clone();
+    let c = s.start_client("first", 1, 200);
     let refused = c.finish(node, Duration::from_secs(120));
     assert!(refused.is_empty(), "refused: {refused:?}");
     // statuses are written every METER_INTERVAL (60 s by default)
@@ -260,9 +278,7 @@ fn install_serves_a_client_in_another_namespace(s: &mut State) {
 fn rolling_upgrade_under_load_loses_and_doubles_nothing(s: &mut State) {
     let node = s.node;
     let before = s.operator_pods();
-    s.clients
-        .push(client::start(node, "during-upgrade", URL, 201, 1700));
-    let c = s.clients.last().unwrap().clone();
+    let c = s.start_client("during-upgrade", 201, 1700);
     c.wait_sent(node, 400);
     let t = Instant::now();
     // a configuration change rolls the operator pod; faster write-backs and leases for
@@ -292,16 +308,10 @@ fn rolling_upgrade_under_load_loses_and_doubles_nothing(s: &mut State) {
 
 fn leader_pod_deleted_the_lease_moves_within_leader_ttl(s: &mut State) {
     let node = s.node;
-    s.upgrade(&["replicaCount=2"]);
-    wait_for("two operator pods", Duration::from_secs(60), || {
-        let pods = s.operator_pods();
-        (pods.len() == 2).then_some(()).ok_or(format!("{pods:?}"))
-    });
+    s.scale_operator(2);
     let leader = s.leader();
     assert!(s.operator_pods().contains(&leader), "leader {leader}");
-    s.clients
-        .push(client::start(node, "during-failover", URL, 1701, 2700));
-    let c = s.clients.last().unwrap().clone();
+    let c = s.start_client("during-failover", 1701, 2700);
     c.wait_sent(node, 1900);
     let t = Instant::now();
     node.kubectl(&["-n", RELEASE_NS, "delete", "pod", &leader, "--wait=false"]);
@@ -330,11 +340,9 @@ fn nats_pod_deleted_503_then_accepted_and_the_volume_keeps_the_data(s: &mut Stat
     let node = s.node;
     let nats = format!("{RELEASE}-nats-0");
     let claim = format!("pvc/data-{nats}");
-    let volume = node.jsonpath(RELEASE_NS, &claim, "{.spec.volumeName}");
+    let volume = node.try_jsonpath(RELEASE_NS, &claim, "{.spec.volumeName}");
     assert!(!volume.is_empty(), "the NATS claim is bound");
-    s.clients
-        .push(client::start(node, "during-nats-restart", URL, 2701, 3700));
-    let c = s.clients.last().unwrap().clone();
+    let c = s.start_client("during-nats-restart", 2701, 3700);
     c.wait_sent(node, 2900);
     let t = Instant::now();
     node.kubectl(&["-n", RELEASE_NS, "delete", "pod", &nats, "--wait=false"]);
@@ -356,7 +364,7 @@ fn nats_pod_deleted_503_then_accepted_and_the_volume_keeps_the_data(s: &mut Stat
         t.elapsed().as_secs_f64()
     ));
     assert_eq!(
-        node.jsonpath(RELEASE_NS, &claim, "{.spec.volumeName}"),
+        node.try_jsonpath(RELEASE_NS, &claim, "{.spec.volumeName}"),
         volume,
         "the rescheduled server has its volume"
     );
@@ -366,11 +374,7 @@ fn nats_pod_deleted_503_then_accepted_and_the_volume_keeps_the_data(s: &mut Stat
 
 fn the_single_operator_pod_can_be_evicted(s: &mut State) {
     let node = s.node;
-    s.upgrade(&["replicaCount=1"]);
-    wait_for("one operator pod", Duration::from_secs(60), || {
-        let pods = s.operator_pods();
-        (pods.len() == 1).then_some(()).ok_or(format!("{pods:?}"))
-    });
+    s.scale_operator(1);
     let before = s.operator_pods();
     let pdbs = node.kubectl(&["-n", RELEASE_NS, "get", "pdb", "-o", "name"]);
     assert!(pdbs.trim().is_empty(), "no budget at one replica: {pdbs}");
@@ -388,7 +392,7 @@ fn the_single_operator_pod_can_be_evicted(s: &mut State) {
     assert!(out.contains("evicted"), "{out}");
     wait_for("a new operator pod", Duration::from_secs(90), || {
         let pods = s.operator_pods();
-        let ready = node.jsonpath(
+        let ready = node.try_jsonpath(
             RELEASE_NS,
             &format!("deploy/{RELEASE}"),
             "{.status.readyReplicas}",
@@ -430,7 +434,7 @@ echo "made $made gone $gone"
 "#;
     client::pod(node, "meter-admin", "meter-admin", script, &[]);
     wait_for("the meter API client", Duration::from_secs(60), || {
-        let phase = node.jsonpath(NAMESPACE, "pod/meter-admin", "{.status.phase}");
+        let phase = node.try_jsonpath(NAMESPACE, "pod/meter-admin", "{.status.phase}");
         (phase == "Succeeded").then_some(()).ok_or(phase)
     });
     let out = node.kubectl(&["-n", NAMESPACE, "logs", "meter-admin"]);
@@ -452,7 +456,7 @@ fn the_pods_service_account_uses_exactly_its_grants(s: &mut State) {
             "apiVersion: kloudmeter.io/v1alpha1\nkind: Meter\nmetadata: {{name: bad, namespace: {NAMESPACE}}}\nspec: {{eventType: x, aggregation: sum, description: {desc}}}\n"
         ));
         wait_for("InvalidSpec", Duration::from_secs(60), || {
-            let seen = node.jsonpath(NAMESPACE, "meter/bad", "{.status.observedGeneration}");
+            let seen = node.try_jsonpath(NAMESPACE, "meter/bad", "{.status.observedGeneration}");
             (seen == generation).then_some(()).ok_or(seen)
         });
     }

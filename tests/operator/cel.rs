@@ -17,6 +17,7 @@ use axum::extract::Request;
 use axum::response::Response;
 
 use crate::common::control_plane::ControlPlane;
+use crate::common::tools::Kubectl;
 use crate::common::{free_port, tools};
 
 struct CrdServer {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::common::chart::{granted, requests_of};
 use crate::common::control_plane::{ControlPlane, Options};
+use crate::common::tools::Kubectl;
 use crate::common::*;
 use serde_json::{json, Value};
 

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::common::control_plane::ControlPlane;
+use crate::common::tools::Kubectl;
 use crate::common::*;
 use serde_json::{json, Value};
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
+use common::tools::Kubectl;
 use common::*;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
