@@ -31,6 +31,8 @@ pub struct AggregateMetrics {
     /// Per partition (each is its own stream, with sequences of its own).
     pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
     pub cursor: Family<PartitionLabel, Gauge<u64, AtomicU64>>,
+    /// Readings a partition's aggregator holds in memory (dropped when it goes idle).
+    pub cached_readings: Family<PartitionLabel, Gauge>,
     pub meter_syncs: Counter,
     pub rebuilds: Counter,
     /// Settling duplicates and folding one batch.
@@ -248,6 +250,7 @@ impl AggregateMetrics {
             invalid: Counter::default(),
             consumer_lag: Family::default(),
             cursor: Family::default(),
+            cached_readings: Family::default(),
             meter_syncs: Counter::default(),
             rebuilds: Counter::default(),
             batch_seconds: seconds(),
@@ -285,6 +288,12 @@ impl AggregateMetrics {
             "aggregated_sequence",
             "Sequence of a partition's stream aggregated through",
             &m.cursor,
+        );
+        add(
+            r,
+            "aggregator_cached_readings",
+            "Readings a partition's aggregator holds in memory",
+            &m.cached_readings,
         );
         add(
             r,

@@ -110,6 +110,7 @@ impl Aggregator {
                 self.store.names.partition,
             ))
             .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        self.report_cache_size();
         Ok(())
     }
 

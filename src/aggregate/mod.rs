@@ -67,6 +67,11 @@ const BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// ...or, when a flush takes long (many distinct readings), up to this often, so that
 /// writing never takes more than a fifth of the time while catching up.
 const MAX_BACKLOG_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// After this long with no events and everything written, the cached readings are
+/// dropped and their memory handed back to the system: a load of many subjects leaves
+/// up to [`CACHE_LIMIT`] readings (well over 100 MiB) that nothing may touch again, and
+/// the next events load the few readings they need from KV (a round trip each batch).
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
 
 type ByType = HashMap<String, Vec<Arc<CompiledMeter>>>;
 
@@ -235,6 +240,14 @@ impl Aggregator {
                 _ = tokio::time::sleep_until(flush_due.into()), if has_pending => {
                     self.start_flush().await?;
                 }
+                _ = tokio::time::sleep_until((self.last_flush + IDLE_RELEASE).into()),
+                    if !has_pending && self.inflight.is_none() && self.cache.len() > 0 => {
+                    // (all written, none in flight: what a flush past CACHE_LIMIT does too)
+                    tracing::debug!(readings = self.cache.len(), "idle: cached readings dropped");
+                    self.cache.clear();
+                    self.report_cache_size();
+                    release_free_memory();
+                }
                 // Only the wait for the first message may be cancelled: once a batch has
                 // started, it is gathered and processed whole, so none is dropped.
                 first = messages.next() => {
@@ -302,6 +315,16 @@ impl Aggregator {
         )))
     }
 
+    fn report_cache_size(&self) {
+        self.metrics
+            .aggregate
+            .cached_readings
+            .get_or_create(&crate::metrics::PartitionLabel::of(
+                self.store.names.partition,
+            ))
+            .set(i64::try_from(self.cache.len()).unwrap_or(i64::MAX));
+    }
+
     /// How long changed readings may wait to be written.
     fn flush_every(&self) -> Duration {
         if self.lag > BATCH as u64 {
@@ -310,6 +333,17 @@ impl Aggregator {
         } else {
             FLUSH_INTERVAL
         }
+    }
+}
+
+/// Hand memory the process has freed back to the system. glibc keeps freed small
+/// allocations in its heap for reuse, so dropping a large cache alone leaves the
+/// resident size where it was.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages; it is safe from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -254,6 +254,98 @@ async fn every_aggregation_end_to_end() {
     assert_eq!(windows, want);
 }
 
+/// An aggregator with nothing to do drops the readings it holds (its memory goes back
+/// to the system); the next events load what they need from KV and count on exactly:
+/// a distinct count still knows the users it saw, an hour still has its quarters.
+#[tokio::test]
+async fn an_idle_aggregator_drops_its_readings_and_counts_on_exactly() {
+    let nats = Nats::start();
+    let km = Km::start(&nats, "idle", &[]).await;
+    create_meter(
+        &km,
+        json!({"id": "users", "eventType": "api.request", "aggregation": "unique_count",
+        "valueProperty": "$.user", "groupBy": {"model": "$.model"}}),
+    )
+    .await;
+    create_meter(
+        &km,
+        json!({"id": "tokens", "eventType": "api.request", "aggregation": "sum",
+        "valueProperty": "$.tokens"}),
+    )
+    .await;
+    let cached = "kloudmeter_aggregator_cached_readings{partition=\"0\"}";
+    let js = nats.client().await;
+    post_events(
+        &km,
+        &[
+            event(
+                "1",
+                "c1",
+                "2026-11-24T10:05:00Z",
+                json!({"user": "ann", "model": "a", "tokens": 1}),
+            ),
+            event(
+                "2",
+                "c1",
+                "2026-11-24T10:10:00Z",
+                json!({"user": "bob", "model": "a", "tokens": 2}),
+            ),
+        ],
+    )
+    .await;
+    caught_up(&js, "idle", T).await;
+    // two meters' summary, total, group total and windows of c1 at least
+    assert!(
+        km.metric(cached).await >= 8.0,
+        "{}",
+        km.metrics_text().await
+    );
+    wait_for("the idle aggregator to drop its readings", T, || async {
+        km.metric(cached).await == 0.0
+    })
+    .await;
+    post_events(
+        &km,
+        &[
+            event(
+                "3",
+                "c1",
+                "2026-11-24T10:20:00Z",
+                json!({"user": "ann", "model": "a", "tokens": 4}),
+            ),
+            event(
+                "4",
+                "c1",
+                "2026-11-24T10:40:00Z",
+                json!({"user": "cy", "model": "a", "tokens": 8}),
+            ),
+        ],
+    )
+    .await;
+    caught_up(&js, "idle", T).await;
+    assert!(km.metric(cached).await > 0.0);
+    assert_eq!(subject_values(&km, "users").await, map(&[("c1", "3")]));
+    assert_eq!(subject_values(&km, "tokens").await, map(&[("c1", "15")]));
+    let quarters = |meter: &str| {
+        km.url(&format!(
+            "/api/v1/meters/{meter}/query?from=2026-11-24T10:15:00Z&to=2026-11-24T10:45:00Z"
+        ))
+    };
+    let (status, body) = get(&quarters("tokens")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        row_pairs(&body, "subject", "value"),
+        [("c1".to_string(), "12".to_string())]
+    );
+    let (status, body) = get(&km.url("/api/v1/meters/users/query?from=2026-11-24T10:00:00Z&to=2026-11-24T11:00:00Z&groupBy=model")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        row_pairs(&body, "subject", "value"),
+        [("c1".to_string(), "3".to_string())]
+    );
+    assert_eq!(body["data"][0]["groupBy"], json!({"model": "a"}));
+}
+
 /// Repeats of an id count once: at once, and after JetStream's own duplicate window.
 /// After DEDUP_WINDOW the same id is a new event.
 #[tokio::test]
