@@ -13,7 +13,7 @@ use crate::domain::fold::{Acc, Reading};
 use crate::domain::meter::{MeterDef, WindowSize};
 use crate::domain::query;
 use crate::domain::query::Chunk;
-use crate::domain::window::{ReadingKey, Rollup};
+use crate::domain::window::Rollup;
 use crate::error::FieldError;
 use crate::nats::keys;
 use crate::nats::meters::{Readings, StoreError};
@@ -57,10 +57,10 @@ impl From<StoreError> for UsageError {
     }
 }
 
-/// What one stored window contributes to a query: (output window, subject, projected
-/// group, the reading's accumulator or the part of it in range — `None`: nothing
+/// What one stored window contributes to a query: (output window, the [`Target`] it is
+/// read for, the reading's accumulator or the part of it in range — `None`: nothing
 /// stored —, and whether it is taken away rather than added: [`query::signed_cover`]).
-type Fetched = (usize, String, BTreeMap<String, Value>, Option<Acc>, bool);
+type Fetched = (usize, usize, Option<Acc>, bool);
 
 /// Most window scans (one per stored window and partition) an all-subject query makes
 /// instead of a get per subject and window.
@@ -110,11 +110,32 @@ type Windows = Vec<(DateTime<Utc>, DateTime<Utc>)>;
 /// Stored windows (or parts of them), per output window.
 type Covers = Vec<Vec<Chunk>>;
 
-/// One stored window to read for an output window, subject and projected group.
+/// A subject and group a query reads windows of: what all those reads share, made once
+/// (a month in a half-hour zone reads over 200 windows of each).
+struct Target {
+    subject: String,
+    /// The group's values the query keeps (its `groupBy`).
+    projected: BTreeMap<String, Value>,
+    /// `projected` as JSON: groups that project alike merge under it.
+    projected_key: String,
+    /// The answer it is merged into: targets with the same subject and projected group
+    /// share one.
+    answer: usize,
+    /// Its windows' keys up to the window's start ([`keys::window_key_prefix`]).
+    key_prefix: String,
+}
+
+/// The stored windows a query reads, and what they are read for.
+struct Plan {
+    targets: Vec<Target>,
+    reads: Vec<Planned>,
+}
+
+/// One stored window to read for an output window and target.
 struct Planned {
     window: usize,
-    subject: String,
-    projected: BTreeMap<String, Value>,
+    /// Index into [`Plan::targets`].
+    target: usize,
     key: String,
     chunk: Chunk,
     /// The parameter that set the boundary inside `chunk`, when it is a part.
@@ -128,7 +149,7 @@ impl Planned {
         let acc = match raw {
             None => None,
             Some(raw) => {
-                let reading: Reading = serde_json::from_slice(raw)?;
+                let reading = Reading::queried_window(raw)?;
                 Some(match self.chunk.quarters {
                     None => reading.acc,
                     Some((lo, hi)) => reading
@@ -137,13 +158,7 @@ impl Planned {
                 })
             }
         };
-        Ok((
-            self.window,
-            self.subject,
-            self.projected,
-            acc,
-            self.chunk.minus,
-        ))
+        Ok((self.window, self.target, acc, self.chunk.minus))
     }
 }
 
@@ -225,13 +240,13 @@ pub(crate) async fn execute_page(
         }
     };
     let ((subjects, next), scans) = futures::try_join!(subjects_read, scans)?;
-    let plan = plan_reads(def, at, p, &covers, &subjects)?;
+    let Plan { targets, reads } = plan_reads(def, at, p, &covers, &subjects)?;
     let fetched = if scan_mode {
-        pick_scanned(plan, scans)?
+        pick_scanned(reads, scans)?
     } else {
-        get_each(store, plan).await?
+        get_each(store, reads).await?
     };
-    Ok((query::rows(&windows, merge(fetched), def), next))
+    Ok((query::rows(&windows, merge(&targets, fetched), def), next))
 }
 
 /// Output windows and the stored windows covering each.
@@ -324,13 +339,18 @@ impl Pages {
         self.done = end;
         let rows = async {
             let slice = query_subjects(&self.store, &self.at, Some(&names)).await?;
-            let plan = plan_reads(&self.def, &self.at, &self.p, &self.covers, &slice)?;
+            let Plan { targets, reads } =
+                plan_reads(&self.def, &self.at, &self.p, &self.covers, &slice)?;
             let fetched = if whole {
-                pick_scanned(plan, scan_windows(&self.store, &self.at, chunks).await?)?
+                pick_scanned(reads, scan_windows(&self.store, &self.at, chunks).await?)?
             } else {
-                get_each(&self.store, plan).await?
+                get_each(&self.store, reads).await?
             };
-            Ok(query::rows(&self.windows, merge(fetched), &self.def))
+            Ok(query::rows(
+                &self.windows,
+                merge(&targets, fetched),
+                &self.def,
+            ))
         };
         Some(rows.await)
     }
@@ -416,57 +436,62 @@ fn plan_reads(
     p: &query::QueryParams,
     covers: &Covers,
     subjects: &Subjects,
-) -> Result<Vec<Planned>> {
+) -> Result<Plan> {
     let chunks: usize = covers.iter().map(Vec::len).sum();
     let groups: usize = subjects.iter().map(|s| s.groups.len()).sum();
     if chunks.saturating_mul(groups) > QUERY_KEY_LIMIT {
         return Err(too_many_windows());
     }
-    let mut plan = Vec::new();
+    // every subject's groups that pass the filters, with the days it has events on
+    let mut targets = Vec::new();
+    let mut days_of = Vec::new();
+    let mut answers: HashMap<(&str, String), usize> = HashMap::new();
+    for subject in subjects {
+        for (token, values) in &subject.groups {
+            if !query::group_matches(values, &p.filters) {
+                continue;
+            }
+            let projected = query::project(values, &p.group_by);
+            let projected_key = serde_json::to_string(&projected)?;
+            let next = answers.len();
+            let answer = *answers
+                .entry((subject.name.as_str(), projected_key.clone()))
+                .or_insert(next);
+            targets.push(Target {
+                subject: subject.name.clone(),
+                projected_key,
+                answer,
+                projected,
+                key_prefix: keys::window_key_prefix(at.of(&subject.name), &subject.name, token),
+            });
+            days_of.push(subject.days.as_ref());
+        }
+    }
+    let mut reads = Vec::new();
     for (wi, chunks) in covers.iter().enumerate() {
         let edges: Vec<&'static str> = chunks.iter().map(|c| edge_field(p, c)).collect();
         let spans: Vec<(i64, i64)> = chunks.iter().map(|c| c.span(def.window_size)).collect();
-        for Subject {
-            name: subject,
-            groups,
-            days,
-        } in subjects
-        {
-            // the stored windows on days the subject has events (all, when unknown)
-            let held: Vec<bool> = spans
-                .iter()
-                .map(|&(a, b)| days.as_ref().is_none_or(|d| d.touches(a, b)))
-                .collect();
-            for (token, values) in groups {
-                if !query::group_matches(values, &p.filters) {
+        for (ti, (target, days)) in targets.iter().zip(&days_of).enumerate() {
+            for ((chunk, &edge), &(a, b)) in chunks.iter().zip(&edges).zip(&spans) {
+                // only the stored windows on days the subject has events (all, when
+                // unknown)
+                if days.is_some_and(|d| !d.touches(a, b)) {
                     continue;
                 }
-                let projected = query::project(values, &p.group_by);
-                for ((chunk, &edge), _) in chunks.iter().zip(&edges).zip(&held).filter(|(_, &h)| h)
-                {
-                    let key = ReadingKey::Window {
-                        meter: at.of(subject).into(),
-                        subject: subject.as_str().into(),
-                        group: token.as_str().into(),
-                        rollup: chunk.rollup,
-                        start: chunk.start,
-                    };
-                    plan.push(Planned {
-                        window: wi,
-                        subject: subject.clone(),
-                        projected: projected.clone(),
-                        key: key.kv_key(),
-                        chunk: *chunk,
-                        edge,
-                    });
-                }
+                reads.push(Planned {
+                    window: wi,
+                    target: ti,
+                    key: keys::window_key(&target.key_prefix, chunk.rollup, chunk.start),
+                    chunk: *chunk,
+                    edge,
+                });
             }
         }
-        if plan.len() > QUERY_KEY_LIMIT {
+        if reads.len() > QUERY_KEY_LIMIT {
             return Err(too_many_windows());
         }
     }
-    Ok(plan)
+    Ok(Plan { targets, reads })
 }
 
 /// Which parameter set a boundary at `t` (epoch seconds): `from`, `to`, or the zone's
@@ -531,15 +556,15 @@ fn takes_away(aggregation: crate::domain::meter::Aggregation) -> bool {
 
 /// Readings merged exactly per (output window, subject, projected group): every
 /// reading added first, then those a signed cover takes away.
-fn merge(fetched: Vec<Fetched>) -> query::Merged {
-    let mut merged: query::Merged = BTreeMap::new();
-    let (added, taken): (Vec<Fetched>, Vec<Fetched>) = fetched.into_iter().partition(|f| !f.4);
-    for (wi, subject, projected, acc, minus) in added.into_iter().chain(taken) {
+fn merge(targets: &[Target], fetched: Vec<Fetched>) -> query::Merged {
+    // by (output window, answer) first: the answer's names are copied once, not per read
+    let mut by_answer: HashMap<(usize, usize), (usize, Acc)> = HashMap::new();
+    let (added, taken): (Vec<Fetched>, Vec<Fetched>) = fetched.into_iter().partition(|f| !f.3);
+    for (wi, ti, acc, minus) in added.into_iter().chain(taken) {
         let Some(acc) = acc else { continue };
-        let gkey = serde_json::to_string(&projected).unwrap_or_default();
-        let entry = &mut merged
-            .entry((wi, subject, gkey))
-            .or_insert_with(|| (projected, crate::domain::fold::Acc::default()))
+        let entry = &mut by_answer
+            .entry((wi, targets[ti].answer))
+            .or_insert_with(|| (ti, Acc::default()))
             .1;
         if minus {
             entry.take_away(&acc);
@@ -547,5 +572,14 @@ fn merge(fetched: Vec<Fetched>) -> query::Merged {
             entry.merge(&acc);
         }
     }
-    merged
+    by_answer
+        .into_iter()
+        .map(|((wi, _), (ti, acc))| {
+            let target = &targets[ti];
+            (
+                (wi, target.subject.clone(), target.projected_key.clone()),
+                (target.projected.clone(), acc),
+            )
+        })
+        .collect()
 }

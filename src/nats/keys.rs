@@ -194,17 +194,24 @@ impl ReadingKey {
                 group,
                 rollup,
                 start,
-            } => {
-                let prefix = rollup.map_or("", rollup_prefix);
-                format!(
-                    "r.{}.{}.{}.{prefix}{start}",
-                    token(meter),
-                    token(subject),
-                    group
-                )
-            }
+            } => window_key(&window_key_prefix(meter, subject, group), *rollup, *start),
         }
     }
+}
+
+/// The part of a window's key that one subject and group's windows share (a query
+/// makes it once and reads hundreds of windows with it).
+pub fn window_key_prefix(meter: &str, subject: &str, group: &str) -> String {
+    format!("r.{}.{}.{group}.", token(meter), token(subject))
+}
+
+/// A window's key from [`window_key_prefix`], its rollup and start.
+pub fn window_key(prefix: &str, rollup: Option<Rollup>, start: i64) -> String {
+    let mut key = String::with_capacity(prefix.len() + 12);
+    key.push_str(prefix);
+    key.push_str(rollup.map_or("", rollup_prefix));
+    let _ = write!(key, "{start}");
+    key
 }
 
 /// The name a generation of a meter's readings is stored under: the meter id for

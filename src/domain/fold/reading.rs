@@ -16,8 +16,60 @@ use crate::domain::meter::Aggregation;
 pub struct Latest {
     #[serde(with = "rust_decimal::serde::str")]
     pub value: Decimal,
+    #[serde(deserialize_with = "utc_time")]
     pub time: DateTime<Utc>,
     pub seq: u64,
+}
+
+/// A stored time, as chrono writes a UTC time (`2026-11-24T10:05:00Z`, or with a
+/// fraction of 1-9 digits), read without chrono's general parser: every accumulator
+/// carries one, and a query decodes hundreds of them. Any other shape goes to chrono.
+fn utc_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = DateTime<Utc>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an RFC 3339 time")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            match canonical_utc(s.as_bytes()) {
+                Some(t) => Ok(t),
+                None => DateTime::parse_from_rfc3339(s)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(E::custom),
+            }
+        }
+    }
+    d.deserialize_str(Visitor)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`; `None` for anything else (or an impossible date).
+fn canonical_utc(b: &[u8]) -> Option<DateTime<Utc>> {
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        b.get(r)?.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let fixed = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if b.len() < 20 || fixed.iter().any(|&(i, c)| b[i] != c) || b[b.len() - 1] != b'Z' {
+        return None;
+    }
+    let nanos = match b.len() - 20 {
+        0 => 0,
+        n if (2..=10).contains(&n) && b[19] == b'.' => {
+            digits(20..b.len() - 1)? * 10u32.pow(10 - n as u32)
+        }
+        _ => return None,
+    };
+    let date =
+        chrono::NaiveDate::from_ymd_opt(digits(0..4)? as i32, digits(5..7)?, digits(8..10)?)?;
+    let time = chrono::NaiveTime::from_hms_nano_opt(
+        digits(11..13)?,
+        digits(14..16)?,
+        digits(17..19)?,
+        nanos,
+    )?;
+    Some(date.and_time(time).and_utc())
 }
 
 /// Exact set of distinct-value hashes.
@@ -283,7 +335,32 @@ pub struct Reading {
 /// Quarters an hour holds.
 const QUARTERS: usize = 4;
 
+/// What a query reads of a stored window: its accumulator and its quarters. Decoding
+/// only these skips the group values, sequences and times a query has no use for (a
+/// month in a half-hour zone decodes hundreds of windows).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct QueriedWindow {
+    acc: Acc,
+    #[serde(default)]
+    only_quarter: Option<u8>,
+    #[serde(default)]
+    quarters: Vec<Option<Box<Acc>>>,
+}
+
 impl Reading {
+    /// A stored window as a query reads it: the accumulator and quarters of its JSON
+    /// (everything else left at its default).
+    pub fn queried_window(raw: &[u8]) -> serde_json::Result<Reading> {
+        let w: QueriedWindow = serde_json::from_slice(raw)?;
+        Ok(Reading {
+            acc: w.acc,
+            only_quarter: w.only_quarter,
+            quarters: w.quarters,
+            ..Reading::default()
+        })
+    }
+
     /// Add another partition's part of a meter's summary: the accumulators merge
     /// exactly, and subjects and invalid events add up (a subject lives in one
     /// partition). Sequences are per partition's stream: only the highest is kept, as

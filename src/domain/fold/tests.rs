@@ -841,3 +841,34 @@ fn contribution_sharing_tells_kinds_properties_and_groups_apart() {
         &m("sum", Some("$.v"), json!({"h":"$.g"}))
     ));
 }
+
+proptest! {
+    /// A stored time reads back as what was written, through the fast path for chrono's
+    /// own format; any other RFC 3339 shape reads as chrono reads it.
+    #[test]
+    fn stored_times_read_back_exactly(secs in -62_000_000_000i64..250_000_000_000, nanos in 0u32..1_000_000_000, offset in -50_400i32..50_400) {
+        let time = chrono::DateTime::from_timestamp(secs, nanos).unwrap();
+        let latest = Latest { value: 1.into(), time, seq: 7 };
+        let json = serde_json::to_string(&latest).unwrap();
+        prop_assert_eq!(serde_json::from_str::<Latest>(&json).unwrap(), latest);
+        let zoned = time
+            .with_timezone(&chrono::FixedOffset::east_opt(offset - offset % 60).unwrap())
+            .to_rfc3339();
+        let read: Latest = serde_json::from_value(json!({"value": "1", "time": zoned, "seq": 7})).unwrap();
+        prop_assert_eq!(read.time, time);
+    }
+}
+
+#[test]
+fn stored_times_that_are_no_times_are_refused() {
+    for bad in [
+        "2026-02-30T00:00:00Z",
+        "2026-11-24T24:00:00Z",
+        "2026-11-24T10:05:00.Z",
+        "2026-11-24T10:05:00+25:00",
+        "yesterday",
+    ] {
+        let r = serde_json::from_value::<Latest>(json!({"value": "1", "time": bad, "seq": 7}));
+        assert!(r.is_err(), "{bad}");
+    }
+}
