@@ -112,8 +112,11 @@ type Covers = Vec<Vec<Chunk>>;
 
 /// A subject and group a query reads windows of: what all those reads share, made once
 /// (a month in a half-hour zone reads over 200 windows of each).
-struct Target {
-    subject: String,
+struct Target<'s> {
+    subject: &'s str,
+    /// The UTC days the subject has events on, when known: windows of other days are
+    /// not read.
+    days: Option<&'s crate::domain::fold::DaySet>,
     /// The group's values the query keeps (its `groupBy`).
     projected: BTreeMap<String, Value>,
     /// `projected` as JSON: groups that project alike merge under it.
@@ -126,8 +129,8 @@ struct Target {
 }
 
 /// The stored windows a query reads, and what they are read for.
-struct Plan {
-    targets: Vec<Target>,
+struct Plan<'s> {
+    targets: Vec<Target<'s>>,
     reads: Vec<Planned>,
 }
 
@@ -430,13 +433,13 @@ async fn scan_windows(
 
 /// Which stored windows to read, for which output window, subject and projected group.
 /// Refused before anything large is built when it would read too many.
-fn plan_reads(
+fn plan_reads<'s>(
     def: &MeterDef,
     at: &Readings,
     p: &query::QueryParams,
     covers: &Covers,
-    subjects: &Subjects,
-) -> Result<Plan> {
+    subjects: &'s Subjects,
+) -> Result<Plan<'s>> {
     let chunks: usize = covers.iter().map(Vec::len).sum();
     let groups: usize = subjects.iter().map(|s| s.groups.len()).sum();
     if chunks.saturating_mul(groups) > QUERY_KEY_LIMIT {
@@ -444,7 +447,6 @@ fn plan_reads(
     }
     // every subject's groups that pass the filters, with the days it has events on
     let mut targets = Vec::new();
-    let mut days_of = Vec::new();
     let mut answers: HashMap<(&str, String), usize> = HashMap::new();
     for subject in subjects {
         for (token, values) in &subject.groups {
@@ -458,24 +460,24 @@ fn plan_reads(
                 .entry((subject.name.as_str(), projected_key.clone()))
                 .or_insert(next);
             targets.push(Target {
-                subject: subject.name.clone(),
+                subject: &subject.name,
+                days: subject.days.as_ref(),
                 projected_key,
                 answer,
                 projected,
                 key_prefix: keys::window_key_prefix(at.of(&subject.name), &subject.name, token),
             });
-            days_of.push(subject.days.as_ref());
         }
     }
     let mut reads = Vec::new();
     for (wi, chunks) in covers.iter().enumerate() {
         let edges: Vec<&'static str> = chunks.iter().map(|c| edge_field(p, c)).collect();
         let spans: Vec<(i64, i64)> = chunks.iter().map(|c| c.span(def.window_size)).collect();
-        for (ti, (target, days)) in targets.iter().zip(&days_of).enumerate() {
+        for (ti, target) in targets.iter().enumerate() {
             for ((chunk, &edge), &(a, b)) in chunks.iter().zip(&edges).zip(&spans) {
                 // only the stored windows on days the subject has events (all, when
                 // unknown)
-                if days.is_some_and(|d| !d.touches(a, b)) {
+                if target.days.is_some_and(|d| !d.touches(a, b)) {
                     continue;
                 }
                 reads.push(Planned {
@@ -577,7 +579,7 @@ fn merge(targets: &[Target], fetched: Vec<Fetched>) -> query::Merged {
         .map(|((wi, _), (ti, acc))| {
             let target = &targets[ti];
             (
-                (wi, target.subject.clone(), target.projected_key.clone()),
+                (wi, target.subject.to_string(), target.projected_key.clone()),
                 (target.projected.clone(), acc),
             )
         })
