@@ -145,23 +145,33 @@ struct Planned {
     edge: &'static str,
 }
 
+/// What a planned read found.
+enum Taken {
+    Fetched(Fetched),
+    /// Parts of a rollup whose reading keeps none (written before rollups kept parts):
+    /// to read again as the windows inside its span ([`query::cover_in_windows`]).
+    Finer(Planned),
+}
+
 impl Planned {
-    /// The reading's contribution: all of it, or the quarters in range of an HOUR
-    /// window at a range's edge — refused when the window did not keep them.
-    fn fetched(self, raw: Option<&[u8]>) -> Result<Fetched> {
-        let acc = match raw {
-            None => None,
-            Some(raw) => {
-                let reading = Reading::queried_window(raw)?;
-                Some(match self.chunk.quarters {
-                    None => reading.acc,
-                    Some((lo, hi)) => reading
-                        .quarter_part(usize::from(lo)..usize::from(hi))
-                        .ok_or_else(|| no_quarters(self.edge, self.chunk.start))?,
-                })
-            }
+    /// The reading's contribution: all of it, or its parts in range — refused when an
+    /// HOUR window at a range's edge did not keep its quarters.
+    fn take(self, reading: Option<&Reading>) -> Result<Taken> {
+        let acc = match (reading, self.chunk.part) {
+            (None, _) => None,
+            (Some(r), None) => Some(r.acc.clone()),
+            (Some(r), Some((lo, hi))) => match r.part(usize::from(lo)..usize::from(hi)) {
+                Some(acc) => Some(acc),
+                None if self.chunk.rollup_part() => return Ok(Taken::Finer(self)),
+                None => return Err(no_quarters(self.edge, self.chunk.start)),
+            },
         };
-        Ok((self.window, self.target, acc, self.chunk.minus))
+        Ok(Taken::Fetched((
+            self.window,
+            self.target,
+            acc,
+            self.chunk.minus,
+        )))
     }
 }
 
@@ -244,11 +254,8 @@ pub(crate) async fn execute_page(
     };
     let ((subjects, next), scans) = futures::try_join!(subjects_read, scans)?;
     let Plan { targets, reads } = plan_reads(def, at, p, &covers, &subjects)?;
-    let fetched = if scan_mode {
-        pick_scanned(reads, scans)?
-    } else {
-        get_each(store, reads).await?
-    };
+    let found = scan_mode.then(|| scanned(scans));
+    let fetched = read_planned(store, def, &targets, reads, found).await?;
     Ok((query::rows(&windows, merge(&targets, fetched), def), next))
 }
 
@@ -344,11 +351,12 @@ impl Pages {
             let slice = query_subjects(&self.store, &self.at, Some(&names)).await?;
             let Plan { targets, reads } =
                 plan_reads(&self.def, &self.at, &self.p, &self.covers, &slice)?;
-            let fetched = if whole {
-                pick_scanned(reads, scan_windows(&self.store, &self.at, chunks).await?)?
+            let found = if whole {
+                Some(scanned(scan_windows(&self.store, &self.at, chunks).await?))
             } else {
-                get_each(&self.store, reads).await?
+                None
             };
+            let fetched = read_planned(&self.store, &self.def, &targets, reads, found).await?;
             Ok(query::rows(
                 &self.windows,
                 merge(&targets, fetched),
@@ -474,19 +482,8 @@ fn plan_reads<'s>(
         let edges: Vec<&'static str> = chunks.iter().map(|c| edge_field(p, c)).collect();
         let spans: Vec<(i64, i64)> = chunks.iter().map(|c| c.span(def.window_size)).collect();
         for (ti, target) in targets.iter().enumerate() {
-            for ((chunk, &edge), &(a, b)) in chunks.iter().zip(&edges).zip(&spans) {
-                // only the stored windows on days the subject has events (all, when
-                // unknown)
-                if target.days.is_some_and(|d| !d.touches(a, b)) {
-                    continue;
-                }
-                reads.push(Planned {
-                    window: wi,
-                    target: ti,
-                    key: keys::window_key(&target.key_prefix, chunk.rollup, chunk.start),
-                    chunk: *chunk,
-                    edge,
-                });
+            for ((chunk, &edge), &span) in chunks.iter().zip(&edges).zip(&spans) {
+                plan_read(&mut reads, wi, ti, target, *chunk, span, edge);
             }
         }
         if reads.len() > QUERY_KEY_LIMIT {
@@ -494,6 +491,58 @@ fn plan_reads<'s>(
         }
     }
     Ok(Plan { targets, reads })
+}
+
+/// Plan reading `chunk` (covering `span`) of a target for an output window — unless
+/// the target's subject has no events in the span.
+fn plan_read(
+    reads: &mut Vec<Planned>,
+    window: usize,
+    target: usize,
+    of: &Target,
+    chunk: Chunk,
+    (a, b): (i64, i64),
+    edge: &'static str,
+) {
+    // only the stored windows on days the subject has events (all, when unknown)
+    if of.days.is_some_and(|d| !d.touches(a, b)) {
+        return;
+    }
+    reads.push(Planned {
+        window,
+        target,
+        key: keys::window_key(&of.key_prefix, chunk.rollup, chunk.start),
+        chunk,
+        edge,
+    });
+}
+
+/// Reads of the windows inside the spans of rollup parts whose readings keep none.
+fn finer_reads(def: &MeterDef, targets: &[Target], coarse: Vec<Planned>) -> Result<Vec<Planned>> {
+    let mut reads = Vec::new();
+    for c in coarse {
+        let (a, b) = c.chunk.span(def.window_size);
+        // (a rollup part's span lies on whole hours or days: always covered)
+        let chunks = query::cover_in_windows(a, b, def.window_size)
+            .map_err(|t| UsageError::Corrupt(format!("no windows cover a rollup part at {t}")))?;
+        for chunk in chunks {
+            let chunk = Chunk {
+                minus: c.chunk.minus,
+                ..chunk
+            };
+            let span = chunk.span(def.window_size);
+            plan_read(
+                &mut reads,
+                c.window,
+                c.target,
+                &targets[c.target],
+                chunk,
+                span,
+                c.edge,
+            );
+        }
+    }
+    Ok(reads)
 }
 
 /// Which parameter set a boundary at `t` (epoch seconds): `from`, `to`, or the zone's
@@ -508,45 +557,87 @@ fn field_at(p: &query::QueryParams, t: i64) -> &'static str {
     }
 }
 
-/// Which parameter set the boundary inside a part of a window.
+/// Which parameter set the boundary inside a part of one of the meter's own windows (a
+/// rollup's parts are never refused: they are read as finer windows instead).
 fn edge_field(p: &query::QueryParams, chunk: &Chunk) -> &'static str {
-    let Some((lo, hi)) = chunk.quarters else {
+    let (None, Some((lo, hi))) = (chunk.rollup, chunk.part) else {
         return "windowTimeZone";
     };
     let at = |q: u8| chunk.start + crate::domain::meter::QUARTER * i64::from(q);
     field_at(p, if lo > 0 { at(lo) } else { at(hi) })
 }
 
-/// The planned readings out of the window scans.
-fn pick_scanned(plan: Vec<Planned>, scans: Vec<Vec<KvItem>>) -> Result<Vec<Fetched>> {
-    let found: HashMap<String, bytes::Bytes> = scans
+/// Stored values by key.
+type Found = HashMap<String, bytes::Bytes>;
+
+/// The planned readings out of `found` (each stored window decoded once, however many
+/// output windows read it), and the rollup parts to read again as finer windows.
+fn take_found(plan: Vec<Planned>, found: &Found) -> Result<(Vec<Fetched>, Vec<Planned>)> {
+    let mut decoded: HashMap<String, Reading> = HashMap::new();
+    let mut fetched = Vec::with_capacity(plan.len());
+    let mut finer = Vec::new();
+    for p in plan {
+        let reading = match found.get(&p.key) {
+            None => None,
+            Some(raw) => {
+                if !decoded.contains_key(&p.key) {
+                    decoded.insert(p.key.clone(), Reading::queried_window(raw)?);
+                }
+                decoded.get(&p.key)
+            }
+        };
+        match p.take(reading)? {
+            Taken::Fetched(f) => fetched.push(f),
+            Taken::Finer(p) => finer.push(p),
+        }
+    }
+    Ok((fetched, finer))
+}
+
+/// The planned readings, out of `found` (window scans) or else one pipelined get each;
+/// rollup parts whose readings keep none are read again as the windows inside them.
+async fn read_planned(
+    store: &Store,
+    def: &MeterDef,
+    targets: &[Target<'_>],
+    plan: Vec<Planned>,
+    found: Option<Found>,
+) -> Result<Vec<Fetched>> {
+    let found = match found {
+        Some(found) => found,
+        None => get_values(store, &plan).await?,
+    };
+    let (mut fetched, finer) = take_found(plan, &found)?;
+    if !finer.is_empty() {
+        let plan = finer_reads(def, targets, finer)?;
+        let found = get_values(store, &plan).await?;
+        let (more, parts) = take_found(plan, &found)?;
+        if !parts.is_empty() {
+            return Err(UsageError::Corrupt("finer windows read as parts".into()));
+        }
+        fetched.extend(more);
+    }
+    Ok(fetched)
+}
+
+/// The window scans' values by key.
+fn scanned(scans: Vec<Vec<KvItem>>) -> Found {
+    scans
         .into_iter()
         .flatten()
         .map(|item| (item.key, item.value))
-        .collect();
-    plan.into_iter()
-        .map(|p| {
-            let raw = found.get(&p.key).cloned();
-            p.fetched(raw.as_deref())
-        })
         .collect()
 }
 
-/// The planned readings, one pipelined get each.
-async fn get_each(store: &Store, plan: Vec<Planned>) -> Result<Vec<Fetched>> {
+/// The values of the planned keys, one pipelined get each.
+async fn get_values(store: &Store, plan: &[Planned]) -> Result<Found> {
     let mut keys: Vec<String> = plan.iter().map(|p| p.key.clone()).collect();
     keys.sort_unstable();
     keys.dedup();
-    let values = store
+    store
         .get_many(&store.readings, keys)
         .await
-        .map_err(UsageError::storage)?;
-    plan.into_iter()
-        .map(|p| {
-            let raw = values.get(&p.key).cloned();
-            p.fetched(raw.as_deref())
-        })
-        .collect()
+        .map_err(UsageError::storage)
 }
 
 /// Whether readings of this aggregation can be taken away again exactly: its value

@@ -340,7 +340,7 @@ impl Aggregator {
                         e.time,
                         value,
                         group,
-                        fold::quarter_of(m, e.time),
+                        fold::Detail::of(m),
                     );
                     match applied {
                         Applied::Counted => {

@@ -337,7 +337,7 @@ impl Aggregator {
         let from = build::rebuilt_from(lost_until, old_size, meter.def.window_size);
         let kept: Vec<KeptWindow> = windows.into_iter().filter(|w| w.start < from).collect();
         let windows_kept = kept.len();
-        let merged = build::merge_kept(meter, kept);
+        let merged = build::merge_kept(meter, old_size, kept);
         let writes = merged
             .into_iter()
             .map(|(key, reading)| {

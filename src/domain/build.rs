@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::fold::{self, Reading};
 use crate::domain::meter::{CompiledMeter, MeterDef, WindowSize};
-use crate::domain::window::ReadingKey;
+use crate::domain::window::{ReadingKey, Split};
 
 /// Per meter: the generation of readings built (or being built) and for which
 /// definition. Stored as JSON; every field added since the first version has a default,
@@ -303,6 +303,7 @@ pub struct KeptWindow {
 /// applies and finds its subject already counted.
 pub fn merge_kept(
     meter: &CompiledMeter,
+    kept_size: WindowSize,
     kept: impl IntoIterator<Item = KeptWindow>,
 ) -> HashMap<ReadingKey, Reading> {
     let mut out: HashMap<ReadingKey, Reading> = HashMap::new();
@@ -331,10 +332,8 @@ pub fn merge_kept(
         }
         for (i, k) in keys.into_iter().enumerate() {
             let r = out.entry(k).or_default();
-            // the new window that holds the kept one's start (first of `window_keys`):
-            // its quarters are the kept window's when both are hours that keep them
-            if i == 0 && meter.def.window_size.quarter_of(0).is_some() {
-                r.merge_quarters(&w.reading);
+            if let Some(split) = meter.def.window_size.split_at(i) {
+                r.merge_parts(split, kept_parts(meter, kept_size, i, split, &w));
             }
             merge_into(r, &w.reading);
             if r.group_by.is_empty() {
@@ -350,6 +349,35 @@ pub fn merge_kept(
         s.subjects = subjects;
     }
     out
+}
+
+/// What a kept window brings to the parts of the `i`th new window holding it (in
+/// `window_keys` order): the new window that holds its start (first) has the kept
+/// window's own parts when both are windows of one size; a coarser one takes the kept
+/// window as one of its parts when it fits inside one. `None` (the new window keeps no
+/// parts) otherwise.
+fn kept_parts(
+    meter: &CompiledMeter,
+    kept_size: WindowSize,
+    i: usize,
+    split: Split,
+    w: &KeptWindow,
+) -> Option<Vec<Option<crate::domain::fold::Acc>>> {
+    let size = meter.def.window_size;
+    if i == 0 && kept_size == size {
+        return w.reading.part_accs(split);
+    }
+    let start = match i {
+        0 => size.window_start(w.start),
+        _ => size.rollups().get(i - 1)?.start(w.start),
+    };
+    // (no longer than a part, a kept window lies inside one: window sizes and parts
+    // are all aligned UTC units)
+    if kept_size.seconds() > split.unit() {
+        return None;
+    }
+    let p = split.part_of(start, w.start);
+    Reading::one_part(split, p, &w.reading.acc, meter.def.aggregation)
 }
 
 fn merge_into(into: &mut Reading, from: &Reading) {
@@ -541,7 +569,7 @@ mod tests {
             start,
             reading,
         });
-        let out = merge_kept(&m, kept);
+        let out = merge_kept(&m, WindowSize::Hour, kept);
         let get = |k: ReadingKey| out[&k].clone();
         let summary = get(ReadingKey::Summary { meter: "m".into() });
         assert_eq!(summary.acc.count, 5);
@@ -565,6 +593,24 @@ mod tests {
             start: 0,
         });
         assert_eq!(day.acc.count, 3);
+        // kept hours are the hours of their UTC day, and their days the days of its
+        // month, whether or not they kept quarters
+        let sum = |r: &Reading, lo, hi| r.part(lo..hi).map(|a| a.sum.to_string());
+        assert_eq!(
+            (sum(&day, 0, 1), sum(&day, 1, 2), sum(&day, 2, 24)),
+            (Some("5".into()), Some("14".into()), Some("0".into()))
+        );
+        let month = get(ReadingKey::Window {
+            meter: "m".into(),
+            subject: "a".into(),
+            group: "_".into(),
+            rollup: Some(crate::domain::window::Rollup::Month),
+            start: 0,
+        });
+        assert_eq!(
+            (sum(&month, 0, 1), sum(&month, 1, 3), sum(&month, 3, 4)),
+            (Some("19".into()), Some("0".into()), Some("0".into()))
+        );
         // kept windows without quarters (built before they existed) leave their hour
         // without: its quarters are never partial
         let hour = |start| {
@@ -576,10 +622,7 @@ mod tests {
                 start,
             })
         };
-        assert_eq!(
-            (hour(3600).acc.count, hour(3600).quarter_part(0..4)),
-            (2, None)
-        );
+        assert_eq!((hour(3600).acc.count, hour(3600).part(0..4)), (2, None));
     }
 
     #[test]
@@ -593,7 +636,7 @@ mod tests {
             .add(&v(5), DateTime::from_timestamp(60, 0).unwrap(), 1);
         let mut first = crate::domain::fold::Acc::default();
         first.add(&v(5), DateTime::from_timestamp(60, 0).unwrap(), 1);
-        with_quarters.quarters = vec![Some(Box::new(first)), None, None, None];
+        with_quarters.parts = vec![Some(Box::new(first)), None, None, None];
         let kept = [("a", 0, with_quarters.clone()), ("a", 0, with_quarters)].map(
             |(s, start, reading)| KeptWindow {
                 subject: s.into(),
@@ -602,7 +645,7 @@ mod tests {
                 reading,
             },
         );
-        let out = merge_kept(&m, kept);
+        let out = merge_kept(&m, WindowSize::Hour, kept);
         let hour = &out[&ReadingKey::Window {
             meter: "m".into(),
             subject: "a".into(),
@@ -610,7 +653,7 @@ mod tests {
             rollup: None,
             start: 0,
         }];
-        let part = |lo, hi| hour.quarter_part(lo..hi).map(|a| a.sum.to_string());
+        let part = |lo, hi| hour.part(lo..hi).map(|a| a.sum.to_string());
         assert_eq!(
             (part(0, 1), part(1, 4)),
             (Some("10".into()), Some("0".into()))

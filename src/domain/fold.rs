@@ -20,7 +20,7 @@ use std::hash::BuildHasher;
 use chrono::{DateTime, Utc};
 
 use crate::domain::event::Event;
-use crate::domain::meter::{Aggregation, CompiledMeter};
+use crate::domain::meter::{Aggregation, CompiledMeter, WindowSize};
 use crate::domain::window::ReadingKey;
 
 /// The keys an event touches for a meter: always the summary; when valid, the subject's
@@ -78,6 +78,15 @@ pub fn window_keys(
     }
 }
 
+/// Start of the `i`th window (in [`window_keys`] order) holding `t`: the meter's own,
+/// then each rollup.
+fn window_start(size: WindowSize, i: usize, t: i64) -> i64 {
+    match i {
+        0 => size.window_start(t),
+        _ => size.rollups().get(i - 1).map_or(t, |r| r.start(t)),
+    }
+}
+
 /// What applying one event did, for counters and the dead-letter subject.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
@@ -102,11 +111,22 @@ pub trait Touched {
     fn at(&mut self, i: usize) -> &mut Reading;
 }
 
-/// The quarter of its own window an event at `time` lands in, with what the meter
-/// aggregates: for [`apply_valid`], for meters whose windows keep quarters.
-pub fn quarter_of(meter: &CompiledMeter, time: DateTime<Utc>) -> Option<(usize, Aggregation)> {
-    let q = meter.def.window_size.quarter_of(time.timestamp())?;
-    Some((q, meter.def.aggregation))
+/// What a meter's windows keep finer parts of ([`crate::domain::window::Split`]), for
+/// [`apply_valid`]: its window size (which says which of the windows an event touches
+/// keep parts) and its aggregation (what the parts keep).
+#[derive(Clone, Copy, Debug)]
+pub struct Detail {
+    pub window_size: WindowSize,
+    pub aggregation: Aggregation,
+}
+
+impl Detail {
+    pub fn of(meter: &CompiledMeter) -> Detail {
+        Detail {
+            window_size: meter.def.window_size,
+            aggregation: meter.def.aggregation,
+        }
+    }
 }
 
 /// Position of the meter's own window among the readings an event touches.
@@ -123,16 +143,15 @@ pub struct Group<'a> {
 }
 
 /// Apply one valid event (stream sequence `seq`) to the readings it touches. A reading
-/// that already holds the sequence is left alone, so replays change nothing. `quarter`:
-/// the quarter of its own window the event falls in and the meter's aggregation, for
-/// meters whose windows keep quarters ([`quarter_of`]).
+/// that already holds the sequence is left alone, so replays change nothing. Windows
+/// that keep finer parts ([`Detail`]) note the event in the part it falls in.
 pub fn apply_valid(
     r: &mut impl Touched,
     seq: u64,
     time: DateTime<Utc>,
     value: &Value_,
     group: Option<Group<'_>>,
-    quarter: Option<(usize, Aggregation)>,
+    detail: Detail,
 ) -> Applied {
     let summary_seq = r.get(0).map_or(0, |s| s.seq);
     // Check every reading first, so an overflow leaves all of them untouched.
@@ -167,8 +186,20 @@ pub fn apply_valid(
         if x.seq >= seq {
             continue;
         }
-        if let (OWN_WINDOW, Some((q, aggregation))) = (i, quarter) {
-            x.add_quarter(q, aggregation, value, time, seq);
+        if let Some(split) = i
+            .checked_sub(OWN_WINDOW)
+            .and_then(|w| detail.window_size.split_at(w))
+        {
+            let t = time.timestamp();
+            let start = window_start(detail.window_size, i - OWN_WINDOW, t);
+            x.add_part(
+                split,
+                split.part_of(start, t),
+                detail.aggregation,
+                value,
+                time,
+                seq,
+            );
         }
         if i == SUBJECT_TOTAL {
             x.note_day(time);
@@ -254,8 +285,14 @@ pub fn apply<S: BuildHasher>(
                 readings,
                 keys: &keys,
             };
-            let quarter = quarter_of(meter, event.time);
-            apply_valid(&mut touched, seq, event.time, value, group, quarter)
+            apply_valid(
+                &mut touched,
+                seq,
+                event.time,
+                value,
+                group,
+                Detail::of(meter),
+            )
         }
     }
 }

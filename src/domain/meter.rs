@@ -105,12 +105,22 @@ impl WindowSize {
         epoch_seconds.div_euclid(self.seconds()) * self.seconds()
     }
 
-    /// Which 15-minute quarter of its window `epoch_seconds` falls in, for meters whose
-    /// windows keep quarters (HOUR: see [`crate::domain::fold::Reading::quarters`]).
-    pub fn quarter_of(self, epoch_seconds: i64) -> Option<usize> {
+    /// The finer parts the meter's own windows keep: quarters for HOUR meters (see
+    /// [`crate::domain::fold::Reading::parts`]).
+    pub fn split(self) -> Option<crate::domain::window::Split> {
         match self {
-            WindowSize::Hour => Some((epoch_seconds.rem_euclid(3600) / QUARTER) as usize),
+            WindowSize::Hour => Some(crate::domain::window::Split::Quarters),
             WindowSize::Minute | WindowSize::Day => None,
+        }
+    }
+
+    /// The finer parts the `i`th window an event touches keeps, in
+    /// [`crate::domain::fold::window_keys`] order: the meter's own window, then each
+    /// rollup.
+    pub fn split_at(self, i: usize) -> Option<crate::domain::window::Split> {
+        match i {
+            0 => self.split(),
+            _ => self.rollups().get(i - 1)?.split(),
         }
     }
 

@@ -1,7 +1,8 @@
 //! Usage queries, the pure part: parse the request, lay out the output windows in the
 //! requested time zone, and cover each one exactly with the fewest stored windows
-//! (UTC month, day and hour rollups, then the meter's own windows at the edges). The
-//! API layer fetches those readings and [`rows`] turns them into rows.
+//! (UTC month, day and hour rollups, whole or the run of days or hours they keep inside
+//! them, then the meter's own windows and their quarters at the edges). The API layer
+//! fetches those readings and [`rows`] turns them into rows.
 
 use std::collections::BTreeMap;
 
@@ -11,8 +12,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::domain::fold::Acc;
-use crate::domain::meter::{MeterDef, WindowSize, QUARTER};
-use crate::domain::window::Rollup;
+use crate::domain::meter::{MeterDef, WindowSize};
+use crate::domain::window::{Rollup, Split};
 use crate::error::FieldError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
@@ -354,14 +355,14 @@ pub struct Answer {
 }
 
 /// One stored window a cover reads: a rollup or the meter's own window
-/// (`rollup: None`), whole — or, at a range's edge that falls inside one of an HOUR
-/// meter's windows, only its quarters `quarters.0..quarters.1`
-/// ([`crate::domain::fold::Reading::quarter_part`]).
+/// (`rollup: None`), whole — or only its parts `part.0..part.1`
+/// ([`crate::domain::fold::Reading::part`]): an HOUR meter's own window's quarters at a
+/// range's edge inside it, a UTC day's hours, a UTC month's days ([`Split`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Chunk {
     pub rollup: Option<Rollup>,
     pub start: i64,
-    pub quarters: Option<(u8, u8)>,
+    pub part: Option<(u8, u8)>,
     /// Taken away from the other chunks of its cover rather than added
     /// ([`signed_cover`]).
     pub minus: bool,
@@ -372,32 +373,51 @@ impl Chunk {
         Chunk {
             rollup,
             start,
-            quarters: None,
+            part: None,
             minus: false,
+        }
+    }
+
+    /// How the stored window it reads is split into parts, for a meter of `base`
+    /// windows.
+    pub fn split(&self, base: WindowSize) -> Option<Split> {
+        match self.rollup {
+            Some(r) => r.split(),
+            None => base.split(),
         }
     }
 
     /// The time it covers, [start, end) in epoch seconds, for a meter of `base` windows.
     pub fn span(&self, base: WindowSize) -> (i64, i64) {
-        match (self.rollup, self.quarters) {
-            (Some(r), _) => (self.start, r.next(self.start)),
-            (None, None) => (self.start, self.start + base.seconds()),
-            (None, Some((lo, hi))) => (
-                self.start + QUARTER * i64::from(lo),
-                self.start + QUARTER * i64::from(hi),
+        let end = match self.rollup {
+            Some(r) => r.next(self.start),
+            None => self.start + base.seconds(),
+        };
+        match (self.part, self.split(base)) {
+            (Some((lo, hi)), Some(split)) => (
+                self.start + split.unit() * i64::from(lo),
+                (self.start + split.unit() * i64::from(hi)).min(end),
             ),
+            _ => (self.start, end),
         }
+    }
+
+    /// Whether it reads parts of a rollup (which a window written before rollups kept
+    /// parts lacks: [`cover_in_windows`] covers its span again without them).
+    pub fn rollup_part(&self) -> bool {
+        self.rollup.is_some() && self.part.is_some()
     }
 }
 
 /// [`cover`] for aggregations whose readings can be taken away again (`count`, `sum`,
-/// `avg`), which lets a range whose ends lie off UTC midnight read UTC rollups: the
-/// range's ends are moved to the nearest UTC midnight, that range is covered, and what
-/// the move added is taken away again (`minus`) or what it left out added. A day in
-/// Europe/Berlin is then its UTC day, one hour taken away and one added (3 readings,
-/// where the plain cover reads 24), a month its UTC month and two hours. The plain cover
-/// is kept where it reads as few. Whatever is taken away lies inside what is added, so
-/// the sum of a cover's readings never goes below zero on the way.
+/// `avg`): the range's ends are moved to the nearest UTC midnight, that range is
+/// covered, and what the move added is taken away again (`minus`) or what it left out
+/// added. Taken only where it reads fewer windows than the plain cover (since rollups
+/// keep parts, it saves a reading or so: two days from 23:15 read the days between and
+/// the quarters of the hour before each end — 3 readings, where the plain cover reads
+/// the quarters, a day's hours and the days — 4). Whatever is taken away lies
+/// inside what is added, so the sum of a cover's readings never goes below zero on the
+/// way.
 pub fn signed_cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<Chunk>, i64> {
     const DAY: i64 = 86_400;
     let plain = cover(a, b, base)?;
@@ -435,17 +455,29 @@ pub fn signed_cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<Chunk>, i64>
     })
 }
 
-/// Stored windows that together are exactly [a, b): coarsest UTC rollups first, then
-/// the meter's own windows, and quarters of one only at an edge inside it. Fails when a
-/// or b falls on no boundary stored: the meter's windows, or a quarter hour for HOUR
-/// meters (every UTC offset in use is a whole number of quarter hours).
+/// Stored windows that together are exactly [a, b), read coarsest first: at each step
+/// the coarsest UTC rollup that holds the next stretch — whole, or the run of its parts
+/// (a month's days, a day's hours) the range takes of it —, else the meter's own
+/// window, and quarters of one only at an edge inside it. A day in a zone a whole number
+/// of hours off UTC is then the hours of two UTC days (2 readings), one in Asia/Kolkata
+/// those and the quarters of the hour its midnight falls in (4, two of them shared with
+/// the next day). Fails when a or b falls on no boundary stored: the meter's windows,
+/// or a quarter hour for HOUR meters (every UTC offset in use is a whole number of
+/// quarter hours).
 pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<Chunk>, i64> {
+    cover_with(a, b, base, true)
+}
+
+/// [`cover`] without parts of rollups: whole rollups and the meter's own windows. What a
+/// chunk of a rollup whose reading keeps no parts (written before rollups kept them) is
+/// read as instead.
+pub fn cover_in_windows(a: i64, b: i64, base: WindowSize) -> Result<Vec<Chunk>, i64> {
+    cover_with(a, b, base, false)
+}
+
+fn cover_with(a: i64, b: i64, base: WindowSize, rollup_parts: bool) -> Result<Vec<Chunk>, i64> {
     let size = base.seconds();
-    let finest = if base.quarter_of(0).is_some() {
-        QUARTER
-    } else {
-        size
-    };
+    let finest = base.split().map_or(size, Split::unit);
     if a.rem_euclid(finest) != 0 {
         return Err(a);
     }
@@ -459,25 +491,41 @@ pub fn cover(a: i64, b: i64, base: WindowSize) -> Result<Vec<Chunk>, i64> {
             // an edge inside one of the meter's windows: the quarters of it in range
             let start = base.window_start(t);
             let end = (start + size).min(b);
-            let quarter = |at: i64| ((at - start) / QUARTER) as u8;
+            let quarter = |at: i64| ((at - start) / finest) as u8;
             out.push(Chunk {
                 rollup: None,
                 start,
-                quarters: Some((quarter(t), quarter(end))),
+                part: Some((quarter(t), quarter(end))),
                 minus: false,
             });
             t = end;
             continue;
         }
-        let rollup = base
-            .rollups()
-            .iter()
-            .rev()
-            .find(|ru| ru.start(t) == t && ru.next(t) <= b);
-        match rollup {
-            Some(ru) => {
-                out.push(Chunk::whole(Some(*ru), t));
-                t = ru.next(t);
+        let chunk = base.rollups().iter().rev().find_map(|&ru| {
+            let start = ru.start(t);
+            let next = ru.next(start);
+            if start == t && next <= b {
+                return Some((Chunk::whole(Some(ru), t), next));
+            }
+            let split = ru.split().filter(|_| rollup_parts)?;
+            // the run of whole parts from t, up to the rollup's end or b
+            let unit = split.unit();
+            let end = next.min(b);
+            let (lo, hi) = ((t - start) / unit, (end - start) / unit);
+            ((t - start) % unit == 0 && hi > lo).then(|| {
+                let chunk = Chunk {
+                    rollup: Some(ru),
+                    start,
+                    part: Some((lo as u8, hi as u8)),
+                    minus: false,
+                };
+                (chunk, start + hi * unit)
+            })
+        });
+        match chunk {
+            Some((chunk, next)) => {
+                out.push(chunk);
+                t = next;
             }
             None => {
                 out.push(Chunk::whole(None, t));

@@ -34,6 +34,44 @@ pub enum ReadingKey {
     },
 }
 
+/// How a stored window is split into finer parts that a query can read on their own
+/// (kept inside the window's reading, not as keys of their own): an HOUR meter's hour
+/// into 15-minute quarters, a UTC day rollup into its hours, a UTC month rollup into its
+/// days. A range whose edges fall inside a window then reads that one window, not every
+/// finer window up to the edge: a day in Asia/Kolkata reads the UTC days it overlaps
+/// (their hours) and the hour its midnight falls in (its quarters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Split {
+    Quarters,
+    Hours,
+    Days,
+}
+
+impl Split {
+    /// Seconds in one part (a month's days are all 86,400 s long in UTC).
+    pub fn unit(self) -> i64 {
+        match self {
+            Split::Quarters => 900,
+            Split::Hours => 3600,
+            Split::Days => 86_400,
+        }
+    }
+
+    /// Parts a window holds (a month has up to 31 days; those past its end stay empty).
+    pub fn parts(self) -> usize {
+        match self {
+            Split::Quarters => 4,
+            Split::Hours => 24,
+            Split::Days => 31,
+        }
+    }
+
+    /// The part of the window starting at `start` that `t` (epoch seconds) falls in.
+    pub fn part_of(self, start: i64, t: i64) -> usize {
+        ((t - start).max(0) / self.unit()) as usize
+    }
+}
+
 /// Coarser windows kept beside the meter's own, all in UTC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rollup {
@@ -56,6 +94,16 @@ impl Rollup {
                     .single()
                     .map_or(epoch_seconds, |m| m.timestamp())
             }
+        }
+    }
+
+    /// The finer parts its readings keep (none for an hour: only MINUTE meters keep
+    /// hour rollups, and their own minutes are fine enough).
+    pub fn split(self) -> Option<Split> {
+        match self {
+            Rollup::Hour => None,
+            Rollup::Day => Some(Split::Hours),
+            Rollup::Month => Some(Split::Days),
         }
     }
 

@@ -783,6 +783,95 @@ async fn days_and_months_are_exact_in_every_zone() {
     );
 }
 
+/// Day and month rollups keep their hours and days as parts, so that a zone's day reads
+/// the two UTC days it overlaps. Rollups written before they kept parts (stripped here
+/// in KV, as an earlier version stored them) answer the same, read through the windows
+/// inside them — also after a late event lands in one.
+#[tokio::test]
+async fn rollups_without_parts_are_read_through_their_windows() {
+    let events = [
+        ev(1, "old", "2026-11-01T10:00:00Z", json!({"v": 1})),
+        ev(2, "old", "2026-11-01T20:00:00Z", json!({"v": 2})),
+        ev(3, "old", "2026-11-02T05:00:00Z", json!({"v": 4})),
+        ev(4, "old", "2026-11-02T18:40:00Z", json!({"v": 8})),
+        ev(5, "old", "2026-11-02T18:20:00Z", json!({"v": 16})),
+        ev(6, "old", "2026-11-03T12:00:00Z", json!({"v": 32})),
+    ];
+    let meters = [
+        json!({"id": "total", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v"}),
+        json!({"id": "peak", "eventType": "use", "aggregation": "max", "valueProperty": "$.v"}),
+    ];
+    let (nats, km) = setup("qparts", &meters, &events).await;
+    let kolkata = "from=2026-10-31T18:30:00Z&to=2026-11-03T18:30:00Z&windowSize=DAY&windowTimeZone=Asia/Kolkata&subject=old";
+    let berlin = "from=2026-10-31T23:00:00Z&to=2026-11-03T23:00:00Z&windowSize=DAY&windowTimeZone=Europe/Berlin&subject=old";
+    let month = "from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=MONTH&subject=old";
+    let values = |b: Value| -> Vec<String> { rows(&b).into_iter().map(|r| r.3).collect() };
+    let answers = || {
+        let km = &km;
+        async move {
+            let mut out = Vec::new();
+            for meter in ["total", "peak"] {
+                for params in [kolkata, berlin, month] {
+                    out.push(values(query(km, meter, params).await));
+                }
+            }
+            out
+        }
+    };
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let want = |late: u64| {
+        vec![
+            strings(&["1", &(22 + late).to_string(), "40"]),
+            strings(&["3", &(28 + late).to_string(), "32"]),
+            strings(&[&(63 + late).to_string()]),
+            strings(&["1", if late > 0 { "64" } else { "16" }, "32"]),
+            strings(&["2", if late > 0 { "64" } else { "16" }, "32"]),
+            strings(&[if late > 0 { "64" } else { "32" }]),
+        ]
+    };
+    assert_eq!(answers().await, want(0));
+    // every day and month rollup as an earlier version stored it: no parts (once the
+    // aggregator holds none of them in memory)
+    let cached = "kloudmeter_aggregator_cached_readings{partition=\"0\"}";
+    wait_for("the idle aggregator to drop its readings", T, || async {
+        km.metric(cached).await == 0.0
+    })
+    .await;
+    let js = nats.client().await;
+    let kv = js.get_key_value("qparts-readings").await.unwrap();
+    let mut keys = kv.keys().await.unwrap();
+    let mut stripped = 0;
+    use futures::StreamExt;
+    while let Some(k) = keys.next().await {
+        let k = k.unwrap();
+        let last = k.rsplit('.').next().unwrap();
+        if !(last.starts_with('d') || last.starts_with('M')) {
+            continue;
+        }
+        let mut r: Value = serde_json::from_slice(&kv.get(&k).await.unwrap().unwrap()).unwrap();
+        let had = r.as_object_mut().unwrap().remove("parts").is_some()
+            | r.as_object_mut().unwrap().remove("onlyPart").is_some();
+        assert!(had, "{k} kept no parts: {r}");
+        kv.put(&k, serde_json::to_vec(&r).unwrap().into())
+            .await
+            .unwrap();
+        stripped += 1;
+    }
+    // 3 days and a month, for each meter
+    assert_eq!(stripped, 8);
+    assert_eq!(answers().await, want(0));
+    // a late event in a day without parts: the day stays without (its parts would not
+    // hold its earlier events), and still answers exactly
+    let (s, b) = post(
+        &km.url("/api/v1/events"),
+        &ev(7, "old", "2026-11-02T03:00:00Z", json!({"v": 64})),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    caught_up(&js, "qparts", Duration::from_secs(60)).await;
+    assert_eq!(answers().await, want(64));
+}
+
 #[tokio::test]
 async fn filters_split_one_event_type_into_meters_exactly() {
     let meters = [

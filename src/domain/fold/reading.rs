@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::contribution::*;
 use crate::domain::meter::Aggregation;
+use crate::domain::window::Split;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Latest {
@@ -309,21 +310,34 @@ pub struct Reading {
     /// queries can address its windows directly.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub groups: BTreeMap<String, SharedGroup>,
-    /// HOUR meters' own windows only, with [`Self::quarters`]: while every event of the
-    /// hour fell in one 15-minute quarter, which (the hour's own accumulator is then that
-    /// quarter's: the common case, stored in a few bytes).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub only_quarter: Option<u8>,
-    /// HOUR meters' own windows only, once their events span quarters: the hour's four
-    /// 15-minute quarters (`null` while empty), each an accumulator of what the meter's
-    /// aggregation reads, so that a day in a zone whose offset is not a whole hour (India,
-    /// Nepal, Chatham) starts and ends exactly inside an hour — at the cost of a larger
-    /// value, not of more keys. Complete only while their counts add up to the hour's
-    /// ([`Self::quarter_part`]): a window written before quarters existed, or whose
-    /// distinct sets outgrew [`DISTINCT_CAP`] together, has none. (Boxed: the aggregator
-    /// keeps hundreds of thousands of readings in memory.)
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub quarters: Vec<Option<Box<Acc>>>,
+    /// Windows that keep finer parts ([`Split`]), with [`Self::parts`]: while every
+    /// event of the window fell in one part, which (the window's own accumulator is then
+    /// that part's: the common case, stored in a few bytes). Stored as `onlyQuarter`
+    /// before days and months kept parts too.
+    #[serde(
+        default,
+        rename = "onlyPart",
+        alias = "onlyQuarter",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub only_part: Option<u8>,
+    /// Windows that keep finer parts ([`Split`]: an HOUR meter's hours their 15-minute
+    /// quarters, UTC day rollups their hours, UTC month rollups their days), once their
+    /// events span parts: each part (`null` while empty) an accumulator of what the
+    /// meter's aggregation reads, so that a range whose edge falls inside the window —
+    /// a day in a zone whose offset is not a whole hour (India, Nepal, Chatham), or any
+    /// zone's day in a UTC day — reads this one window rather than every finer one up to
+    /// the edge: at the cost of a larger value, not of more keys. Complete only while
+    /// their counts add up to the window's ([`Self::part`]): a window written before it
+    /// kept parts, or whose distinct sets outgrew [`DISTINCT_CAP`] together, has none.
+    /// (Boxed: the aggregator keeps hundreds of thousands of readings in memory.)
+    #[serde(
+        default,
+        rename = "parts",
+        alias = "quarters",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub parts: Vec<Option<Box<Acc>>>,
     /// Subject totals only: the UTC days the subject has events on, so that queries read
     /// only those days' windows. Kept from the total's first event on; `None` (a total
     /// written before this was kept, or a subject active on more than
@@ -332,31 +346,27 @@ pub struct Reading {
     pub days: Option<super::DaySet>,
 }
 
-/// Quarters an hour holds.
-const QUARTERS: usize = 4;
-
-/// What a query reads of a stored window: its accumulator and its quarters. Decoding
-/// only these skips the group values, sequences and times a query has no use for (a
-/// month in a half-hour zone decodes hundreds of windows).
+/// What a query reads of a stored window: its accumulator and its parts. Decoding only
+/// these skips the group values, sequences and times a query has no use for.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct QueriedWindow {
     acc: Acc,
-    #[serde(default)]
-    only_quarter: Option<u8>,
-    #[serde(default)]
-    quarters: Vec<Option<Box<Acc>>>,
+    #[serde(default, rename = "onlyPart", alias = "onlyQuarter")]
+    only_part: Option<u8>,
+    #[serde(default, rename = "parts", alias = "quarters")]
+    parts: Vec<Option<Box<Acc>>>,
 }
 
 impl Reading {
-    /// A stored window as a query reads it: the accumulator and quarters of its JSON
+    /// A stored window as a query reads it: the accumulator and parts of its JSON
     /// (everything else left at its default).
     pub fn queried_window(raw: &[u8]) -> serde_json::Result<Reading> {
         let w: QueriedWindow = serde_json::from_slice(raw)?;
         Ok(Reading {
             acc: w.acc,
-            only_quarter: w.only_quarter,
-            quarters: w.quarters,
+            only_part: w.only_part,
+            parts: w.parts,
             ..Reading::default()
         })
     }
@@ -378,103 +388,111 @@ impl Reading {
         };
     }
 
-    /// Note in quarter `q` a value the window is about to take (called before the
-    /// window's own accumulator takes it), keeping only what `aggregation` reads.
-    /// Quarters start with the window's first event: a window that holds events without
-    /// them keeps none, and one whose quarters cannot take the value (their distinct sets
-    /// would outgrow the hour's budget, or a sum its range) drops them, so that an
-    /// incomplete set of quarters is never taken for a whole one.
-    pub(super) fn add_quarter(
+    /// Note in part `p` of `split` a value the window is about to take (called before
+    /// the window's own accumulator takes it), keeping only what `aggregation` reads.
+    /// Parts start with the window's first event: a window that holds events without
+    /// them keeps none, and one whose parts cannot take the value (their distinct sets
+    /// would outgrow the window's budget, or a sum its range) drops them, so that an
+    /// incomplete set of parts is never taken for a whole one.
+    pub(super) fn add_part(
         &mut self,
-        q: usize,
+        split: Split,
+        p: usize,
         aggregation: Aggregation,
         v: &Value_,
         time: DateTime<Utc>,
         seq: u64,
     ) {
-        if q >= QUARTERS {
+        if p >= split.parts() {
             return;
         }
-        if self.quarters.is_empty() {
-            match self.only_quarter {
+        if self.parts.is_empty() {
+            match self.only_part {
                 None if self.acc.count == 0 => {
-                    self.only_quarter = Some(q as u8);
+                    self.only_part = Some(p as u8);
                     return;
                 }
-                // written without quarters
+                // written without parts
                 None => return,
-                Some(only) if usize::from(only) == q => return,
+                Some(only) if usize::from(only) == p => return,
                 Some(only) => {
-                    // the second quarter: the first one's events are the hour's so far
+                    // the second part: the first one's events are the window's so far
                     let mut first = self.acc.clone();
                     first.keep_only(aggregation);
-                    self.quarters = vec![None; QUARTERS];
-                    self.quarters[usize::from(only)] = Some(Box::new(first));
-                    self.only_quarter = None;
+                    self.parts = vec![None; split.parts()];
+                    if let Some(slot) = self.parts.get_mut(usize::from(only)) {
+                        *slot = Some(Box::new(first));
+                    }
+                    self.only_part = None;
                 }
             }
         }
-        let quarter = self.quarters[q].get_or_insert_with(Box::default);
-        if !quarter.can_add(v) {
-            self.quarters.clear();
+        let Some(part) = self.parts.get_mut(p) else {
+            // (a stored window of another shape: its parts cannot be trusted)
+            self.parts.clear();
+            return;
+        };
+        let part = part.get_or_insert_with(Box::default);
+        if !part.can_add(v) {
+            self.parts.clear();
             return;
         }
-        quarter.add(v, time, seq);
-        quarter.keep_only(aggregation);
-        let distinct = |a: &Acc| a.distinct.as_ref().map_or(0, |d| d.hashes.len());
-        let held = distinct(&self.acc)
-            + self
-                .quarters
-                .iter()
-                .flatten()
-                .map(|q| distinct(q))
-                .sum::<usize>();
-        if held >= DISTINCT_CAP {
-            // (the hour's own set keeps its exactness; one reading stays under NATS's
-            // message limit)
-            self.quarters.clear();
+        part.add(v, time, seq);
+        part.keep_only(aggregation);
+        if aggregation == Aggregation::UniqueCount {
+            let distinct = |a: &Acc| a.distinct.as_ref().map_or(0, |d| d.hashes.len());
+            let held = distinct(&self.acc)
+                + self
+                    .parts
+                    .iter()
+                    .flatten()
+                    .map(|q| distinct(q))
+                    .sum::<usize>();
+            if held >= DISTINCT_CAP {
+                // (the window's own set keeps its exactness; one reading stays under
+                // NATS's message limit)
+                self.parts.clear();
+            }
         }
     }
 
-    /// The one quarter all of the window's events fell in, while it has no others.
-    fn sole_quarter(&self) -> Option<usize> {
-        self.only_quarter
-            .filter(|_| self.quarters.is_empty())
+    /// The one part all of the window's events fell in, while it has no others.
+    fn sole_part(&self) -> Option<usize> {
+        self.only_part
+            .filter(|_| self.parts.is_empty())
             .map(usize::from)
     }
 
-    /// Whether the window's quarters hold every one of its events (see
-    /// [`Self::quarters`]).
-    fn quarters_complete(&self) -> bool {
-        self.sole_quarter().is_some()
-            || (self.quarters.len() == QUARTERS
-                && self.quarters.iter().flatten().map(|q| q.count).sum::<u64>() == self.acc.count)
+    /// Whether the window's parts hold every one of its events (see [`Self::parts`]).
+    fn parts_complete(&self) -> bool {
+        self.sole_part().is_some()
+            || (!self.parts.is_empty()
+                && self.parts.iter().flatten().map(|q| q.count).sum::<u64>() == self.acc.count)
     }
 
-    /// The window's quarters, each `None` while empty; `None` when they do not hold
+    /// The window's `split` parts, each `None` while empty; `None` when they do not hold
     /// every event of the window.
-    fn quarter_accs(&self) -> Option<Vec<Option<Acc>>> {
-        if let Some(only) = self.sole_quarter() {
-            let mut out = vec![None; QUARTERS];
+    pub(crate) fn part_accs(&self, split: Split) -> Option<Vec<Option<Acc>>> {
+        if let Some(only) = self.sole_part() {
+            let mut out = vec![None; split.parts()];
             *out.get_mut(only)? = Some(self.acc.clone());
             return Some(out);
         }
-        self.quarters_complete().then(|| {
-            self.quarters
-                .iter()
-                .map(|q| q.as_deref().cloned())
-                .collect()
-        })
+        (self.parts_complete() && self.parts.len() == split.parts())
+            .then(|| self.parts.iter().map(|q| q.as_deref().cloned()).collect())
     }
 
-    /// The quarters `range` of the window merged; `None` when the window does not hold
-    /// every one of its events in quarters (see [`Self::quarters`]).
-    pub fn quarter_part(&self, range: std::ops::Range<usize>) -> Option<Acc> {
-        if !self.quarters_complete() {
+    /// The parts `range` of the window merged; `None` when the window does not hold
+    /// every one of its events in parts (see [`Self::parts`]).
+    pub fn part(&self, range: std::ops::Range<usize>) -> Option<Acc> {
+        if self.acc.count == 0 {
+            return Some(Acc::default());
+        }
+        if !self.parts_complete() {
             return None;
         }
-        // (read in place: an edge of a query costs no copy of the other quarters)
-        if let Some(only) = self.sole_quarter() {
+        // (read in place: an edge of a query costs no copy of the other parts)
+        if let Some(only) = self.sole_part() {
             return Some(if range.contains(&only) {
                 self.acc.clone()
             } else {
@@ -482,26 +500,31 @@ impl Reading {
             });
         }
         let mut out = Acc::default();
-        for q in self.quarters.get(range)?.iter().flatten() {
+        for q in self.parts.get(range)?.iter().flatten() {
             out.merge(q);
         }
         Some(out)
     }
 
-    /// Merge the quarters of another window of the same hour (kept history) into these,
-    /// before the windows themselves merge: they stay complete only when both sides are.
-    pub(crate) fn merge_quarters(&mut self, from: &Reading) {
+    /// Merge into these parts the `split` parts of something the window is about to
+    /// take whole (kept history: another window of the same span's parts, or a finer
+    /// window that is one part — [`Acc::keep_only`]'d by the caller), before the
+    /// accumulators themselves merge: they stay complete only when both sides are.
+    pub(crate) fn merge_parts(&mut self, split: Split, theirs: Option<Vec<Option<Acc>>>) {
         let ours = if self.acc.count == 0 {
-            Some(vec![None; QUARTERS])
+            Some(vec![None; split.parts()])
         } else {
-            self.quarter_accs()
+            self.part_accs(split)
         };
-        self.only_quarter = None;
-        self.quarters.clear();
-        let (Some(ours), Some(theirs)) = (ours, from.quarter_accs()) else {
+        self.only_part = None;
+        self.parts.clear();
+        let (Some(ours), Some(theirs)) = (ours, theirs) else {
             return;
         };
-        self.quarters = ours
+        if theirs.len() != ours.len() {
+            return;
+        }
+        self.parts = ours
             .into_iter()
             .zip(theirs)
             .map(|(a, b)| match (a, b) {
@@ -512,6 +535,21 @@ impl Reading {
                 (a, b) => a.or(b).map(Box::new),
             })
             .collect();
+    }
+
+    /// `acc` as the only part `p` of `split`, keeping what `aggregation` reads: what a
+    /// finer window that is one of its parts brings to [`Self::merge_parts`].
+    pub(crate) fn one_part(
+        split: Split,
+        p: usize,
+        acc: &Acc,
+        aggregation: Aggregation,
+    ) -> Option<Vec<Option<Acc>>> {
+        let mut out = vec![None; split.parts()];
+        let mut acc = acc.clone();
+        acc.keep_only(aggregation);
+        *out.get_mut(p)? = (acc.count > 0).then_some(acc);
+        Some(out)
     }
 
     /// Note the day of an event a subject total is about to take (called before its

@@ -288,8 +288,8 @@ fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
     // while every event is in one quarter, the hour says which, and is that quarter
     let (s, _) = fold_all(&m, &events[..1]);
     let hour = &s[&window("m", "c", "_", "2026-11-24T10:00:00Z")];
-    assert_eq!((hour.only_quarter, hour.quarters.len()), (Some(0), 0));
-    let part = |r: &Reading, lo, hi| r.quarter_part(lo..hi).map(|a| a.sum.to_string());
+    assert_eq!((hour.only_part, hour.parts.len()), (Some(0), 0));
+    let part = |r: &Reading, lo, hi| r.part(lo..hi).map(|a| a.sum.to_string());
     assert_eq!(
         (part(hour, 0, 1), part(hour, 1, 4)),
         (Some("1".into()), Some("0".into()))
@@ -297,9 +297,9 @@ fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
     // a second quarter spells them out
     let (s, _) = fold_all(&m, &events);
     let hour = &s[&window("m", "c", "_", "2026-11-24T10:00:00Z")];
-    assert_eq!(hour.only_quarter, None);
+    assert_eq!(hour.only_part, None);
     let sums: Vec<Option<String>> = hour
-        .quarters
+        .parts
         .iter()
         .map(|q| q.as_ref().map(|q| q.sum.to_string()))
         .collect();
@@ -308,7 +308,7 @@ fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
         [Some("1".into()), None, Some("2".into()), Some("4".into())]
     );
     // a quarter keeps only what the aggregation reads: the hour keeps everything
-    let first = hour.quarters[0].as_ref().unwrap();
+    let first = hour.parts[0].as_ref().unwrap();
     assert_eq!(
         (
             first.min,
@@ -319,13 +319,13 @@ fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
         (None, None, false, true)
     );
     assert_eq!(part(hour, 2, 4).as_deref(), Some("6"));
-    // rollups and totals keep none
+    // totals keep none
     let total = &s[&total("m", "c")];
-    assert_eq!((total.only_quarter, total.quarters.len()), (None, 0));
+    assert_eq!((total.only_part, total.parts.len()), (None, 0));
     // a window written before quarters existed: its events are in no quarter, and new
     // ones do not start a partial set
     let mut legacy = hour.clone();
-    legacy.quarters.clear();
+    legacy.parts.clear();
     assert_eq!(part(&legacy, 0, 2), None);
     let mut store = HashMap::from([(window("m", "c", "_", "2026-11-24T10:00:00Z"), legacy)]);
     let late = ev("c", "2026-11-24T10:10:00Z", json!({"v": 8}));
@@ -335,14 +335,29 @@ fn hour_windows_keep_quarters_only_while_they_hold_every_event() {
         (legacy.acc.sum.to_string(), part(legacy, 0, 1)),
         ("15".into(), None)
     );
-    // MINUTE and DAY windows keep none
+    // DAY windows keep none (their month rollup keeps its days)
     let daily = meter(
         json!({"id":"m","eventType":"t","aggregation":"sum","valueProperty":"$.v","windowSize":"DAY"}),
     );
     let (s, _) = fold_all(&daily, &events);
-    assert!(s
-        .values()
-        .all(|r| r.quarters.is_empty() && r.only_quarter.is_none()));
+    let with_parts: Vec<(&ReadingKey, Option<u8>)> = s
+        .iter()
+        .filter(|(_, r)| !r.parts.is_empty() || r.only_part.is_some())
+        .map(|(k, r)| (k, r.only_part))
+        .collect();
+    assert!(
+        matches!(
+            with_parts[..],
+            [(
+                ReadingKey::Window {
+                    rollup: Some(crate::domain::window::Rollup::Month),
+                    ..
+                },
+                Some(23)
+            )]
+        ),
+        "{with_parts:?}"
+    );
 }
 
 #[test]
@@ -363,7 +378,7 @@ fn quarters_give_way_when_distinct_sets_outgrow_the_budget() {
         let e = ev("c", at, json!({"u": i}));
         apply(&mut store, &m, i as u64 + 1, &e, &contribution(&m, &e));
         if i + 1 == n - 1 {
-            let whole = store[&key].quarter_part(0..4);
+            let whole = store[&key].part(0..4);
             assert_eq!(
                 whole.map(|a| a.distinct.map(|d| d.count())),
                 Some(Some(n as u64 - 1))
@@ -372,7 +387,7 @@ fn quarters_give_way_when_distinct_sets_outgrow_the_budget() {
     }
     let r = &store[&key];
     assert_eq!(
-        (r.acc.value(Aggregation::UniqueCount), r.quarter_part(0..4)),
+        (r.acc.value(Aggregation::UniqueCount), r.part(0..4)),
         (Some(rust_decimal::Decimal::from(n)), None)
     );
     // in one quarter they cost nothing: the hour is that quarter
@@ -382,7 +397,7 @@ fn quarters_give_way_when_distinct_sets_outgrow_the_budget() {
         apply(&mut store, &m, i as u64 + 1, &e, &contribution(&m, &e));
     }
     let part = store[&key]
-        .quarter_part(1..2)
+        .part(1..2)
         .and_then(|a| a.distinct)
         .map(|d| d.count());
     assert_eq!(part, Some(n as u64));
@@ -453,7 +468,8 @@ fn distinct_sets_round_trip_compactly() {
 fn arb_events() -> impl Strategy<Value = Vec<Event>> {
     let one = (
         0u8..3,
-        0i64..7200,
+        // mostly within two hours; some anywhere in 40 days (a month boundary between)
+        prop_oneof![3 => 0i64..7200, 1 => 0i64..3_456_000],
         prop_oneof![Just(None), (-50i64..50).prop_map(Some)],
         0u8..3,
     )
@@ -578,8 +594,29 @@ proptest! {
         let rollups = store.keys().filter(|k| matches!(k, ReadingKey::Window { rollup: Some(_), .. })).count();
         prop_assert_eq!(rollups, per_rollup.len());
         for ((subject, group, ru, start), merged) in per_rollup {
-            let key = ReadingKey::Window { meter: "m".into(), subject: subject.into(), group: group.into(), rollup: Some(ru), start };
-            prop_assert_eq!(store[&key].acc.value(agg), merged.value(agg));
+            let key = ReadingKey::Window { meter: "m".into(), subject: subject.clone().into(), group: group.clone().into(), rollup: Some(ru), start };
+            let r = &store[&key];
+            prop_assert_eq!(r.acc.value(agg), merged.value(agg));
+            // a day's hours and a month's days each equal the base windows inside them,
+            // and a run of them the merge of those
+            let Some(split) = ru.split() else { continue };
+            let unit = split.unit();
+            let inside = |lo: usize, hi: usize| {
+                let mut expected = Acc::default();
+                for (k, w) in &store {
+                    if let ReadingKey::Window { subject: s2, group: g2, rollup: None, start: t, .. } = k {
+                        // (a month of fewer than 31 days: its last parts stay empty)
+                        let (lo, hi) = (start + unit * lo as i64, (start + unit * hi as i64).min(ru.next(start)));
+                        if **s2 == *subject && **g2 == *group && (lo..hi).contains(t) {
+                            expected.merge(&w.acc);
+                        }
+                    }
+                }
+                Some((expected.count, expected.value(agg)))
+            };
+            for (lo, hi) in (0..split.parts()).map(|p| (p, p + 1)).chain([(0, split.parts()), (1, split.parts() / 2)]) {
+                prop_assert_eq!(r.part(lo..hi).map(|a| (a.count, a.value(agg))), inside(lo, hi), "{:?} parts {}..{}", ru, lo, hi);
+            }
         }
         // an HOUR window's quarters each equal the MINUTE windows inside them, and any
         // run of them the merge of those minutes
@@ -597,7 +634,7 @@ proptest! {
                             }
                         }
                     }
-                    let part = r.quarter_part(lo as usize..hi as usize);
+                    let part = r.part(lo as usize..hi as usize);
                     prop_assert_eq!(part.map(|a| (a.count, a.value(agg))), Some((expected.count, expected.value(agg))));
                 }
             }
@@ -711,9 +748,14 @@ fn fold_through_cache(
                     token: &g.token,
                     values: &g.values,
                 });
-                let quarter = quarter_of(m, e.time);
-                let applied =
-                    apply_valid(&mut cache.touched(&slots), seq, e.time, &value, g, quarter);
+                let applied = apply_valid(
+                    &mut cache.touched(&slots),
+                    seq,
+                    e.time,
+                    &value,
+                    g,
+                    Detail::of(m),
+                );
                 match applied {
                     Applied::Counted => slots.slots().iter().for_each(|&s| cache.mark_dirty(s)),
                     Applied::Invalid(_) => cache.mark_dirty(slots.slots()[0]),

@@ -260,17 +260,37 @@ fn month_windows_cross_the_year_in_a_zone() {
     );
 }
 
+/// A chunk reading parts `lo..hi` of a stored window.
+fn part(rollup: Option<Rollup>, at: &str, lo: u8, hi: u8) -> Chunk {
+    Chunk {
+        part: Some((lo, hi)),
+        ..Chunk::whole(rollup, t(at).timestamp())
+    }
+}
+
 #[test]
 fn cover_uses_the_coarsest_stored_windows() {
     let (a, b) = (
         t("2026-12-01T05:00:00Z").timestamp(),
         t("2027-01-01T05:00:00Z").timestamp(),
     );
-    let c = cover(a, b, WindowSize::Hour).unwrap();
+    // the hours of 1 December from 05:00, the days of December from the 2nd, the
+    // first five hours of 1 January: three readings, not 54 days and hours
+    assert_eq!(
+        cover(a, b, WindowSize::Hour).unwrap(),
+        [
+            part(Some(Rollup::Day), "2026-12-01T00:00:00Z", 5, 24),
+            part(Some(Rollup::Month), "2026-12-01T00:00:00Z", 1, 31),
+            part(Some(Rollup::Day), "2027-01-01T00:00:00Z", 0, 5),
+        ]
+    );
+    // without parts of rollups (what a rollup written before they existed is read as):
+    // the hours, then whole days
+    let c = cover_in_windows(a, b, WindowSize::Hour).unwrap();
     let hours = c.iter().filter(|c| c.rollup.is_none()).count();
     let days = c.iter().filter(|c| c.rollup == Some(Rollup::Day)).count();
     assert_eq!((hours, days, c.len()), (19 + 5, 30, 54));
-    assert!(c.iter().all(|c| c.quarters.is_none()));
+    assert!(c.iter().all(|c| c.part.is_none()));
     let (a, b) = (
         t("2026-01-01T00:00:00Z").timestamp(),
         t("2027-01-01T00:00:00Z").timestamp(),
@@ -278,6 +298,11 @@ fn cover_uses_the_coarsest_stored_windows() {
     assert_eq!(cover(a, b, WindowSize::Hour).unwrap().len(), 12);
     assert_eq!(cover(a + 600, b, WindowSize::Hour), Err(a + 600));
     assert_eq!(cover(a, b + 900, WindowSize::Day), Err(b + 900));
+    // DAY meters: the days of a month are parts of the month's reading
+    assert_eq!(
+        cover(a + 86_400, a + 10 * 86_400, WindowSize::Day).unwrap(),
+        [part(Some(Rollup::Month), "2026-01-01T00:00:00Z", 1, 10)]
+    );
     // Asia/Kolkata is UTC+5:30: its midnights fall inside hours, on the quarter hours
     // an HOUR window keeps
     let p = q(
@@ -291,41 +316,45 @@ fn cover_uses_the_coarsest_stored_windows() {
     )
     .unwrap();
     let (s, e) = output_windows(&p).unwrap()[0];
-    let c = cover(s.timestamp(), e.timestamp(), WindowSize::Hour).unwrap();
-    let quarters = |at: &str, lo, hi| Chunk {
-        rollup: None,
-        start: t(at).timestamp(),
-        quarters: Some((lo, hi)),
-        minus: false,
-    };
-    // 18:30-19:00 is the second half of 18:00, then 19:00-24:00 and 00:00-18:00 in
-    // hours (no day fits), then the first half of 18:00
-    assert_eq!(c[0], quarters("2026-11-01T18:00:00Z", 2, 4));
-    assert_eq!(c[c.len() - 1], quarters("2026-11-02T18:00:00Z", 0, 2));
-    assert_eq!(c.iter().filter(|c| c.quarters.is_none()).count(), 5 + 18);
-    assert_eq!(c.len(), 1 + 5 + 18 + 1);
-    // Kathmandu (+05:45) across a month: one quarter at each end, days and hours between
+    // 18:30-19:00 is the second half of 18:00, then 19:00-24:00 and 00:00-18:00 are
+    // hours of two UTC days, then the first half of 18:00
+    assert_eq!(
+        cover(s.timestamp(), e.timestamp(), WindowSize::Hour).unwrap(),
+        [
+            part(None, "2026-11-01T18:00:00Z", 2, 4),
+            part(Some(Rollup::Day), "2026-11-01T00:00:00Z", 19, 24),
+            part(Some(Rollup::Day), "2026-11-02T00:00:00Z", 0, 18),
+            part(None, "2026-11-02T18:00:00Z", 0, 2),
+        ]
+    );
+    // Kathmandu (+05:45) across a month: one quarter at each end, hours, the days of
+    // November between
     let (a, b) = (
         t("2026-10-31T18:15:00Z").timestamp(),
         t("2026-11-30T18:15:00Z").timestamp(),
     );
-    let c = cover(a, b, WindowSize::Hour).unwrap();
-    assert_eq!(c[0], quarters("2026-10-31T18:00:00Z", 1, 4));
-    assert_eq!(c[c.len() - 1], quarters("2026-11-30T18:00:00Z", 0, 1));
     assert_eq!(
-        c.iter().filter(|c| c.rollup == Some(Rollup::Day)).count(),
-        29
+        cover(a, b, WindowSize::Hour).unwrap(),
+        [
+            part(None, "2026-10-31T18:00:00Z", 1, 4),
+            part(Some(Rollup::Day), "2026-10-31T00:00:00Z", 19, 24),
+            part(Some(Rollup::Month), "2026-11-01T00:00:00Z", 0, 29),
+            part(Some(Rollup::Day), "2026-11-30T00:00:00Z", 0, 18),
+            part(None, "2026-11-30T18:00:00Z", 0, 1),
+        ]
     );
     // one quarter alone
     assert_eq!(
         cover(a, a + 900, WindowSize::Hour).unwrap(),
-        [quarters("2026-10-31T18:00:00Z", 1, 2)]
+        [part(None, "2026-10-31T18:00:00Z", 1, 2)]
     );
+    // MINUTE meters: the half hours at the ends in minutes, the hours between as parts
+    // of their days
     assert_eq!(
         cover(s.timestamp(), e.timestamp(), WindowSize::Minute)
             .unwrap()
             .len(),
-        30 + 23 + 30
+        30 + 1 + 1 + 30
     );
 }
 
@@ -339,7 +368,7 @@ proptest! {
         let b = a + len * step;
         let chunks = cover(a, b, base).unwrap();
         // parts of windows only at the two edges
-        let parts = chunks.iter().filter(|c| c.quarters.is_some()).count();
+        let parts = chunks.iter().filter(|c| c.rollup.is_none() && c.part.is_some()).count();
         prop_assert!(parts <= 2, "{} parts", parts);
         let mut t = a;
         for c in chunks {
@@ -379,65 +408,50 @@ proptest! {
 
 /// [start, end) of a chunk of a cover over `base` windows.
 fn span(c: &Chunk, base: WindowSize) -> (i64, i64) {
-    assert!(
-        c.rollup.is_none() || c.quarters.is_none(),
-        "a rollup in quarters"
-    );
-    if let Some((lo, hi)) = c.quarters {
-        assert!(lo < hi && hi <= 4);
+    if let Some((lo, hi)) = c.part {
+        let split = c.split(base).expect("parts of a window that keeps none");
+        assert!(lo < hi && usize::from(hi) <= split.parts());
     }
     c.span(base)
 }
 
 #[test]
-fn a_zones_day_reads_its_utc_day_and_the_hours_between() {
+fn a_signed_cover_is_taken_only_where_it_reads_fewer() {
+    // Europe/Berlin's 2 November: the hours of the two UTC days it overlaps, as the
+    // plain cover reads it (the signed one would read the UTC day and two hours)
     let (a, b) = (
         t("2026-11-01T23:00:00Z").timestamp(),
         t("2026-11-02T23:00:00Z").timestamp(),
     );
-    let hour = |at: &str, minus| Chunk {
-        minus,
-        ..Chunk::whole(None, t(at).timestamp())
-    };
-    // Europe/Berlin's 2 November: the UTC day, its last hour taken away, the hour before it added
     assert_eq!(
         signed_cover(a, b, WindowSize::Hour).unwrap(),
         [
-            Chunk::whole(Some(Rollup::Day), t("2026-11-02T00:00:00Z").timestamp()),
-            hour("2026-11-01T23:00:00Z", false),
-            hour("2026-11-02T23:00:00Z", true),
+            part(Some(Rollup::Day), "2026-11-01T00:00:00Z", 23, 24),
+            part(Some(Rollup::Day), "2026-11-02T00:00:00Z", 0, 23),
         ]
     );
-    // Berlin's November: the UTC month, an hour each side
-    let (a, b) = (
-        t("2026-10-31T23:00:00Z").timestamp(),
-        t("2026-11-30T23:00:00Z").timestamp(),
+    assert_eq!(
+        signed_cover(a, b, WindowSize::Hour),
+        cover(a, b, WindowSize::Hour)
     );
+    // two days from 23:15: the days between and the last quarters of the hour before
+    // each end — the first added, the second taken away (three readings, where the
+    // plain cover reads four)
+    let (a, b) = (
+        t("2026-11-01T23:15:00Z").timestamp(),
+        t("2026-11-03T23:15:00Z").timestamp(),
+    );
+    assert_eq!(cover(a, b, WindowSize::Hour).unwrap().len(), 4);
     assert_eq!(
         signed_cover(a, b, WindowSize::Hour).unwrap(),
         [
-            Chunk::whole(Some(Rollup::Month), t("2026-11-01T00:00:00Z").timestamp()),
-            hour("2026-10-31T23:00:00Z", false),
-            hour("2026-11-30T23:00:00Z", true),
+            part(Some(Rollup::Month), "2026-11-01T00:00:00Z", 1, 3),
+            part(None, "2026-11-01T23:00:00Z", 1, 4),
+            Chunk {
+                minus: true,
+                ..part(None, "2026-11-03T23:00:00Z", 1, 4)
+            },
         ]
-    );
-    // Asia/Kolkata (+05:30): the UTC day and five and a half hours at each end
-    let (a, b) = (
-        t("2026-11-01T18:30:00Z").timestamp(),
-        t("2026-11-02T18:30:00Z").timestamp(),
-    );
-    let c = signed_cover(a, b, WindowSize::Hour).unwrap();
-    assert_eq!(c.len(), 1 + 6 + 6);
-    assert_eq!(c.iter().filter(|c| c.minus).count(), 6);
-    // whole UTC days and short ranges: the plain cover
-    let day = t("2026-11-02T00:00:00Z").timestamp();
-    assert_eq!(
-        signed_cover(day, day + 86_400, WindowSize::Hour),
-        cover(day, day + 86_400, WindowSize::Hour)
-    );
-    assert_eq!(
-        signed_cover(a, a + 3_600, WindowSize::Hour),
-        cover(a, a + 3_600, WindowSize::Hour)
     );
     // boundaries the meter does not keep are refused as by the plain cover
     assert_eq!(signed_cover(a + 60, b, WindowSize::Hour), Err(a + 60));
