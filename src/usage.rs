@@ -3,7 +3,7 @@
 //! with and what threshold evaluation reads period values with; it knows nothing of
 //! HTTP.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
@@ -573,6 +573,12 @@ type Found = HashMap<String, bytes::Bytes>;
 /// The planned readings out of `found` (each stored window decoded once, however many
 /// output windows read it), and the rollup parts to read again as finer windows.
 fn take_found(plan: Vec<Planned>, found: &Found) -> Result<(Vec<Fetched>, Vec<Planned>)> {
+    // parts are decoded only for the windows some read takes a part of
+    let with_parts: HashSet<String> = plan
+        .iter()
+        .filter(|p| p.chunk.part.is_some())
+        .map(|p| p.key.clone())
+        .collect();
     let mut decoded: HashMap<String, Reading> = HashMap::new();
     let mut fetched = Vec::with_capacity(plan.len());
     let mut finer = Vec::new();
@@ -581,7 +587,8 @@ fn take_found(plan: Vec<Planned>, found: &Found) -> Result<(Vec<Fetched>, Vec<Pl
             None => None,
             Some(raw) => {
                 if !decoded.contains_key(&p.key) {
-                    decoded.insert(p.key.clone(), Reading::queried_window(raw)?);
+                    let parts = with_parts.contains(&p.key);
+                    decoded.insert(p.key.clone(), Reading::queried_window(raw, parts)?);
                 }
                 decoded.get(&p.key)
             }

@@ -1562,6 +1562,12 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
                 (cpu_ticks(pids.0) - cpu_before.0) as f64 / 10.0,
                 (cpu_ticks(pids.1) - cpu_before.1) as f64 / 10.0
             );
+            // BENCH_LATENCIES=1 prints each run's latencies in the order they came
+            // (whether a tail is the first queries or spread over the run)
+            if std::env::var("BENCH_LATENCIES").is_ok() {
+                let each: Vec<String> = lat.iter().map(|l| format!("{l:.1}")).collect();
+                eprintln!("  {url}: {}", each.join(" "));
+            }
             lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
             (lat[49], lat[98], last, cpu)
         }

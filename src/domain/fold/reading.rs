@@ -358,10 +358,24 @@ struct QueriedWindow {
     parts: Vec<Option<Box<Acc>>>,
 }
 
+/// What a query reads of a stored window it takes whole: its accumulator only (a
+/// month's 31 days of parts cost more to decode than the month itself).
+#[derive(Deserialize)]
+struct WholeWindow {
+    acc: Acc,
+}
+
 impl Reading {
-    /// A stored window as a query reads it: the accumulator and parts of its JSON
-    /// (everything else left at its default).
-    pub fn queried_window(raw: &[u8]) -> serde_json::Result<Reading> {
+    /// A stored window as a query reads it: the accumulator of its JSON, and its parts
+    /// when `with_parts` (everything else left at its default).
+    pub fn queried_window(raw: &[u8], with_parts: bool) -> serde_json::Result<Reading> {
+        if !with_parts {
+            let w: WholeWindow = serde_json::from_slice(raw)?;
+            return Ok(Reading {
+                acc: w.acc,
+                ..Reading::default()
+            });
+        }
         let w: QueriedWindow = serde_json::from_slice(raw)?;
         Ok(Reading {
             acc: w.acc,
