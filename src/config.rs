@@ -137,6 +137,11 @@ pub struct NatsConfig {
     /// from every namespace (e.g. `billing`).
     #[arg(long, env = "TENANCY_CROSS_NAMESPACE", default_value = "")]
     pub tenancy_cross_namespace: String,
+    /// MiB of readings kept in memory for queries that ask for them again (a dashboard's
+    /// month), exact at every query: a watch of the readings bucket drops what changes.
+    /// 0 turns the cache off.
+    #[arg(long, env = "QUERY_CACHE_MB", default_value_t = 32)]
+    pub query_cache_mb: usize,
     /// Log filter (JSON logs on stdout), e.g. `info` or `info,kloudmeter=debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info,async_nats=warn", value_parser = parse_log_level)]
     pub log_level: String,

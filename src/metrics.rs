@@ -83,6 +83,10 @@ pub struct UsageMetrics {
     pub meter_value: Family<MeterLabel, Gauge<f64, AtomicU64>>,
     pub meter_events: Family<MeterLabel, Gauge>,
     pub subject_value: Family<SubjectLabel, Gauge<f64, AtomicU64>>,
+    /// Readings queries found in the query cache (`hit`) or read from nats-server past it
+    /// (`miss`); reads the cache could not answer at all are neither.
+    pub query_cache_reads: Family<CacheReadLabel, Counter>,
+    pub query_cache_bytes: Gauge,
     /// One refresh at a time: a scrape sees every series of one refresh.
     pub refreshing: Arc<tokio::sync::Mutex<()>>,
 }
@@ -92,6 +96,12 @@ pub struct UsageMetrics {
 pub struct SubjectLabel {
     pub meter: String,
     pub subject: String,
+}
+
+/// The `result` label of the query cache's reads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheReadLabel {
+    pub result: &'static str,
 }
 
 /// A meter's usage for [`UsageMetrics::set`].
@@ -104,6 +114,18 @@ pub struct MeterUsage {
 }
 
 impl UsageMetrics {
+    /// Bring the query cache's series up to its own counts (they only grow).
+    pub fn set_query_cache(&self, hits: u64, misses: u64, bytes: usize) {
+        for (result, total) in [("hit", hits), ("miss", misses)] {
+            let c = self
+                .query_cache_reads
+                .get_or_create(&CacheReadLabel { result });
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+        self.query_cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     /// Replace every usage series with these (a deleted meter's go).
     pub fn set(&self, usage: Vec<MeterUsage>) {
         self.meter_value.clear();
@@ -429,6 +451,18 @@ impl Default for Metrics {
             "subject_value",
             "All-time value of a meter's highest subjects, for meters with export.topSubjects (at most that many)",
             &usage.subject_value,
+        );
+        add(
+            &mut r,
+            "query_cache_reads",
+            "Readings queries found in the query cache (hit) or read from NATS past it (miss)",
+            &usage.query_cache_reads,
+        );
+        add(
+            &mut r,
+            "query_cache_bytes",
+            "Bytes of readings the query cache holds",
+            &usage.query_cache_bytes,
         );
         let election = ElectionMetrics {
             leader: Gauge::default(),

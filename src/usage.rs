@@ -610,14 +610,18 @@ async fn read_planned(
     plan: Vec<Planned>,
     found: Option<Found>,
 ) -> Result<Vec<Fetched>> {
+    // a query of a few subjects (a customer's dashboard, asked again and again) reads
+    // through the query cache; pages of every subject do not
+    let subjects: std::collections::HashSet<&str> = targets.iter().map(|t| t.subject).collect();
+    let cached = subjects.len() <= CACHED_SUBJECTS;
     let found = match found {
         Some(found) => found,
-        None => get_values(store, &plan).await?,
+        None => get_values(store, &plan, cached).await?,
     };
     let (mut fetched, finer) = take_found(plan, &found)?;
     if !finer.is_empty() {
         let plan = finer_reads(def, targets, finer)?;
-        let found = get_values(store, &plan).await?;
+        let found = get_values(store, &plan, cached).await?;
         let (more, parts) = take_found(plan, &found)?;
         if !parts.is_empty() {
             return Err(UsageError::Corrupt("finer windows read as parts".into()));
@@ -636,15 +640,21 @@ fn scanned(scans: Vec<Vec<KvItem>>) -> Found {
         .collect()
 }
 
-/// The values of the planned keys, one pipelined get each.
-async fn get_values(store: &Store, plan: &[Planned]) -> Result<Found> {
+/// The most subjects a query may read and go through the query cache.
+pub(crate) const CACHED_SUBJECTS: usize = 16;
+
+/// The values of the planned keys, one pipelined get each (`cached`: through the query
+/// cache).
+async fn get_values(store: &Store, plan: &[Planned], cached: bool) -> Result<Found> {
     let mut keys: Vec<String> = plan.iter().map(|p| p.key.clone()).collect();
     keys.sort_unstable();
     keys.dedup();
-    store
-        .get_many(&store.readings, keys)
-        .await
-        .map_err(UsageError::storage)
+    let read = if cached {
+        store.get_readings(keys).await
+    } else {
+        store.get_many(&store.readings, keys).await
+    };
+    read.map_err(UsageError::storage)
 }
 
 /// Whether readings of this aggregation can be taken away again exactly: its value

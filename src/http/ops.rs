@@ -41,6 +41,8 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         if let Err(e) = super::readings::refresh_usage(store, usage).await {
             tracing::warn!(error = ?e, "reading usage for /metrics failed");
         }
+        let (hits, misses) = store.read_cache.reads();
+        usage.set_query_cache(hits, misses, store.read_cache.bytes());
     }
     (
         [(

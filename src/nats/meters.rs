@@ -406,10 +406,12 @@ impl Store {
                 .kv_key()
             })
             .collect();
-        let mut values = self
-            .get_many(&self.readings, keys.clone())
-            .await
-            .map_err(unavailable)?;
+        let read = if subjects.len() <= crate::usage::CACHED_SUBJECTS {
+            self.get_readings(keys.clone()).await
+        } else {
+            self.get_many(&self.readings, keys.clone()).await
+        };
+        let mut values = read.map_err(unavailable)?;
         let mut out = Vec::with_capacity(subjects.len());
         for (subject, key) in subjects.iter().zip(&keys) {
             if let Some(raw) = values.remove(key) {

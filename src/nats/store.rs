@@ -2,6 +2,7 @@
 //! start-up, idempotently), and a few primitives the rest of the code shares.
 
 use crate::domain::meter::MeterDef;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -18,6 +19,7 @@ async fn settle(pending: Pending) -> Result<u64> {
 }
 use crate::domain::partition::Partitions;
 use crate::nats::keys::Names;
+use crate::nats::read_cache::ReadCache;
 
 /// Handles to everything KloudMeter keeps in NATS.
 #[derive(Clone)]
@@ -48,6 +50,8 @@ pub struct Store {
     pub tenancy: crate::domain::tenancy::Tenancy,
     /// Meters' subjects in order, listed once for pages ([`Store::ordered_subjects`]).
     pub(crate) subject_index: super::meters::SubjectIndex,
+    /// The readings queries read lately, kept exact by a watch of the bucket.
+    pub(crate) read_cache: Arc<ReadCache>,
 }
 
 /// One live entry of a KV bucket.
@@ -142,6 +146,7 @@ impl Store {
             fired,
             tenancy: cfg.tenancy(),
             subject_index: Default::default(),
+            read_cache: ReadCache::new(cfg.query_cache_mb.saturating_mul(1 << 20)),
         })
     }
 
@@ -226,6 +231,37 @@ impl Store {
                 Ok(items) => return Ok(items),
             }
         }
+    }
+
+    /// [`Store::get_many`] of readings, out of the query cache where it holds them
+    /// ([`ReadCache`]). For queries of a few subjects: pages of every subject would
+    /// push out what those asked for, and measured through the cache they cost more
+    /// than they gained.
+    pub async fn get_readings(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, Bytes>> {
+        let bucket = &self.readings;
+        let stream = format!("KV_{}", bucket.name);
+        let Some(cached) = self
+            .read_cache
+            .lookup(&self.js, &stream, keys.clone())
+            .await
+        else {
+            return self.get_many(bucket, keys).await;
+        };
+        let mut found = cached.hits;
+        if !cached.misses.is_empty() {
+            let fetched = self.get_many(bucket, cached.misses.clone()).await?;
+            self.read_cache.keep(cached.since, cached.misses, &fetched);
+            found.extend(fetched);
+        }
+        Ok(found)
+    }
+
+    /// Keys [`Store::get_readings`] found in the query cache and keys it read past it.
+    pub fn query_cache_reads(&self) -> (u64, u64) {
+        self.read_cache.reads()
     }
 
     /// The current values of many keys of `bucket` (absent and deleted keys left out),
@@ -432,6 +468,14 @@ impl Store {
             .filter(format!("$KV.{}.{}", bucket.name, filter))
             .await
             .with_context(|| format!("purging {filter} from {}", bucket.name))?;
+        if bucket.name == self.readings.name {
+            // what tells query caches (every process's) to drop the purged readings:
+            // a purge leaves nothing on the stream to watch
+            bucket
+                .purge(super::read_cache::purge_marker(filter))
+                .await
+                .with_context(|| format!("marking {filter} purged in {}", bucket.name))?;
+        }
         Ok(())
     }
 }

@@ -648,6 +648,174 @@ async fn to_defaults_to_now_and_errors_name_what_was_sent() {
     );
 }
 
+/// Queries keep what they read (QUERY_CACHE_MB) and answer it again without nats-server:
+/// an answer asked again right after new events were aggregated counts them, and once a
+/// meter is deleted and made again, nothing of the old one is answered.
+#[tokio::test]
+async fn queries_asked_again_answer_what_changed_since() {
+    let day = |d: u32| format!("2026-11-0{d}T00:00:00Z");
+    let (nats, km) = setup(
+        "qcache",
+        &[json!({"id": "c", "eventType": "use", "aggregation": "count"})],
+        &[
+            ev(1, "s1", "2026-11-02T10:00:00Z", json!({})),
+            ev(2, "s1", "2026-11-02T11:00:00Z", json!({})),
+            ev(3, "s1", "2026-11-03T10:00:00Z", json!({})),
+        ],
+    )
+    .await;
+    let month = "from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=DAY&subject=s1";
+    // asked until some of an answer came out of the cache (the first query starts its
+    // watch), every answer checked
+    let hits = "kloudmeter_query_cache_reads_total{result=\"hit\"}";
+    let asked_again = |want: Vec<(String, String, String, String)>| {
+        let km = &km;
+        async move {
+            let before = km.metric(hits).await;
+            let deadline = std::time::Instant::now() + T;
+            loop {
+                assert_eq!(rows(&query(km, "c", month).await), want);
+                if km.metric(hits).await > before {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no query was answered from the cache"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    asked_again(vec![
+        row(&day(2), "s1", json!({}), "2"),
+        row(&day(3), "s1", json!({}), "1"),
+    ])
+    .await;
+    // new events in a day asked before, and in one that had none
+    let (s, b) = post(
+        &km.url("/api/v1/events"),
+        &json!([
+            ev(4, "s1", "2026-11-02T12:00:00Z", json!({})),
+            ev(5, "s1", "2026-11-04T12:00:00Z", json!({}))
+        ]),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    let js = nats.client().await;
+    caught_up(&js, "qcache", T).await;
+    let second = vec![
+        row(&day(2), "s1", json!({}), "3"),
+        row(&day(3), "s1", json!({}), "1"),
+        row(&day(4), "s1", json!({}), "1"),
+    ];
+    // the first answer after the events were aggregated already counts them
+    assert_eq!(rows(&query(&km, "c", month).await), second);
+    asked_again(second).await;
+
+    // deleted and made again over other events: the days only the old meter had are gone
+    let r = reqwest::Client::new()
+        .delete(km.url("/api/v1/meters/c"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let readings = js.get_key_value("qcache-readings").await.unwrap();
+    wait_for("c's readings purged", T, || async {
+        let mut keys = readings.keys().await.unwrap();
+        let mut left = 0;
+        while let Some(k) = futures::StreamExt::next(&mut keys).await {
+            left += usize::from(k.unwrap().starts_with("r.c."));
+        }
+        left == 0
+    })
+    .await;
+    let (s, b) = post(
+        &km.url("/api/v1/meters"),
+        &json!({"id": "c", "eventType": "other", "aggregation": "count"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = post(
+        &km.url("/api/v1/events"),
+        &json!([{"id": "o1", "eventType": "other", "subject": "s1", "time": "2026-11-02T09:00:00Z", "data": {}}]),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    caught_up(&js, "qcache", T).await;
+    wait_for("c made again ready", T, || async {
+        meter_reading(&km, "c").await["ready"] == json!(true)
+    })
+    .await;
+    // (the 3rd and 4th were cached from the old meter)
+    let third = vec![row(&day(2), "s1", json!({}), "1")];
+    assert_eq!(rows(&query(&km, "c", month).await), third);
+    asked_again(third).await;
+}
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    cfg: kloudmeter::config::Config,
+}
+
+/// The query cache against a real nats-server alone: a write from another connection is
+/// in the next read, and a purge (which leaves nothing on the stream to watch) drops
+/// what it removed.
+#[tokio::test]
+async fn the_query_cache_forgets_rewritten_and_purged_readings() {
+    use clap::Parser;
+    let nats = Nats::start();
+    let cli = Cli::try_parse_from([
+        "kloudmeter",
+        "--nats-url",
+        &nats.url(),
+        "--meter-nats-stream",
+        "rcache",
+    ])
+    .unwrap();
+    let store = kloudmeter::nats::store::Store::connect_once(&cli.cfg.nats)
+        .await
+        .unwrap();
+    let other = nats
+        .client()
+        .await
+        .get_key_value("rcache-readings")
+        .await
+        .unwrap();
+    let key = "r.x.s.d1";
+    other.put(key, "one".into()).await.unwrap();
+    cached_read(&store, key, Some("one")).await;
+    other.put(key, "two".into()).await.unwrap();
+    assert_eq!(cache_read(&store, key).await.as_deref(), Some("two"));
+    cached_read(&store, key, Some("two")).await;
+    store.purge_keys(&store.readings, "r.x.>").await.unwrap();
+    assert_eq!(cache_read(&store, key).await, None);
+    cached_read(&store, key, None).await;
+}
+
+async fn cache_read(store: &kloudmeter::nats::store::Store, key: &str) -> Option<String> {
+    let got = store.get_readings(vec![key.to_string()]).await.unwrap();
+    got.get(key).map(|b| String::from_utf8(b.to_vec()).unwrap())
+}
+
+/// Read until the cache answered (its watch starts with the first read), each read
+/// checked.
+async fn cached_read(store: &kloudmeter::nats::store::Store, key: &str, want: Option<&str>) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let before = store.query_cache_reads().0;
+        assert_eq!(cache_read(store, key).await.as_deref(), want);
+        if store.query_cache_reads().0 > before {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no read was answered from the cache"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// DAY and MONTH windows in zones whose offset is not a whole hour, computed by hand, on
 /// HOUR meters (through the quarters their windows keep) and MINUTE meters: Kolkata
 /// (+05:30) and Kathmandu (+05:45) across October's end, Chatham across the start of its
