@@ -104,6 +104,37 @@ pub(crate) async fn query_subjects(
         .collect())
 }
 
+/// Most reads of each subject's windows a query may plan for its subjects' totals to go
+/// unread: a total (one more read each) only tells which of them to skip.
+const READS_WORTH_NO_TOTAL: usize = 2;
+
+/// The subjects of a slice of the meter's subject index, for a query planning `reads`
+/// reads of each subject's windows ([`planned_reads`]). A meter without `groupBy` has
+/// one group, `_`, so its totals are read only for the days they keep; those save no
+/// read when each subject reads [`READS_WORTH_NO_TOTAL`] windows or fewer (a month's
+/// total reads one month rollup), and then the slice reads half as many keys. With more
+/// reads (a month of DAY windows: 30 reads of one rollup's parts), the days spare
+/// planning and taking all but the days with events.
+async fn listed_subjects(
+    store: &Store,
+    def: &MeterDef,
+    at: &Readings,
+    names: Vec<String>,
+    reads: usize,
+) -> Result<Vec<Subject>> {
+    if !def.group_by.is_empty() || reads > READS_WORTH_NO_TOTAL {
+        return query_subjects(store, at, Some(&names)).await;
+    }
+    Ok(names
+        .into_iter()
+        .map(|name| Subject {
+            name,
+            groups: BTreeMap::from([("_".to_string(), Default::default())]),
+            days: None,
+        })
+        .collect())
+}
+
 /// Output windows: [start, end).
 type Windows = Vec<(DateTime<Utc>, DateTime<Utc>)>;
 
@@ -219,6 +250,7 @@ pub(crate) async fn execute_page(
 ) -> Result<(Vec<query::Row>, Option<String>)> {
     let (windows, covers) = plan_windows(def, p)?;
     let chunk_list = stored_windows(&covers);
+    let reads = planned_reads(&covers);
     // Every subject over few stored windows: one snapshot read per stored window (all
     // subjects and groups at once) is far cheaper than a get per subject, and runs
     // beside the read of the subject list. A page reads only its own subjects.
@@ -239,7 +271,7 @@ pub(crate) async fn execute_page(
             // every subject, from the ordered index: only the page's totals are read
             (Some(page), None) => {
                 let (slice, next) = page_of(&store.ordered_subjects(def, at).await?, page);
-                Ok((query_subjects(store, at, Some(&slice)).await?, next))
+                Ok((listed_subjects(store, def, at, slice, reads).await?, next))
             }
             // the subjects it names that were counted, paged
             (Some(page), Some(_)) => {
@@ -342,13 +374,14 @@ impl Pages {
         // the whole set in one slice over few stored windows: scanning each window once
         // beats a get per subject, as in a query that is not streamed
         let chunks = stored_windows(&self.covers);
+        let reads = planned_reads(&self.covers);
         let whole = self.done == 0
             && end == self.subjects.len()
             && chunks.len() * self.at.all().len() <= MOST_SCANS;
         let names = self.subjects[self.done..end].to_vec();
         self.done = end;
         let rows = async {
-            let slice = query_subjects(&self.store, &self.at, Some(&names)).await?;
+            let slice = listed_subjects(&self.store, &self.def, &self.at, names, reads).await?;
             let Plan { targets, reads } =
                 plan_reads(&self.def, &self.at, &self.p, &self.covers, &slice)?;
             let found = if whole {
@@ -398,6 +431,12 @@ fn cover_windows(
             })
         })
         .collect()
+}
+
+/// The reads of one subject's (and group's) windows a query plans: every output
+/// window's chunks.
+fn planned_reads(covers: &Covers) -> usize {
+    covers.iter().map(Vec::len).sum()
 }
 
 /// The stored windows the covers read, each once (an hour two edges share is one).

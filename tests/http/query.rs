@@ -1449,3 +1449,126 @@ async fn paging_through_100000_subjects_gives_each_once() {
         );
     }
 }
+
+/// Pages and the streamed CSV of a meter without `groupBy` answer what the whole answer
+/// and an in-memory fold do, where each subject reads one or two stored windows (its
+/// totals are then not read: a month's total, a total from a month's middle) and where
+/// it reads more (a month of days, three months, a zone's days): subjects without events
+/// in range show no rows.
+#[tokio::test]
+async fn pages_without_group_by_agree_with_an_in_memory_fold() {
+    let start = chrono::DateTime::parse_from_rfc3339("2026-10-20T00:00:00Z")
+        .unwrap()
+        .timestamp();
+    let mut seed = 7u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    let mut events = Vec::new();
+    let mut at = Vec::new();
+    for i in 0..600 {
+        let subject = format!("s{:02}", next() % 40);
+        // s35..s39 only in October: counted, with no events in November
+        let span = if subject.as_str() >= "s35" { 11 } else { 50 } * 86_400;
+        let t = start + (next() % span) as i64;
+        let v = (next() % 100) as i64;
+        let time = chrono::DateTime::from_timestamp(t, 0).unwrap().to_rfc3339();
+        events.push(ev(i, &subject, &time, json!({"v": v})));
+        at.push((t, subject, v));
+    }
+    let (_nats, km) = setup(
+        "pgf",
+        &[json!({"id": "m", "eventType": "use", "aggregation": "sum", "valueProperty": "$.v", "windowSize": "HOUR"})],
+        &events,
+    )
+    .await;
+    for (from, to, days, zone) in [
+        ("2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z", false, "UTC"),
+        ("2026-10-25T00:00:00Z", "2026-12-01T00:00:00Z", false, "UTC"),
+        ("2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z", true, "UTC"),
+        ("2026-10-15T00:00:00Z", "2026-12-15T00:00:00Z", true, "UTC"),
+        (
+            "2026-10-31T23:00:00Z",
+            "2026-11-30T23:00:00Z",
+            true,
+            "Europe/Berlin",
+        ),
+    ] {
+        let (a, b) = (
+            chrono::DateTime::parse_from_rfc3339(from)
+                .unwrap()
+                .timestamp(),
+            chrono::DateTime::parse_from_rfc3339(to)
+                .unwrap()
+                .timestamp(),
+        );
+        // Berlin is +01:00 all of November: its days start at 23:00 UTC
+        let offset = if zone == "UTC" { 0 } else { 3_600 };
+        let mut want: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for (t, subject, v) in &at {
+            if (a..b).contains(t) {
+                let day = if days {
+                    (t + offset).div_euclid(86_400) * 86_400 - offset
+                } else {
+                    a
+                };
+                let day = chrono::DateTime::from_timestamp(day, 0)
+                    .unwrap()
+                    .format("%Y-%m-%dT%H:%M:%SZ")
+                    .to_string();
+                *want.entry((day, subject.clone())).or_default() += v;
+            }
+        }
+        let want: BTreeMap<(String, String), String> =
+            want.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+        let size = if days { "&windowSize=DAY" } else { "" };
+        let params = format!("from={from}&to={to}{size}&windowTimeZone={zone}");
+        let as_map = |b: &Value| -> Vec<((String, String), String)> {
+            rows(b)
+                .into_iter()
+                .map(|(w, s, _, v)| ((w, s), v))
+                .collect()
+        };
+        let whole: BTreeMap<_, _> = as_map(&query(&km, "m", &params).await)
+            .into_iter()
+            .collect();
+        assert_eq!(whole, want, "{params}");
+        let mut paged = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let b = query(&km, "m", &format!("{params}&limit=7{cursor}")).await;
+            paged.extend(as_map(&b));
+            match b["nextCursor"].as_str() {
+                Some(next) => cursor = format!("&cursor={next}"),
+                None => break,
+            }
+        }
+        let paged_rows = paged.len();
+        let paged: BTreeMap<_, _> = paged.into_iter().collect();
+        assert_eq!((paged_rows, &paged), (want.len(), &want), "{params}: pages");
+        let csv = reqwest::Client::new()
+            .get(km.url(&format!("/api/v1/meters/m/query?{params}")))
+            .header("accept", "text/csv")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let streamed: BTreeMap<(String, String), String> = csv
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let cols: Vec<&str> = l.split(',').collect();
+                (
+                    (cols[0].to_string(), cols[2].to_string()),
+                    cols[3].to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(streamed, want, "{params}: CSV");
+    }
+}
