@@ -1548,6 +1548,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
         async move {
             let mut lat = Vec::new();
             let mut last = Value::Null;
+            let began = chrono::Utc::now();
             let cpu_before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
             for _ in 0..100 {
                 let t = Instant::now();
@@ -1566,7 +1567,12 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             // (whether a tail is the first queries or spread over the run)
             if std::env::var("BENCH_LATENCIES").is_ok() {
                 let each: Vec<String> = lat.iter().map(|l| format!("{l:.1}")).collect();
-                eprintln!("  {url}: {}", each.join(" "));
+                eprintln!(
+                    "  {url} ({} to {}): {}",
+                    began.format("%H:%M:%S%.3f"),
+                    chrono::Utc::now().format("%H:%M:%S%.3f"),
+                    each.join(" ")
+                );
             }
             lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
             (lat[49], lat[98], last, cpu)
@@ -1626,6 +1632,16 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
         || body_b["data"].as_array().unwrap().len() != 1000
     {
         failures.push(format!("query: month total {total}, want {expected}"));
+    }
+    // what kloudmeter did beside the queries, with its time (against each run's above)
+    if std::env::var("BENCH_LATENCIES").is_ok() {
+        for line in km
+            .logs()
+            .lines()
+            .filter(|l| l.contains("snapshot published"))
+        {
+            eprintln!("  {line}");
+        }
     }
     if std::env::var("BENCH_LOG").is_ok() {
         for line in km
