@@ -66,6 +66,19 @@ fn row(w: &str, s: &str, g: Value, v: &str) -> (String, String, String, String) 
     (w.to_string(), s.to_string(), g.to_string(), v.to_string())
 }
 
+/// A query's answer as CSV (`accept: text/csv`), read to its end.
+async fn csv_of(url: &str) -> String {
+    reqwest::Client::new()
+        .get(url)
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn ev(id: usize, subject: &str, time: &str, data: Value) -> Value {
     json!({"id": format!("q{id}"), "eventType": "use", "subject": subject, "time": time, "data": data})
 }
@@ -1391,15 +1404,7 @@ async fn paging_through_100000_subjects_gives_each_once() {
     let want: Vec<String> = (0..N).map(|i| format!("s{i:06}")).collect();
     assert_eq!(seen, want, "every subject once, in subject order");
     // the whole set as CSV, streamed
-    let csv = reqwest::Client::new()
-        .get(&base)
-        .header("accept", "text/csv")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let csv = csv_of(&base).await;
     let mut lines = csv.lines();
     assert_eq!(lines.next(), Some("windowStart,windowEnd,subject,value"));
     let subjects: Vec<String> = lines
@@ -1549,15 +1554,7 @@ async fn pages_without_group_by_agree_with_an_in_memory_fold() {
         let paged_rows = paged.len();
         let paged: BTreeMap<_, _> = paged.into_iter().collect();
         assert_eq!((paged_rows, &paged), (want.len(), &want), "{params}: pages");
-        let csv = reqwest::Client::new()
-            .get(km.url(&format!("/api/v1/meters/m/query?{params}")))
-            .header("accept", "text/csv")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let csv = csv_of(&km.url(&format!("/api/v1/meters/m/query?{params}"))).await;
         let streamed: BTreeMap<(String, String), String> = csv
             .lines()
             .skip(1)
