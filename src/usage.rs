@@ -104,25 +104,26 @@ pub(crate) async fn query_subjects(
         .collect())
 }
 
-/// Most reads of each subject's windows a query may plan for its subjects' totals to go
+/// Most stored windows of each subject a query may read for its subjects' totals to go
 /// unread: a total (one more read each) only tells which of them to skip.
-const READS_WORTH_NO_TOTAL: usize = 2;
+const WINDOWS_WORTH_NO_TOTAL: usize = 2;
 
-/// The subjects of a slice of the meter's subject index, for a query planning `reads`
-/// reads of each subject's windows ([`planned_reads`]). A meter without `groupBy` has
+/// The subjects of a slice of the meter's subject index, for a query reading `stored`
+/// stored windows of each subject ([`stored_windows`]). A meter without `groupBy` has
 /// one group, `_`, so its totals are read only for the days they keep; those save no
-/// read when each subject reads [`READS_WORTH_NO_TOTAL`] windows or fewer (a month's
-/// total reads one month rollup), and then the slice reads half as many keys. With more
-/// reads (a month of DAY windows: 30 reads of one rollup's parts), the days spare
-/// planning and taking all but the days with events.
+/// read when each subject reads [`WINDOWS_WORTH_NO_TOTAL`] stored windows or fewer, and
+/// then the slice reads half as many keys: a month's total reads one month rollup, and
+/// so do a month's DAY windows in UTC (30 of its parts; parts without events are
+/// dropped once read). Across more stored windows (DAY windows in Berlin read the day
+/// rollups), the days spare the reads of days without events.
 async fn listed_subjects(
     store: &Store,
     def: &MeterDef,
     at: &Readings,
     names: Vec<String>,
-    reads: usize,
+    stored: usize,
 ) -> Result<Vec<Subject>> {
-    if !def.group_by.is_empty() || reads > READS_WORTH_NO_TOTAL {
+    if !def.group_by.is_empty() || stored > WINDOWS_WORTH_NO_TOTAL {
         return query_subjects(store, at, Some(&names)).await;
     }
     Ok(names
@@ -162,7 +163,15 @@ struct Target<'s> {
 /// The stored windows a query reads, and what they are read for.
 struct Plan<'s> {
     targets: Vec<Target<'s>>,
-    reads: Vec<Planned>,
+    reads: Reads,
+}
+
+/// Planned reads and the keys they read, each key once: a month of DAY windows reads 30
+/// parts of one month rollup, which is one key to get and decode, not 30.
+#[derive(Default)]
+struct Reads {
+    keys: Vec<String>,
+    planned: Vec<Planned>,
 }
 
 /// One stored window to read for an output window and target.
@@ -170,7 +179,8 @@ struct Planned {
     window: usize,
     /// Index into [`Plan::targets`].
     target: usize,
-    key: String,
+    /// Index into [`Reads::keys`].
+    key: usize,
     chunk: Chunk,
     /// The parameter that set the boundary inside `chunk`, when it is a part.
     edge: &'static str,
@@ -250,7 +260,7 @@ pub(crate) async fn execute_page(
 ) -> Result<(Vec<query::Row>, Option<String>)> {
     let (windows, covers) = plan_windows(def, p)?;
     let chunk_list = stored_windows(&covers);
-    let reads = planned_reads(&covers);
+    let stored = chunk_list.len();
     // Every subject over few stored windows: one snapshot read per stored window (all
     // subjects and groups at once) is far cheaper than a get per subject, and runs
     // beside the read of the subject list. A page reads only its own subjects.
@@ -271,7 +281,7 @@ pub(crate) async fn execute_page(
             // every subject, from the ordered index: only the page's totals are read
             (Some(page), None) => {
                 let (slice, next) = page_of(&store.ordered_subjects(def, at).await?, page);
-                Ok((listed_subjects(store, def, at, slice, reads).await?, next))
+                Ok((listed_subjects(store, def, at, slice, stored).await?, next))
             }
             // the subjects it names that were counted, paged
             (Some(page), Some(_)) => {
@@ -374,14 +384,14 @@ impl Pages {
         // the whole set in one slice over few stored windows: scanning each window once
         // beats a get per subject, as in a query that is not streamed
         let chunks = stored_windows(&self.covers);
-        let reads = planned_reads(&self.covers);
+        let stored = chunks.len();
         let whole = self.done == 0
             && end == self.subjects.len()
             && chunks.len() * self.at.all().len() <= MOST_SCANS;
         let names = self.subjects[self.done..end].to_vec();
         self.done = end;
         let rows = async {
-            let slice = listed_subjects(&self.store, &self.def, &self.at, names, reads).await?;
+            let slice = listed_subjects(&self.store, &self.def, &self.at, names, stored).await?;
             let Plan { targets, reads } =
                 plan_reads(&self.def, &self.at, &self.p, &self.covers, &slice)?;
             let found = if whole {
@@ -431,12 +441,6 @@ fn cover_windows(
             })
         })
         .collect()
-}
-
-/// The reads of one subject's (and group's) windows a query plans: every output
-/// window's chunks.
-fn planned_reads(covers: &Covers) -> usize {
-    covers.iter().map(Vec::len).sum()
 }
 
 /// The stored windows the covers read, each once (an hour two edges share is one).
@@ -516,49 +520,75 @@ fn plan_reads<'s>(
             });
         }
     }
-    let mut reads = Vec::new();
-    for (wi, chunks) in covers.iter().enumerate() {
-        let edges: Vec<&'static str> = chunks.iter().map(|c| edge_field(p, c)).collect();
-        let spans: Vec<(i64, i64)> = chunks.iter().map(|c| c.span(def.window_size)).collect();
-        for (ti, target) in targets.iter().enumerate() {
-            for ((chunk, &edge), &span) in chunks.iter().zip(&edges).zip(&spans) {
-                plan_read(&mut reads, wi, ti, target, *chunk, span, edge);
+    // what every target's reads share, worked out once
+    let stored = stored_windows(covers);
+    let chunks: Vec<ChunkRead> = covers
+        .iter()
+        .enumerate()
+        .flat_map(|(window, chunks)| chunks.iter().map(move |c| (window, *c)))
+        .map(|(window, chunk)| ChunkRead {
+            window,
+            chunk,
+            edge: edge_field(p, &chunk),
+            span: chunk.span(def.window_size),
+            // (always found: `stored` lists every chunk's window)
+            stored: stored
+                .binary_search(&(chunk.rollup, chunk.start))
+                .unwrap_or_default(),
+        })
+        .collect();
+    let mut reads = Reads::default();
+    let mut key_of = vec![None; stored.len()];
+    for (ti, target) in targets.iter().enumerate() {
+        key_of.fill(None);
+        for c in &chunks {
+            // only the stored windows on days the subject has events (all, when unknown)
+            if target.days.is_some_and(|d| !d.touches(c.span.0, c.span.1)) {
+                continue;
             }
+            let key = *key_of[c.stored].get_or_insert_with(|| reads.key(target, c.chunk));
+            reads.planned.push(Planned {
+                window: c.window,
+                target: ti,
+                key,
+                chunk: c.chunk,
+                edge: c.edge,
+            });
         }
-        if reads.len() > QUERY_KEY_LIMIT {
+        if reads.planned.len() > QUERY_KEY_LIMIT {
             return Err(too_many_windows());
         }
     }
     Ok(Plan { targets, reads })
 }
 
-/// Plan reading `chunk` (covering `span`) of a target for an output window — unless
-/// the target's subject has no events in the span.
-fn plan_read(
-    reads: &mut Vec<Planned>,
+/// What reading one chunk of an output window's cover takes, whatever the target.
+struct ChunkRead {
     window: usize,
-    target: usize,
-    of: &Target,
     chunk: Chunk,
-    (a, b): (i64, i64),
+    /// The parameter that set the boundary inside `chunk` ([`edge_field`]).
     edge: &'static str,
-) {
-    // only the stored windows on days the subject has events (all, when unknown)
-    if of.days.is_some_and(|d| !d.touches(a, b)) {
-        return;
+    span: (i64, i64),
+    /// Index into the query's [`stored_windows`].
+    stored: usize,
+}
+
+impl Reads {
+    /// A new key: the stored window `chunk` reads of `target`.
+    fn key(&mut self, target: &Target, chunk: Chunk) -> usize {
+        self.keys.push(keys::window_key(
+            &target.key_prefix,
+            chunk.rollup,
+            chunk.start,
+        ));
+        self.keys.len() - 1
     }
-    reads.push(Planned {
-        window,
-        target,
-        key: keys::window_key(&of.key_prefix, chunk.rollup, chunk.start),
-        chunk,
-        edge,
-    });
 }
 
 /// Reads of the windows inside the spans of rollup parts whose readings keep none.
-fn finer_reads(def: &MeterDef, targets: &[Target], coarse: Vec<Planned>) -> Result<Vec<Planned>> {
-    let mut reads = Vec::new();
+fn finer_reads(def: &MeterDef, targets: &[Target], coarse: Vec<Planned>) -> Result<Reads> {
+    let mut reads = Reads::default();
+    let mut known: HashMap<String, usize> = HashMap::new();
     for c in coarse {
         let (a, b) = c.chunk.span(def.window_size);
         // (a rollup part's span lies on whole hours or days: always covered)
@@ -569,16 +599,24 @@ fn finer_reads(def: &MeterDef, targets: &[Target], coarse: Vec<Planned>) -> Resu
                 minus: c.chunk.minus,
                 ..chunk
             };
-            let span = chunk.span(def.window_size);
-            plan_read(
-                &mut reads,
-                c.window,
-                c.target,
-                &targets[c.target],
+            let target = &targets[c.target];
+            let (a, b) = chunk.span(def.window_size);
+            if target.days.is_some_and(|d| !d.touches(a, b)) {
+                continue;
+            }
+            let name = keys::window_key(&target.key_prefix, chunk.rollup, chunk.start);
+            let next = known.len();
+            let key = *known.entry(name.clone()).or_insert_with(|| {
+                reads.keys.push(name);
+                next
+            });
+            reads.planned.push(Planned {
+                window: c.window,
+                target: c.target,
+                key,
                 chunk,
-                span,
-                c.edge,
-            );
+                edge: c.edge,
+            });
         }
     }
     Ok(reads)
@@ -610,29 +648,33 @@ fn edge_field(p: &query::QueryParams, chunk: &Chunk) -> &'static str {
 type Found = HashMap<String, bytes::Bytes>;
 
 /// The planned readings out of `found` (each stored window decoded once, however many
-/// output windows read it), and the rollup parts to read again as finer windows.
-fn take_found(plan: Vec<Planned>, found: &Found) -> Result<(Vec<Fetched>, Vec<Planned>)> {
+/// output windows read it), and the rollup parts to read again as finer windows. What
+/// holds no event (a part of a month without events that day) is left out: it adds
+/// nothing and takes nothing away.
+fn take_found(reads: Reads, found: &Found) -> Result<(Vec<Fetched>, Vec<Planned>)> {
     // parts are decoded only for the windows some read takes a part of
-    let with_parts: HashSet<String> = plan
+    let mut with_parts = vec![false; reads.keys.len()];
+    for p in reads.planned.iter().filter(|p| p.chunk.part.is_some()) {
+        with_parts[p.key] = true;
+    }
+    let decoded: Vec<Option<Reading>> = reads
+        .keys
         .iter()
-        .filter(|p| p.chunk.part.is_some())
-        .map(|p| p.key.clone())
-        .collect();
-    let mut decoded: HashMap<String, Reading> = HashMap::new();
-    let mut fetched = Vec::with_capacity(plan.len());
+        .zip(with_parts)
+        .map(|(key, parts)| {
+            found
+                .get(key)
+                .map(|raw| Reading::queried_window(raw, parts))
+                .transpose()
+        })
+        .collect::<serde_json::Result<_>>()?;
+    let mut fetched = Vec::with_capacity(reads.planned.len());
     let mut finer = Vec::new();
-    for p in plan {
-        let reading = match found.get(&p.key) {
-            None => None,
-            Some(raw) => {
-                if !decoded.contains_key(&p.key) {
-                    let parts = with_parts.contains(&p.key);
-                    decoded.insert(p.key.clone(), Reading::queried_window(raw, parts)?);
-                }
-                decoded.get(&p.key)
-            }
-        };
+    for p in reads.planned {
+        let reading = decoded[p.key].as_ref();
         match p.take(reading)? {
+            Taken::Fetched((_, _, None, _)) => {}
+            Taken::Fetched((_, _, Some(acc), _)) if acc.count == 0 => {}
             Taken::Fetched(f) => fetched.push(f),
             Taken::Finer(p) => finer.push(p),
         }
@@ -646,21 +688,21 @@ async fn read_planned(
     store: &Store,
     def: &MeterDef,
     targets: &[Target<'_>],
-    plan: Vec<Planned>,
+    plan: Reads,
     found: Option<Found>,
 ) -> Result<Vec<Fetched>> {
     // a query of a few subjects (a customer's dashboard, asked again and again) reads
     // through the query cache; pages of every subject do not
-    let subjects: std::collections::HashSet<&str> = targets.iter().map(|t| t.subject).collect();
+    let subjects: HashSet<&str> = targets.iter().map(|t| t.subject).collect();
     let cached = subjects.len() <= CACHED_SUBJECTS;
     let found = match found {
         Some(found) => found,
-        None => get_values(store, &plan, cached).await?,
+        None => get_values(store, &plan.keys, cached).await?,
     };
     let (mut fetched, finer) = take_found(plan, &found)?;
     if !finer.is_empty() {
         let plan = finer_reads(def, targets, finer)?;
-        let found = get_values(store, &plan, cached).await?;
+        let found = get_values(store, &plan.keys, cached).await?;
         let (more, parts) = take_found(plan, &found)?;
         if !parts.is_empty() {
             return Err(UsageError::Corrupt("finer windows read as parts".into()));
@@ -682,12 +724,10 @@ fn scanned(scans: Vec<Vec<KvItem>>) -> Found {
 /// The most subjects a query may read and go through the query cache.
 pub(crate) const CACHED_SUBJECTS: usize = 16;
 
-/// The values of the planned keys, one pipelined get each (`cached`: through the query
-/// cache).
-async fn get_values(store: &Store, plan: &[Planned], cached: bool) -> Result<Found> {
-    let mut keys: Vec<String> = plan.iter().map(|p| p.key.clone()).collect();
-    keys.sort_unstable();
-    keys.dedup();
+/// The values of the planned keys (each named once), one pipelined get each (`cached`:
+/// through the query cache).
+async fn get_values(store: &Store, keys: &[String], cached: bool) -> Result<Found> {
+    let keys = keys.to_vec();
     let read = if cached {
         store.get_readings(keys).await
     } else {
