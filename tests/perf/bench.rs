@@ -1337,6 +1337,19 @@ async fn soak(rate: f64, secs: u64, failures: &mut Vec<String>) {
     }
 }
 
+/// The query cache's (hits, misses) so far, from kloudmeter's /metrics (0 before its
+/// first read).
+async fn query_cache_reads(km: &Km) -> (u64, u64) {
+    let text = km.metrics_text().await;
+    let count = |result: &str| {
+        let name = format!("kloudmeter_query_cache_reads_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    };
+    (count("hit"), count("miss"))
+}
+
 /// Query latency over a month of history: `n` events over 30 days for 1,000 subjects.
 /// 100,000 subjects over 30 days: one 1,000-subject page of DAY windows (p50/p99 over
 /// the first pages, each from the previous page's cursor), and the whole set as
@@ -1543,12 +1556,14 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
     let pids = (km.pid().unwrap(), nats_pid(&nats));
     // each run also says the CPU a query cost each server (clock ticks of 10 ms over 100
     // queries): where a query's time goes
+    let km_ref = &km;
     let run = |url: String| {
         let client = client.clone();
         async move {
             let mut lat = Vec::new();
             let mut last = Value::Null;
             let began = chrono::Utc::now();
+            let cache_before = query_cache_reads(km_ref).await;
             let cpu_before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
             for _ in 0..100 {
                 let t = Instant::now();
@@ -1565,12 +1580,17 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             );
             // BENCH_LATENCIES=1 prints each run's latencies in the order they came
             // (whether a tail is the first queries or spread over the run)
+            // and what the query cache answered of the run's reads
             if std::env::var("BENCH_LATENCIES").is_ok() {
+                let ended = chrono::Utc::now();
+                let cache = query_cache_reads(km_ref).await;
                 let each: Vec<String> = lat.iter().map(|l| format!("{l:.1}")).collect();
                 eprintln!(
-                    "  {url} ({} to {}): {}",
+                    "  {url} ({} to {}; query cache hits {}, misses {}): {}",
                     began.format("%H:%M:%S%.3f"),
-                    chrono::Utc::now().format("%H:%M:%S%.3f"),
+                    ended.format("%H:%M:%S%.3f"),
+                    cache.0 - cache_before.0,
+                    cache.1 - cache_before.1,
                     each.join(" ")
                 );
             }
