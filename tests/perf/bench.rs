@@ -85,6 +85,22 @@ fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The machine's CPU time so far from /proc/stat, in clock ticks: (busy, steal, iowait).
+/// Busy is user, nice, system, irq and softirq: what every process and the kernel ran.
+fn machine_ticks() -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    (at(0) + at(1) + at(2) + at(5) + at(6), at(7), at(4))
+}
+
 /// Wait until `pids` together use under 5% of one core over a second (at most `limit`),
 /// and say how long that took: a burst of writes leaves nats-server busy for a while
 /// after the aggregator has caught up (writing its blocks out, its indexes), and query
@@ -1564,6 +1580,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             let mut last = Value::Null;
             let began = chrono::Utc::now();
             let cache_before = query_cache_reads(km_ref).await;
+            let machine_before = machine_ticks();
             let cpu_before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
             for _ in 0..100 {
                 let t = Instant::now();
@@ -1580,17 +1597,24 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             );
             // BENCH_LATENCIES=1 prints each run's latencies in the order they came
             // (whether a tail is the first queries or spread over the run)
-            // and what the query cache answered of the run's reads
+            // and what the query cache answered of the run's reads, and the CPU time the
+            // rest of the machine took meanwhile (other processes and the kernel, time
+            // the hypervisor took, waits for the disk)
             if std::env::var("BENCH_LATENCIES").is_ok() {
                 let ended = chrono::Utc::now();
+                let machine = machine_ticks();
+                let servers = cpu_ticks(pids.0) + cpu_ticks(pids.1) - cpu_before.0 - cpu_before.1;
                 let cache = query_cache_reads(km_ref).await;
                 let each: Vec<String> = lat.iter().map(|l| format!("{l:.1}")).collect();
                 eprintln!(
-                    "  {url} ({} to {}; query cache hits {}, misses {}): {}",
+                    "  {url} ({} to {}; query cache hits {}, misses {}; CPU besides the servers {} ms, steal {} ms, iowait {} ms): {}",
                     began.format("%H:%M:%S%.3f"),
                     ended.format("%H:%M:%S%.3f"),
                     cache.0 - cache_before.0,
                     cache.1 - cache_before.1,
+                    (machine.0 - machine_before.0).saturating_sub(servers) * 10,
+                    (machine.1 - machine_before.1) * 10,
+                    (machine.2 - machine_before.2) * 10,
                     each.join(" ")
                 );
             }
@@ -1600,6 +1624,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
     };
     let one = km.url("/api/v1/meters/tokens/query?from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z&windowSize=DAY&subject=customer-0042");
     // as earlier runs measured it (right after the aggregator caught up), then settled
+    let runs_began = chrono::Utc::now();
     let (p50r, p99r, _, _) = run(one.clone()).await;
     let settling = settled(
         &[km.pid().unwrap(), nats_pid(&nats)],
@@ -1653,13 +1678,24 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
     {
         failures.push(format!("query: month total {total}, want {expected}"));
     }
-    // what kloudmeter did beside the queries, with its time (against each run's above)
+    // what kloudmeter did beside the queries, with its time (against each run's above):
+    // every line it logged but the queries' own, from a minute before the first run
     if std::env::var("BENCH_LATENCIES").is_ok() {
-        for line in km
-            .logs()
+        let since = (runs_began - chrono::Duration::seconds(60))
+            .format("%Y-%m-%dT%H:%M:%S")
+            .to_string();
+        let logs = km.logs();
+        let beside: Vec<&str> = logs
             .lines()
-            .filter(|l| l.contains("snapshot published"))
-        {
+            .filter(|l| !l.contains("\"query\""))
+            .filter(|l| {
+                l.split("\"timestamp\":\"")
+                    .nth(1)
+                    .and_then(|t| t.get(..since.len()))
+                    .is_some_and(|t| t >= since.as_str())
+            })
+            .collect();
+        for line in beside.iter().take(40) {
             eprintln!("  {line}");
         }
     }
