@@ -194,6 +194,14 @@ enum Taken {
     Finer(Planned),
 }
 
+impl Target<'_> {
+    /// Whether the subject may have events in the span [a, b): only the stored windows on
+    /// days it has events are read (all, when its days are unknown).
+    fn may_have_events(&self, (a, b): (i64, i64)) -> bool {
+        self.days.is_none_or(|d| d.touches(a, b))
+    }
+}
+
 impl Planned {
     /// The reading's contribution: all of it, or its parts in range — refused when an
     /// HOUR window at a range's edge did not keep its quarters.
@@ -542,8 +550,7 @@ fn plan_reads<'s>(
     for (ti, target) in targets.iter().enumerate() {
         key_of.fill(None);
         for c in &chunks {
-            // only the stored windows on days the subject has events (all, when unknown)
-            if target.days.is_some_and(|d| !d.touches(c.span.0, c.span.1)) {
+            if !target.may_have_events(c.span) {
                 continue;
             }
             let key = *key_of[c.stored].get_or_insert_with(|| reads.key(target, c.chunk));
@@ -588,7 +595,8 @@ impl Reads {
 /// Reads of the windows inside the spans of rollup parts whose readings keep none.
 fn finer_reads(def: &MeterDef, targets: &[Target], coarse: Vec<Planned>) -> Result<Reads> {
     let mut reads = Reads::default();
-    let mut known: HashMap<String, usize> = HashMap::new();
+    // each finer window's key once per target, as in `plan_reads`
+    let mut known: HashMap<(usize, Option<Rollup>, i64), usize> = HashMap::new();
     for c in coarse {
         let (a, b) = c.chunk.span(def.window_size);
         // (a rollup part's span lies on whole hours or days: always covered)
@@ -600,16 +608,12 @@ fn finer_reads(def: &MeterDef, targets: &[Target], coarse: Vec<Planned>) -> Resu
                 ..chunk
             };
             let target = &targets[c.target];
-            let (a, b) = chunk.span(def.window_size);
-            if target.days.is_some_and(|d| !d.touches(a, b)) {
+            if !target.may_have_events(chunk.span(def.window_size)) {
                 continue;
             }
-            let name = keys::window_key(&target.key_prefix, chunk.rollup, chunk.start);
-            let next = known.len();
-            let key = *known.entry(name.clone()).or_insert_with(|| {
-                reads.keys.push(name);
-                next
-            });
+            let key = *known
+                .entry((c.target, chunk.rollup, chunk.start))
+                .or_insert_with(|| reads.key(target, chunk));
             reads.planned.push(Planned {
                 window: c.window,
                 target: c.target,
