@@ -4,6 +4,7 @@
 //! HTTP.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
@@ -305,7 +306,7 @@ pub(crate) async fn execute_page(
     let ((subjects, next), scans) = futures::try_join!(subjects_read, scans)?;
     let Plan { targets, reads } = plan_reads(def, at, p, &covers, &subjects)?;
     let found = scan_mode.then(|| scanned(scans));
-    let fetched = read_planned(store, def, &targets, reads, found).await?;
+    let fetched = read_planned(store, def, at, &targets, reads, found).await?;
     Ok((query::rows(&windows, merge(&targets, fetched), def), next))
 }
 
@@ -407,7 +408,8 @@ impl Pages {
             } else {
                 None
             };
-            let fetched = read_planned(&self.store, &self.def, &targets, reads, found).await?;
+            let fetched =
+                read_planned(&self.store, &self.def, &self.at, &targets, reads, found).await?;
             Ok(query::rows(
                 &self.windows,
                 merge(&targets, fetched),
@@ -691,6 +693,7 @@ fn take_found(reads: Reads, found: &Found) -> Result<(Vec<Fetched>, Vec<Planned>
 async fn read_planned(
     store: &Store,
     def: &MeterDef,
+    at: &Readings,
     targets: &[Target<'_>],
     plan: Reads,
     found: Option<Found>,
@@ -698,7 +701,7 @@ async fn read_planned(
     // a query of a few subjects (a customer's dashboard, asked again and again) reads
     // through the query cache; pages of every subject do not
     let subjects: HashSet<&str> = targets.iter().map(|t| t.subject).collect();
-    let cached = subjects.len() <= CACHED_SUBJECTS;
+    let cached = (subjects.len() <= CACHED_SUBJECTS).then_some(at.asked);
     let found = match found {
         Some(found) => found,
         None => get_values(store, &plan.keys, cached).await?,
@@ -729,13 +732,12 @@ fn scanned(scans: Vec<Vec<KvItem>>) -> Found {
 pub(crate) const CACHED_SUBJECTS: usize = 16;
 
 /// The values of the planned keys (each named once), one pipelined get each (`cached`:
-/// through the query cache).
-async fn get_values(store: &Store, keys: &[String], cached: bool) -> Result<Found> {
+/// through the query cache, for a query begun then).
+async fn get_values(store: &Store, keys: &[String], cached: Option<Instant>) -> Result<Found> {
     let keys = keys.to_vec();
-    let read = if cached {
-        store.get_readings(keys).await
-    } else {
-        store.get_many(&store.readings, keys).await
+    let read = match cached {
+        Some(began) => store.get_readings(keys, began).await,
+        None => store.get_many(&store.readings, keys).await,
     };
     read.map_err(UsageError::storage)
 }

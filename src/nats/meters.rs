@@ -45,15 +45,19 @@ pub use crate::domain::build::Progress;
 /// keeps its subjects' readings (and its part of the meter's summary) under a name of
 /// its own ([`keys::part_id`], [`keys::readings_id`]), so that partitions build and
 /// switch generations independently.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Readings {
     ids: Vec<String>,
     partitions: crate::domain::partition::Partitions,
+    /// When they were looked up: reads of them answer at least what was written before
+    /// (a query's reads through the query cache share one look at the stream).
+    pub asked: std::time::Instant,
 }
 
 impl Readings {
     /// The names of `meter`'s readings at the generation each partition serves.
     pub fn new(meter: &str, generations: &[u64]) -> Readings {
+        let asked = std::time::Instant::now();
         let partitions = crate::domain::partition::Partitions::new(generations.len() as u16)
             .unwrap_or(crate::domain::partition::Partitions::ONE);
         Readings {
@@ -65,6 +69,7 @@ impl Readings {
                 })
                 .collect(),
             partitions,
+            asked,
         }
     }
 
@@ -218,12 +223,26 @@ impl Store {
         &self,
         id: &str,
     ) -> Result<Option<(MeterDef, Readings)>, StoreError> {
-        let (def, records) = futures::try_join!(self.meter(id), self.every_progress(id))?;
+        let asked = std::time::Instant::now();
+        // the query cache's look at the readings stream goes beside these reads, not
+        // after them
+        let look_ahead = async {
+            self.look_ahead_readings().await;
+            Ok(())
+        };
+        let (def, records, ()) =
+            futures::try_join!(self.meter(id), self.every_progress(id), look_ahead)?;
         let generations: Vec<u64> = records
             .iter()
             .map(|r| r.as_ref().and_then(Progress::served).unwrap_or(0))
             .collect();
-        Ok(def.map(|def| (def, Readings::new(id, &generations))))
+        Ok(def.map(|def| {
+            let readings = Readings {
+                asked,
+                ..Readings::new(id, &generations)
+            };
+            (def, readings)
+        }))
     }
 
     /// A meter's build progress in every partition, partition 0's first.
@@ -407,7 +426,7 @@ impl Store {
             })
             .collect();
         let read = if subjects.len() <= crate::usage::CACHED_SUBJECTS {
-            self.get_readings(keys.clone()).await
+            self.get_readings(keys.clone(), at.asked).await
         } else {
             self.get_many(&self.readings, keys.clone()).await
         };

@@ -12,7 +12,11 @@
 //!   there: whatever the cache then holds is what the bucket held when the read began,
 //!   so a reading written before a query is always in its answer (read-your-writes, as
 //!   without the cache). A watcher that cannot catch up in [`SYNC_WAIT`] leaves the read
-//!   to nats-server alone.
+//!   to nats-server alone. The last sequence asked for after a query began serves all
+//!   of its reads, and those of every query begun before it was asked: a query of one
+//!   subject reads its totals and then its windows, and a dashboard's panels come
+//!   together, each needing the stream once, not once a read. A query asks for it
+//!   beside its meter's reads ([`ReadCache::look_ahead`]).
 //! - What a read brought back is kept unless the watcher saw a change of that key after
 //!   the read began (it could be older than the change); changes are remembered for
 //!   that long enough (`recent`) or the read keeps nothing.
@@ -225,6 +229,15 @@ struct State {
     last_read: Option<Instant>,
     /// When the last watcher failed: the next waits a little.
     failed_at: Option<Instant>,
+    /// The latest last sequence the stream answered, and when it was asked for (reads
+    /// begun before then may use it).
+    synced: Option<Synced>,
+}
+
+#[derive(Clone, Copy)]
+struct Synced {
+    asked: Instant,
+    last: u64,
 }
 
 /// The outcome of [`ReadCache::lookup`].
@@ -253,19 +266,21 @@ impl ReadCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The cached ones of `keys` (absent keys left out of `hits`), once the watcher has
-    /// caught up with the stream; `None` when the cache cannot answer (off, starting,
-    /// behind): the read goes to nats-server whole. Starts the watcher when none runs.
+    /// The cached ones of `keys` (absent keys left out of `hits`) for a read begun at
+    /// `began`, once the watcher has caught up with the stream as it stood then; `None`
+    /// when the cache cannot answer (off, starting, behind): the read goes to
+    /// nats-server whole. Starts the watcher when none runs.
     pub async fn lookup(
         self: &Arc<Self>,
         js: &jetstream::Context,
         stream: &str,
         keys: Vec<String>,
+        began: Instant,
     ) -> Option<Lookup> {
         if self.budget == 0 {
             return None;
         }
-        {
+        let synced = {
             let mut state = self.state();
             state.last_read = Some(Instant::now());
             let resting = state
@@ -278,24 +293,12 @@ impl ReadCache {
                 tokio::spawn(watch(self.clone(), js.clone(), stream.to_string(), epoch));
             }
             state.entries.as_ref()?;
-        }
-        let info = js
-            .get_stream_no_info(stream)
-            .await
-            .ok()?
-            .get_info()
-            .await
-            .ok()?;
-        {
-            let state = self.state();
-            if state.created.is_some_and(|c| c != info.created) {
-                let epoch = state.epoch;
-                drop(state);
-                self.stop(epoch, true);
-                return None;
-            }
-        }
-        let last = info.state.last_sequence;
+            state.synced.filter(|s| s.asked >= began)
+        };
+        let last = match synced {
+            Some(synced) => synced.last,
+            None => self.sync(js, stream).await?,
+        };
         let mut position = self.position.subscribe();
         tokio::time::timeout(SYNC_WAIT, position.wait_for(|&w| w >= last))
             .await
@@ -329,6 +332,38 @@ impl ReadCache {
             hits,
             misses,
         })
+    }
+
+    /// Look at the stream now for reads about to begin, when a watcher runs (a failure
+    /// leaves them to look for themselves).
+    pub async fn look_ahead(&self, js: &jetstream::Context, stream: &str) {
+        if self.budget > 0 && self.state().entries.is_some() {
+            self.sync(js, stream).await;
+        }
+    }
+
+    /// The stream's last sequence, asked for now (and kept for reads begun before).
+    async fn sync(&self, js: &jetstream::Context, stream: &str) -> Option<u64> {
+        let asked = Instant::now();
+        let info = js
+            .get_stream_no_info(stream)
+            .await
+            .ok()?
+            .get_info()
+            .await
+            .ok()?;
+        let mut state = self.state();
+        if state.created.is_some_and(|c| c != info.created) {
+            let epoch = state.epoch;
+            drop(state);
+            self.stop(epoch, true);
+            return None;
+        }
+        let last = info.state.last_sequence;
+        if state.synced.is_none_or(|s| s.asked < asked) {
+            state.synced = Some(Synced { asked, last });
+        }
+        Some(last)
     }
 
     /// Keep what a read begun at `since` brought back for the keys it asked for.
@@ -365,6 +400,7 @@ impl ReadCache {
         state.epoch += 1;
         state.entries = None;
         state.created = None;
+        state.synced = None;
         state.watching = false;
         if failed {
             state.failed_at = Some(Instant::now());

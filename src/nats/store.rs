@@ -236,16 +236,18 @@ impl Store {
     /// [`Store::get_many`] of readings, out of the query cache where it holds them
     /// ([`ReadCache`]). For queries of a few subjects: pages of every subject would
     /// push out what those asked for, and measured through the cache they cost more
-    /// than they gained.
+    /// than they gained. Whatever was written before `began` (when the query began) is
+    /// in the values.
     pub async fn get_readings(
         &self,
         keys: Vec<String>,
+        began: std::time::Instant,
     ) -> Result<std::collections::HashMap<String, Bytes>> {
         let bucket = &self.readings;
         let stream = format!("KV_{}", bucket.name);
         let Some(cached) = self
             .read_cache
-            .lookup(&self.js, &stream, keys.clone())
+            .lookup(&self.js, &stream, keys.clone(), began)
             .await
         else {
             return self.get_many(bucket, keys).await;
@@ -257,6 +259,14 @@ impl Store {
             found.extend(fetched);
         }
         Ok(found)
+    }
+
+    /// Where the query cache can answer reads about to begin, let it look at the readings
+    /// stream now (a query of one subject, asked again and again, then waits for
+    /// nothing but its meter).
+    pub async fn look_ahead_readings(&self) {
+        let stream = format!("KV_{}", self.readings.name);
+        self.read_cache.look_ahead(&self.js, &stream).await;
     }
 
     /// Keys [`Store::get_readings`] found in the query cache and keys it read past it.

@@ -806,8 +806,79 @@ async fn the_query_cache_forgets_rewritten_and_purged_readings() {
     cached_read(&store, key, None).await;
 }
 
+/// A query reads its totals and then its windows: both wait for the watcher to reach
+/// one look at the stream, taken after the query began (counted by nats-server's
+/// JetStream API requests, which a read out of the cache makes only for that look).
+#[tokio::test]
+async fn the_reads_of_one_query_share_one_look_at_the_stream() {
+    use clap::Parser;
+    let nats = Nats::start();
+    let cli = Cli::try_parse_from([
+        "kloudmeter",
+        "--nats-url",
+        &nats.url(),
+        "--meter-nats-stream",
+        "scache",
+    ])
+    .unwrap();
+    let store = kloudmeter::nats::store::Store::connect_once(&cli.cfg.nats)
+        .await
+        .unwrap();
+    let js = nats.client().await;
+    let other = js.get_key_value("scache-readings").await.unwrap();
+    let (totals, windows) = ("r.x.s.total", "r.x.s.d1");
+    other.put(totals, "3".into()).await.unwrap();
+    other.put(windows, "1".into()).await.unwrap();
+    cached_read(&store, totals, Some("3")).await;
+    cached_read(&store, windows, Some("1")).await;
+    let api = || async { js.query_account().await.unwrap().requests.total };
+    // what asking for the count adds by itself
+    let (a, b) = (api().await, api().await);
+    let asking = b - a;
+    let reads = |began: std::time::Instant| {
+        let store = &store;
+        async move {
+            let before = api().await;
+            let hits = store.query_cache_reads().0;
+            for key in [totals, windows] {
+                let got = store.get_readings(vec![key.into()], began).await.unwrap();
+                assert!(got.contains_key(key), "{key}");
+            }
+            assert_eq!(
+                store.query_cache_reads().0,
+                hits + 2,
+                "both out of the cache"
+            );
+            api().await - before - asking
+        }
+    };
+    assert_eq!(reads(std::time::Instant::now()).await, 1);
+    // a query begun before that look takes it too; one begun after a write does not,
+    // and its answer has the write
+    let began = std::time::Instant::now();
+    assert_eq!(reads(began).await, 1);
+    assert_eq!(reads(began).await, 0);
+    other.put(windows, "2".into()).await.unwrap();
+    let after = std::time::Instant::now();
+    assert_eq!(
+        cache_read_at(&store, windows, after).await.as_deref(),
+        Some("2")
+    );
+}
+
 async fn cache_read(store: &kloudmeter::nats::store::Store, key: &str) -> Option<String> {
-    let got = store.get_readings(vec![key.to_string()]).await.unwrap();
+    cache_read_at(store, key, std::time::Instant::now()).await
+}
+
+async fn cache_read_at(
+    store: &kloudmeter::nats::store::Store,
+    key: &str,
+    began: std::time::Instant,
+) -> Option<String> {
+    let got = store
+        .get_readings(vec![key.to_string()], began)
+        .await
+        .unwrap();
     got.get(key).map(|b| String::from_utf8(b.to_vec()).unwrap())
 }
 
