@@ -48,19 +48,35 @@ pub struct Nats {
     pub dir: tempfile::TempDir,
     /// Arguments beyond the single server's (a cluster member's name and routes).
     cluster_args: Vec<String>,
+    /// Environment beyond the harness's own.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Nats {
     pub fn start() -> Nats {
+        Nats::start_with_env(&[])
+    }
+
+    /// A single server with extra environment (the benchmark's `GODEBUG=gctrace=1`).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Nats {
         let mut n = Nats {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             cluster_args: vec![],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         n.spawn();
         n
+    }
+
+    /// What the server wrote to stderr so far (its log).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
     /// A JetStream cluster of `size` servers routed to each other on loopback.
@@ -87,6 +103,7 @@ impl Nats {
                     "--routes".into(),
                     routes.clone(),
                 ],
+                env: vec![],
                 child: None,
             })
             .collect();
@@ -114,6 +131,7 @@ impl Nats {
             ])
             .arg(self.dir.path().join("js"))
             .args(&self.cluster_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

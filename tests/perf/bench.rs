@@ -1511,8 +1511,79 @@ fn rows_total(body: &Value) -> rust_decimal::Decimal {
         .sum()
 }
 
+/// One garbage collection of nats-server's, from the line GODEBUG=gctrace=1 has it write
+/// to stderr: when it began, how long it took (wall clock), and its heap before it and
+/// live after it, in MB.
+struct GoGc {
+    n: u64,
+    began: chrono::DateTime<chrono::Utc>,
+    wall_ms: f64,
+    heap_mb: (u64, u64),
+}
+
+impl GoGc {
+    fn ended(&self) -> chrono::DateTime<chrono::Utc> {
+        self.began + chrono::Duration::microseconds((self.wall_ms * 1e3) as i64)
+    }
+}
+
+impl std::fmt::Display for GoGc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "#{} at {} for {:.0} ms, {}->{} MB",
+            self.n,
+            self.began.format("%H:%M:%S%.3f"),
+            self.wall_ms,
+            self.heap_mb.0,
+            self.heap_mb.1
+        )
+    }
+}
+
+/// nats-server's collections in its log (`started`: when the process started, which is
+/// what gctrace's `@<seconds>s` counts from).
+fn go_gcs(log: &str, started: chrono::DateTime<chrono::Utc>) -> Vec<GoGc> {
+    log.lines()
+        .filter_map(|line| {
+            // gc 79 @94.058s 2%: 1.9+234+0.003 ms clock, …, 1034->1050->716 MB, 1132 MB goal, …
+            let (n, rest) = line.strip_prefix("gc ")?.split_once(" @")?;
+            let (at, rest) = rest.split_once("s ")?;
+            let (clock, rest) = rest.split_once(": ")?.1.split_once(" ms clock")?;
+            let wall_ms = clock
+                .split('+')
+                .map(|part| part.parse::<f64>().ok())
+                .sum::<Option<f64>>()?;
+            let heap = rest
+                .split(", ")
+                .find(|part| part.ends_with(" MB") && part.contains("->"))?;
+            let sizes: Vec<u64> = heap
+                .trim_end_matches(" MB")
+                .split("->")
+                .map(|size| size.parse().ok())
+                .collect::<Option<_>>()?;
+            let micros = (at.parse::<f64>().ok()? * 1e6) as i64;
+            Some(GoGc {
+                n: n.parse().ok()?,
+                began: started + chrono::Duration::microseconds(micros),
+                wall_ms,
+                heap_mb: (*sizes.first()?, *sizes.last()?),
+            })
+        })
+        .collect()
+}
+
 async fn query_latency(n: usize, failures: &mut Vec<String>) {
-    let nats = Nats::start();
+    // BENCH_LATENCIES=1 also says which of nats-server's garbage collections fell in
+    // each run (a mark over its heap of the million events' index takes both cores for
+    // a few hundred ms)
+    let latencies = std::env::var("BENCH_LATENCIES").is_ok();
+    let nats_started = chrono::Utc::now();
+    let nats = if latencies {
+        Nats::start_with_env(&[("GODEBUG", "gctrace=1")])
+    } else {
+        Nats::start()
+    };
     let log_level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
     let km = Km::start(&nats, "meters", &[("LOG_LEVEL", log_level.as_str())]).await;
     let def = json!({"id": "tokens", "eventType": "api.request", "aggregation": "sum", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}, "windowSize": "HOUR"});
@@ -1573,6 +1644,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
     // each run also says the CPU a query cost each server (clock ticks of 10 ms over 100
     // queries): where a query's time goes
     let km_ref = &km;
+    let nats_ref = &nats;
     let run = |url: String| {
         let client = client.clone();
         async move {
@@ -1580,7 +1652,6 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             let mut last = Value::Null;
             let began = chrono::Utc::now();
             // (what only BENCH_LATENCIES=1 prints is read only then)
-            let latencies = std::env::var("BENCH_LATENCIES").is_ok();
             let cache_before = if latencies {
                 query_cache_reads(km_ref).await
             } else {
@@ -1612,8 +1683,13 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
                 let servers = cpu_ticks(pids.0) + cpu_ticks(pids.1) - cpu_before.0 - cpu_before.1;
                 let cache = query_cache_reads(km_ref).await;
                 let each: Vec<String> = lat.iter().map(|l| format!("{l:.1}")).collect();
+                let gcs: Vec<String> = go_gcs(&nats_ref.log(), nats_started)
+                    .iter()
+                    .filter(|gc| gc.began < ended && gc.ended() > began)
+                    .map(GoGc::to_string)
+                    .collect();
                 eprintln!(
-                    "  {url} ({} to {}; query cache hits {}, misses {}; CPU besides the servers {} ms, steal {} ms, iowait {} ms): {}",
+                    "  {url} ({} to {}; query cache hits {}, misses {}; CPU besides the servers {} ms, steal {} ms, iowait {} ms; nats-server GCs in the run: {}): {}",
                     began.format("%H:%M:%S%.3f"),
                     ended.format("%H:%M:%S%.3f"),
                     cache.0 - cache_before.0,
@@ -1621,6 +1697,7 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
                     (machine.0 - machine_before.0).saturating_sub(servers) * 10,
                     (machine.1 - machine_before.1) * 10,
                     (machine.2 - machine_before.2) * 10,
+                    if gcs.is_empty() { "none".to_string() } else { gcs.join("; ") },
                     each.join(" ")
                 );
             }
@@ -1686,7 +1763,11 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
     }
     // what kloudmeter did beside the queries, with its time (against each run's above):
     // every line it logged but the queries' own, from a minute before the first run
-    if std::env::var("BENCH_LATENCIES").is_ok() {
+    // (a million events take dozens of collections: none read means the lines changed)
+    if latencies && go_gcs(&nats.log(), nats_started).is_empty() {
+        failures.push("query: no nats-server GC read from its GODEBUG=gctrace=1 log".into());
+    }
+    if latencies {
         let since = (runs_began - chrono::Duration::seconds(60))
             .format("%Y-%m-%dT%H:%M:%S")
             .to_string();
@@ -1703,6 +1784,14 @@ async fn query_latency(n: usize, failures: &mut Vec<String>) {
             .collect();
         for line in beside.iter().take(40) {
             eprintln!("  {line}");
+        }
+        // and nats-server's collections over the same time
+        let since = runs_began - chrono::Duration::seconds(60);
+        for gc in go_gcs(&nats.log(), nats_started)
+            .iter()
+            .filter(|gc| gc.began >= since)
+        {
+            eprintln!("  nats-server GC {gc}");
         }
     }
     if std::env::var("BENCH_LOG").is_ok() {
