@@ -776,19 +776,8 @@ struct Cli {
 /// what it removed.
 #[tokio::test]
 async fn the_query_cache_forgets_rewritten_and_purged_readings() {
-    use clap::Parser;
     let nats = Nats::start();
-    let cli = Cli::try_parse_from([
-        "kloudmeter",
-        "--nats-url",
-        &nats.url(),
-        "--meter-nats-stream",
-        "rcache",
-    ])
-    .unwrap();
-    let store = kloudmeter::nats::store::Store::connect_once(&cli.cfg.nats)
-        .await
-        .unwrap();
+    let store = store_alone(&nats, "rcache").await;
     let other = nats
         .client()
         .await
@@ -811,19 +800,8 @@ async fn the_query_cache_forgets_rewritten_and_purged_readings() {
 /// JetStream API requests, which a read out of the cache makes only for that look).
 #[tokio::test]
 async fn the_reads_of_one_query_share_one_look_at_the_stream() {
-    use clap::Parser;
     let nats = Nats::start();
-    let cli = Cli::try_parse_from([
-        "kloudmeter",
-        "--nats-url",
-        &nats.url(),
-        "--meter-nats-stream",
-        "scache",
-    ])
-    .unwrap();
-    let store = kloudmeter::nats::store::Store::connect_once(&cli.cfg.nats)
-        .await
-        .unwrap();
+    let store = store_alone(&nats, "scache").await;
     let js = nats.client().await;
     let other = js.get_key_value("scache-readings").await.unwrap();
     let (totals, windows) = ("r.x.s.total", "r.x.s.d1");
@@ -864,6 +842,22 @@ async fn the_reads_of_one_query_share_one_look_at_the_stream() {
         cache_read_at(&store, windows, after).await.as_deref(),
         Some("2")
     );
+}
+
+/// kloudmeter's store on `nats` under stream name `stream`, with no kloudmeter process.
+async fn store_alone(nats: &Nats, stream: &str) -> kloudmeter::nats::store::Store {
+    use clap::Parser;
+    let cli = Cli::try_parse_from([
+        "kloudmeter",
+        "--nats-url",
+        &nats.url(),
+        "--meter-nats-stream",
+        stream,
+    ])
+    .unwrap();
+    kloudmeter::nats::store::Store::connect_once(&cli.cfg.nats)
+        .await
+        .unwrap()
 }
 
 async fn cache_read(store: &kloudmeter::nats::store::Store, key: &str) -> Option<String> {
