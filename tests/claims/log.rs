@@ -6,29 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use clap::Parser;
 use kloudmeter::claims::{Claims, LocalIndex};
-use kloudmeter::config::Config;
 use kloudmeter::domain::dedup::{IdKey, Record};
 use kloudmeter::nats::store::Store;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    cfg: Config,
-}
-
-async fn store(nats: &Nats, stream: &str) -> Store {
-    let cli = Cli::try_parse_from([
-        "kloudmeter",
-        "--nats-url",
-        &nats.url(),
-        "--meter-nats-stream",
-        stream,
-    ])
-    .unwrap();
-    Store::connect_once(&cli.cfg.nats).await.unwrap()
-}
 
 fn key(n: u32) -> IdKey {
     let mut k = [7u8; 16];
@@ -53,7 +33,7 @@ async fn attach(index: &Arc<LocalIndex>, store: &Store) -> Claims {
 #[tokio::test]
 async fn two_writers_are_fenced_and_standbys_follow() {
     let nats = Nats::start();
-    let store = store(&nats, "fence").await;
+    let store = store_alone(&nats, "fence").await;
     let (ia, ib) = (
         Arc::new(LocalIndex::open(None).unwrap()),
         Arc::new(LocalIndex::open(None).unwrap()),
@@ -86,7 +66,7 @@ async fn two_writers_are_fenced_and_standbys_follow() {
 #[tokio::test]
 async fn claims_are_few_large_messages_on_one_subject() {
     let nats = Nats::start();
-    let store = store(&nats, "compact").await;
+    let store = store_alone(&nats, "compact").await;
     let index = Arc::new(LocalIndex::open(None).unwrap());
     let mut c = attach(&index, &store).await;
     let n = 120_000u32;
@@ -113,7 +93,7 @@ async fn claims_are_few_large_messages_on_one_subject() {
 async fn the_index_survives_a_restart_but_not_a_new_log() {
     let nats = Nats::start();
     let dir = tempfile::tempdir().unwrap();
-    let store = store(&nats, "persist").await;
+    let store = store_alone(&nats, "persist").await;
     {
         let index = Arc::new(LocalIndex::open(Some(dir.path())).unwrap());
         let err = LocalIndex::open(Some(dir.path())).err().unwrap();
@@ -138,7 +118,7 @@ async fn the_index_survives_a_restart_but_not_a_new_log() {
     // a recreated claim log makes the local copy worthless: it is discarded
     let js = nats.client().await;
     js.delete_stream("persist-claims").await.unwrap();
-    let store = self::store(&nats, "persist").await;
+    let store = store_alone(&nats, "persist").await;
     let mut c = Claims::attach(index, &store, WINDOW).await.unwrap();
     assert_eq!(c.stored().await.unwrap(), 0);
     assert!(c.lookup(vec![key(1)]).await.unwrap().is_empty());
@@ -147,7 +127,7 @@ async fn the_index_survives_a_restart_but_not_a_new_log() {
     c.record(vec![(key(5), rec(1, T0))]).await.unwrap();
     c.persist().await.unwrap();
     js.delete_stream("persist-claims").await.unwrap();
-    let store = self::store(&nats, "persist").await;
+    let store = store_alone(&nats, "persist").await;
     let mut other = Claims::attach(Arc::new(LocalIndex::open(None).unwrap()), &store, WINDOW)
         .await
         .unwrap();
@@ -161,7 +141,7 @@ async fn the_index_survives_a_restart_but_not_a_new_log() {
 #[tokio::test]
 async fn claims_leave_the_index_after_the_window() {
     let nats = Nats::start();
-    let store = store(&nats, "expiry").await;
+    let store = store_alone(&nats, "expiry").await;
     let index = Arc::new(LocalIndex::open(None).unwrap());
     let mut c = attach(&index, &store).await;
     c.record(vec![
@@ -209,7 +189,7 @@ async fn claims_leave_the_index_after_the_window() {
 #[tokio::test]
 async fn a_new_index_starts_from_the_snapshot_and_reads_only_the_log_after_it() {
     let nats = Nats::start();
-    let store = store(&nats, "snap").await;
+    let store = store_alone(&nats, "snap").await;
     let mut leader = attach(&Arc::new(LocalIndex::open(None).unwrap()), &store).await;
     assert_eq!(
         leader.snapshot().await.unwrap(),

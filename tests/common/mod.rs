@@ -170,6 +170,27 @@ impl Drop for Nats {
     }
 }
 
+/// kloudmeter's store on `nats` under stream name `stream`, opened from the flags as the
+/// process opens it, with no kloudmeter process.
+pub async fn store_alone(nats: &Nats, stream: &str) -> kloudmeter::nats::store::Store {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: kloudmeter::config::Config,
+    }
+    let cli = <Cli as clap::Parser>::try_parse_from([
+        "kloudmeter",
+        "--nats-url",
+        &nats.url(),
+        "--meter-nats-stream",
+        stream,
+    ])
+    .unwrap();
+    kloudmeter::nats::store::Store::connect_once(&cli.cfg.nats)
+        .await
+        .unwrap()
+}
+
 /// One kloudmeter process (the binary under test).
 pub struct Km {
     pub port: u16,

@@ -765,12 +765,6 @@ async fn queries_asked_again_answer_what_changed_since() {
     asked_again(third).await;
 }
 
-#[derive(clap::Parser)]
-struct Cli {
-    #[command(flatten)]
-    cfg: kloudmeter::config::Config,
-}
-
 /// The query cache against a real nats-server alone: a write from another connection is
 /// in the next read, and a purge (which leaves nothing on the stream to watch) drops
 /// what it removed.
@@ -842,22 +836,6 @@ async fn the_reads_of_one_query_share_one_look_at_the_stream() {
         cache_read_at(&store, windows, after).await.as_deref(),
         Some("2")
     );
-}
-
-/// kloudmeter's store on `nats` under stream name `stream`, with no kloudmeter process.
-async fn store_alone(nats: &Nats, stream: &str) -> kloudmeter::nats::store::Store {
-    use clap::Parser;
-    let cli = Cli::try_parse_from([
-        "kloudmeter",
-        "--nats-url",
-        &nats.url(),
-        "--meter-nats-stream",
-        stream,
-    ])
-    .unwrap();
-    kloudmeter::nats::store::Store::connect_once(&cli.cfg.nats)
-        .await
-        .unwrap()
 }
 
 async fn cache_read(store: &kloudmeter::nats::store::Store, key: &str) -> Option<String> {
